@@ -1,0 +1,143 @@
+"""Reading and (manager-only) writing of ``datastore.cfg`` on disk (DESIGN §3.1).
+
+Reading: the digest is SHA-256 of the raw bytes, lowercase hex; a missing file is an empty config.
+
+Writing is one locked read-modify-write, :func:`update_config`:
+
+1. take the exclusive ``flock`` on ``.datastore.lck`` (created 0660 if missing; timeout 10 s, polled
+   with ``LOCK_NB`` so no signal or thread is needed; :class:`LockError` names the lock file);
+2. read and parse the file *under the lock* -- a file that does not parse is never overwritten: the
+   :class:`ParseError` goes back to the caller, so an admin's broken hand edit survives until fixed;
+3. compare the client's digest, if it sent one (:class:`DigestMismatch`);
+4. let the caller mutate the parsed config, render it canonically;
+5. write a temp file in the same directory, ``fchmod`` 0640, ``fsync``, ``rename`` over the old file,
+   ``fsync`` the directory -- a crash anywhere leaves the old file or the new one, never a mix;
+6. **then** bump the generation (publish after write), still under the lock, so a reader that sees
+   the new generation is guaranteed to read the new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..ipc import flock
+from .errors import DigestMismatch, LockError, WriteError
+from .section import SectionConfig, dump, parse
+
+LOCK_TIMEOUT = 10.0
+CONFIG_MODE = 0o640
+LOCK_MODE = 0o660
+
+
+def digest(data: bytes) -> str:
+    """SHA-256 of the raw file bytes, lowercase hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_raw(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes; a missing file reads as empty."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[SectionConfig, str]:
+    """Read, hash and parse ``path``; return ``(config, digest)``.  Raises ``ParseError``."""
+    data = read_raw(path)
+    return parse(data, filename=str(path)), digest(data)
+
+
+@contextlib.contextmanager
+def config_lock(lock_path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT) -> Iterator[int]:
+    """Hold the exclusive ``flock`` on ``lock_path`` (``.datastore.lck``) for the ``with`` block.
+
+    The kernel drops the lock when the holder dies, so a killed writer never wedges anyone.
+    """
+    try:
+        with flock.exclusive(lock_path, timeout, LOCK_MODE) as fd:
+            yield fd
+    except flock.LockTimeout as err:
+        raise LockError(err.path, f"timed out after {timeout:g} s") from None
+    except OSError as err:
+        if err.filename is None:
+            raise
+        raise LockError(os.fspath(lock_path), f"cannot open lock file: {err.strerror}") from None
+
+
+def replace_file(
+    path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None
+) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync)."""
+    target = Path(path)
+    directory = target.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp_", dir=directory)
+    except OSError as err:
+        raise WriteError(f'writing "{target}" failed: cannot create temp file: {err.strerror}') from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            if group is not None:
+                os.fchown(fd, -1, group)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EROFS):
+            raise WriteError(f'writing "{target}" failed: fsync of directory: {err.strerror}') from None
+
+
+def update_config(
+    path: str | os.PathLike[str],
+    mutate: Callable[[SectionConfig], SectionConfig | None],
+    *,
+    expected_digest: str | None = None,
+    lock_path: str | os.PathLike[str] | None = None,
+    bump: Callable[[], int | None] | None = None,
+    timeout: float = LOCK_TIMEOUT,
+    group: int | None = None,
+) -> tuple[SectionConfig, str, int | None]:
+    """Locked read-modify-write of ``datastore.cfg``; see the module docstring for the steps.
+
+    ``mutate`` gets the current config (a private copy) and returns the new one (or mutates it in
+    place and returns ``None``); it may raise any ``ConfigError`` to abort without writing.
+    ``bump`` publishes the write (the shared generation) and returns the new generation.
+
+    Returns ``(new_config, new_digest, generation)``.
+    """
+    path = Path(path)
+    if lock_path is None:
+        lock_path = path.parent / ".datastore.lck"
+    with config_lock(lock_path, timeout):
+        current, current_digest = read_config(path)
+        if expected_digest is not None and expected_digest != current_digest:
+            raise DigestMismatch()
+        working = SectionConfig((name, dict(props)) for name, props in current.items())
+        result = mutate(working)
+        new = working if result is None else result
+        text = dump(new, filename=str(path)).encode()
+        replace_file(path, text, group=group)
+        generation = bump() if bump is not None else None
+        return parse(text, filename=str(path)), digest(text), generation

@@ -1,0 +1,39 @@
+"""Errors of the lookup API.  ``status`` is the HTTP status the daemon answers with (DESIGN §6)."""
+
+from __future__ import annotations
+
+
+class DatastoreError(Exception):
+    """A lookup was refused or failed; ``str(err)`` is the text a client sees."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoSuchDatastore(DatastoreError):
+    status = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no such datastore '{name}'")
+        self.name = name
+
+
+class MaintenanceRefused(DatastoreError):
+    """``datastore 'NAME' is in <reason>`` -- the maintenance mode forbids the operation."""
+
+    status = 409
+
+
+class ConfigUnavailable(DatastoreError):
+    """No config could be loaded at all (the file does not parse and nothing was cached)."""
+
+    status = 503
+
+
+class InstanceError(DatastoreError):
+    """The store is configured but its directory cannot be opened."""
+
+    status = 500

@@ -1,0 +1,88 @@
+"""Per-process datastore instances (DESIGN §3.2, §5 step 5).
+
+An instance is what a lookup hands out a handle to: the store's name and path, its properties as
+configured when the instance was built, its last garbage-collection status, and an open file
+descriptor on ``<path>/.lock`` carrying a *shared* ``fcntl`` lock.
+
+``fcntl`` record locks belong to the process, and closing *any* descriptor of the file drops all
+of them.  So when the config changes, the instance is rebuilt around the **same** descriptor
+(:func:`build` with ``previous``); the descriptor is closed only when the instance is evicted (or
+the store moved to another path).  This is also why a host with 1,000 stores needs 1,000+ fds per
+process and the raised ``LimitNOFILE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Value
+from .errors import InstanceError
+
+log = logging.getLogger("dsproxy.instance")
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    name: str
+    path: str
+    props: dict[str, Value]
+    generation: int
+    lock_fd: int
+    gc_status: dict[str, Any] | None
+
+    def close(self) -> None:
+        """Close the ``.lock`` descriptor (drops this process's locks on the store)."""
+        if self.lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _open_lock(name: str, path: str) -> int:
+    chunks = os.path.join(path, ".chunks")
+    if not os.path.isdir(chunks):
+        raise InstanceError(f'unable to open chunk store \'{name}\' at "{chunks}" - no such directory')
+    lock = os.path.join(path, ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise InstanceError(f'unable to open chunk store \'{name}\' at "{lock}" - {err.strerror}') from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        raise InstanceError(f"unable to lock chunk store '{name}' - {err.strerror}") from None
+    return fd
+
+
+def _read_gc_status(name: str, path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, ".gc-status"), "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("datastore '%s': ignoring unreadable .gc-status: %s", name, err)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def build(
+    name: str, props: dict[str, Value], generation: int, previous: Instance | None = None
+) -> Instance:
+    """Build the instance of ``name``; reuse ``previous``'s descriptor if the path is unchanged."""
+    path = str(props["path"])
+    if previous is not None and previous.path == path and previous.lock_fd >= 0:
+        fd = previous.lock_fd
+        previous.lock_fd = -1  # handed over: closing the old instance must not close it
+    else:
+        fd = _open_lock(name, path)
+        if previous is not None:
+            previous.close()
+    return Instance(name, path, props, generation, fd, _read_gc_status(name, path))

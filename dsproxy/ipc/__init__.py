@@ -1,0 +1,1 @@
+"""Inter-process state: shared memory, locks, process identity, operation counters."""

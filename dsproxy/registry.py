@@ -1,0 +1,606 @@
+"""Lookup and release of datastores: the per-process cache (DESIGN §5).
+
+A :class:`Registry` is what a worker (or any library user) asks for a datastore::
+
+    with registry.lookup("store1", Operation.WRITE) as store:
+        ...
+
+Two paths to fresh data, as everywhere in dsproxy:
+
+* **fast path** -- one aligned 8-byte read of the shared generation, compared with the generation
+  the cached parsed config was loaded under, plus a monotonic-clock TTL check.  On a hit nothing
+  touches the file system: the maintenance decision is precomputed per store, the operation is
+  registered by incrementing this process's own counter in shared memory, and the cached instance
+  is reused.  ~1.5 us for lookup+release on the project machine.
+* **slow path** (:meth:`Registry._load`) -- read, hash and parse ``datastore.cfg`` and cache it under
+  the generation read *before* the file.  If the cache had the same generation but the digest
+  differs, the file was edited by hand: bump the generation so every other process reloads too.
+
+``DSPROXY_DEBUG_DISCARD_CACHES=1`` in the environment (or :data:`DISCARD_CACHES`) forces the slow
+path and an instance rebuild on every lookup, like PostgreSQL's ``debug_discard_caches``; the test
+suite passes under it, which shows the cache changes speed, not answers.
+
+Modes (DESIGN §5.2), all giving the same answers:
+
+* ``cache="on"``: the above.
+* ``cache="config"``: the fix as first shipped -- cached config keyed by the generation, but still
+  the ``flock`` on ``.datastore.lck`` and the file-based counters (:mod:`dsproxy.ipc.opfile`) on
+  every lookup and release.
+* ``cache="off"``: before the fix -- lock, read, hash and parse on every lookup, and again on the
+  release of a process's last operation on a store; file-based counters.
+
+A process whose shared memory is missing or unusable runs **degraded**: exactly the ``off`` path
+(correct, slow), logged once and visible as :attr:`Registry.degraded`.
+
+Registration vs. a maintenance transition: see "Ordering rules" in :mod:`dsproxy.ipc.shm`.  In
+short, the counter is incremented before the generation is read a second time; a moved generation
+undoes the increment and starts over, and the process acknowledges a generation (its slot's
+*served generation*) only after it has loaded that config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Final
+
+from . import instance as instance_mod
+from .config import MaintenanceMode, Operation, ParseError, SectionConfig, Value, config_lock, digest, parse, read_raw
+from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore
+from .instance import Instance
+from .ipc import shm
+from .ipc.opfile import FileCounters, OpFileError
+from .paths import Paths
+
+log = logging.getLogger("dsproxy.registry")
+
+#: Force the slow path (and an instance rebuild) on every lookup.  For tests; see module docs.
+DISCARD_CACHES: bool = os.environ.get("DSPROXY_DEBUG_DISCARD_CACHES", "") not in ("", "0")
+
+DEFAULT_TTL: Final = 60.0
+MODES: Final = ("on", "config", "off")
+_GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
+_monotonic = time.monotonic
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """One store as the cached config describes it, with its decisions precomputed."""
+
+    name: str
+    props: dict[str, Value]
+    maintenance: MaintenanceMode | None
+    refusals: tuple[str | None, str | None, str | None]  # full error text per Operation, or None
+    evicts: bool
+    counter: int = -1  # word index of this process's READ counter (WRITE is +1); -1: not resolved
+    instance: Instance | None = None  # built under this entry's generation
+
+
+def _make_entry(name: str, props: dict[str, Value]) -> _Entry:
+    text = props.get("maintenance-mode")
+    mode = MaintenanceMode.parse(str(text)) if text is not None else None
+    if mode is None:
+        return _Entry(name, props, None, (None, None, None), False)
+    refusals = tuple(
+        None if (reason := mode.check(op)) is None else f"datastore '{name}' is in {reason}" for op in Operation
+    )
+    return _Entry(name, props, mode, (refusals[0], refusals[1], refusals[2]), mode.evicts)
+
+
+@dataclass(slots=True, eq=False)
+class _Cache:
+    generation: int
+    expires: float  # monotonic deadline of the TTL
+    digest: str
+    config: SectionConfig
+    entries: dict[str, _Entry]
+
+
+class Handle:
+    """A datastore handed out by :meth:`Registry.lookup`; :meth:`release` (or ``with``) ends it."""
+
+    __slots__ = ("_counter", "_registry", "_words", "instance", "operation")
+
+    def __init__(
+        self, registry: Registry, inst: Instance, operation: Operation, words: memoryview | None, counter: int
+    ) -> None:
+        self._registry: Registry | None = registry
+        self.instance = inst
+        self.operation = operation
+        self._words = words
+        self._counter = counter
+
+    @property
+    def name(self) -> str:
+        return self.instance.name
+
+    @property
+    def path(self) -> str:
+        return self.instance.path
+
+    def release(self) -> None:
+        """End the operation (idempotent).  Never parses, never bumps, never blocks."""
+        registry = self._registry
+        if registry is None:
+            return
+        self._registry = None
+        words = self._words
+        if words is None:
+            registry._release_slow(self)
+        elif words is registry._words:  # else the slot is gone (fork, close): so is the count
+            words[self._counter] -= 1
+            name = self.instance.name
+            if name in registry._evict_names:
+                registry._maybe_evict(name)
+
+    @property
+    def released(self) -> bool:
+        return self._registry is None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._registry is None else "active"
+        return f"<Handle {self.name!r} {self.operation.name} {state}>"
+
+
+_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+class Registry:
+    """The datastore registry of one process (DESIGN §5.3)."""
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        *,
+        config_dir: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        cache: str = "on",
+        ttl: float = DEFAULT_TTL,
+        create_shm: bool = True,
+        role: shm.Role = shm.Role.LIBRARY,
+    ) -> None:
+        if cache not in MODES:
+            raise ValueError(f"cache must be one of {', '.join(MODES)}, not {cache!r}")
+        if not ttl > 0:
+            raise ValueError(f"ttl must be positive, not {ttl!r}")
+        self.paths = Paths.resolve(base_dir, config_dir, run_dir)
+        self.paths.ensure()
+        self.mode = cache
+        self.ttl = float(ttl)
+        # the TTL the cache checks use: 0 forces the slow path on every lookup
+        self._ttl = 0.0 if DISCARD_CACHES else self.ttl
+        self._fast = cache == "on"
+        self.role = role
+        self._create_shm = create_shm
+        self._config_file = str(self.paths.config_file)
+        self._lock_file = str(self.paths.lock_file)
+        self._files = FileCounters(self.paths.run_dir)
+        self._cache: _Cache | None = None
+        self._instances: dict[str, Instance] = {}
+        self._seg: shm.Segment | None = None
+        self._words: memoryview | None = None
+        self._slot = -1
+        self._slot_base = -1
+        self.degraded: str | None = None  #: why shared memory is not used, or None
+        self.config_error: str | None = None  #: the last parse error of the file, while it lasts
+        self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
+        self.reloads = 0
+        self.errors = 0
+        self._closed = False
+        if cache != "off":
+            self._attach()
+        _registries.add(self)
+
+    # -- shared memory ------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        try:
+            seg = shm.Segment.open(self.paths.run_dir, create=self._create_shm)
+            slot = seg.claim_slot(self.role)
+        except shm.SegmentError as err:
+            self._set_degraded(str(err))
+            return
+        self._seg, self._words, self._slot = seg, seg.words, slot
+        self._slot_base = seg.slot_base(slot)
+        self.degraded = None
+
+    def _set_degraded(self, reason: str) -> None:
+        if self.degraded != reason:
+            log.warning("running degraded (no caching, every lookup reads the config): %s", reason)
+        self.degraded = reason
+        self._seg = self._words = None
+        self._slot = self._slot_base = -1
+
+    def _detach(self) -> None:
+        seg = self._seg
+        if seg is not None:
+            with contextlib.suppress(Exception):
+                seg.free_slot(self._slot)
+            self._words = None
+            seg.close()
+        self._seg = None
+        self._slot = self._slot_base = -1
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's slot, counters and lock fds are not ours."""
+        for inst in self._instances.values():
+            inst.close()
+        self._instances.clear()
+        self._cache = None
+        if self._seg is not None:
+            self._words = None
+            self._seg.close()
+            self._seg = None
+            self._slot = self._slot_base = -1
+            self._attach()
+
+    @property
+    def generation(self) -> int | None:
+        """The shared datastore generation now (``None`` without shared memory)."""
+        return None if self._seg is None else self._seg.generation()
+
+    @property
+    def loaded_generation(self) -> int | None:
+        """The generation of the config this process serves (``None`` if nothing is loaded)."""
+        return None if self._cache is None else self._cache.generation
+
+    @property
+    def slot(self) -> int | None:
+        return None if self._slot < 0 else self._slot
+
+    # -- lookup ---------------------------------------------------------------------------------------
+
+    def lookup(self, name: str, operation: Operation = Operation.READ) -> Handle:
+        """Look ``name`` up for ``operation``; raises :class:`~dsproxy.errors.DatastoreError`."""
+        words = self._words
+        if words is None or not self._fast:
+            return self._lookup_locked(name, operation)
+        op = int(operation)
+        while True:
+            gen = words[_GEN]
+            cache = self._cache
+            if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
+                cache = self._load(gen)
+            entry = cache.entries.get(name)
+            if entry is None:
+                raise NoSuchDatastore(name)
+            refusal = entry.refusals[op]
+            if refusal is not None:
+                raise MaintenanceRefused(refusal)
+            if op == 2:  # LOOKUP registers nothing
+                counter = -1
+                break
+            counter = entry.counter
+            if counter < 0:
+                counter = self._resolve_counter(entry)
+            counter += op
+            words[counter] += 1
+            if words[_GEN] == gen:
+                break
+            # a config was published between our check and our registration: undo, start over
+            words[counter] -= 1
+        inst = entry.instance
+        if inst is None:
+            try:
+                inst = self._build(entry, cache.generation)
+            except BaseException:
+                if counter >= 0:
+                    words[counter] -= 1
+                raise
+        if counter < 0:
+            return Handle(self, inst, operation, None, -1)
+        return Handle(self, inst, operation, words, counter)
+
+    def _resolve_counter(self, entry: _Entry) -> int:
+        assert self._seg is not None
+        try:
+            store = self._seg.store_index(entry.name, create=True)
+        except shm.SegmentError as err:
+            raise DatastoreError(f"cannot register an operation on '{entry.name}': {err}") from None
+        assert store is not None
+        entry.counter = self._seg.counter_index(self._slot, store)
+        return entry.counter
+
+    def _build(self, entry: _Entry, generation: int) -> Instance:
+        inst = instance_mod.build(entry.name, entry.props, generation, self._instances.get(entry.name))
+        self._instances[entry.name] = inst
+        entry.instance = inst
+        return inst
+
+    def _load(self, gen: int) -> _Cache:
+        """Slow path: read, hash and parse the file; cache it under ``gen`` (read before the file)."""
+        self.reloads += 1
+        seg = self._seg
+        if seg is not None and seg.retired:
+            self._reattach()
+            seg = self._seg
+            gen = seg.generation() if seg is not None else gen
+        data = read_raw(self._config_file)
+        file_digest = digest(data)
+        old = self._cache
+        now = _monotonic()
+        if old is not None and old.digest == file_digest and not DISCARD_CACHES:
+            self.config_error = None
+            if old.generation == gen:  # TTL expired, nothing changed: instances stay valid
+                old.expires = now + self._ttl
+                self._acknowledge(gen)
+                return old
+            config = old.config
+        else:
+            try:
+                config = parse(data, filename=self._config_file)
+            except ParseError as err:
+                return self._keep_last_good(gen, err)
+            self.config_error = None
+        if old is not None and old.generation == gen and old.digest != file_digest and seg is not None:
+            # same generation, other content: edited by hand -- make everyone reload
+            bumped = seg.bump_generation(expected=gen)
+            if bumped == (gen + 1) & shm.MASK64:
+                log.info("datastore.cfg changed on disk without a generation bump; bumped to %d", bumped)
+                gen = bumped
+        entries = {name: _make_entry(name, props) for name, props in config.items()}
+        cache = _Cache(gen, now + self._ttl, file_digest, config, entries)
+        self._install(cache)
+        return cache
+
+    def _install(self, cache: _Cache) -> None:
+        """Make ``cache`` current, evict what it says must go, then acknowledge its generation."""
+        self._cache = cache
+        entries = cache.entries
+        self._evict_names = frozenset(
+            [name for name, e in entries.items() if e.evicts] + [n for n in self._instances if n not in entries]
+        )
+        for name in self._evict_names:
+            self._maybe_evict(name)
+        self._acknowledge(cache.generation)
+
+    def _keep_last_good(self, gen: int, err: ParseError) -> _Cache:
+        """The file does not parse: keep serving the last good config (or fail if there is none)."""
+        self.errors += 1
+        if self.config_error != str(err):
+            log.error("%s (still serving the last good config)", err)
+        self.config_error = str(err)
+        old = self._cache
+        if old is None:
+            raise ConfigUnavailable(f"config unavailable: {err}") from None
+        old.generation, old.expires = gen, _monotonic() + self._ttl
+        self._acknowledge(gen)
+        return old
+
+    def _acknowledge(self, gen: int) -> None:
+        """Publish, in this process's slot, that it now serves ``gen`` (after it loaded it)."""
+        words = self._words
+        if words is not None:
+            base = self._slot_base
+            words[base + shm.SLOT_GENERATION] = gen
+            words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+            words[base + shm.SLOT_RELOADS] = self.reloads
+            words[base + shm.SLOT_ERRORS] = self.errors
+
+    def _reattach(self) -> None:
+        log.info("shared memory %s was replaced; reopening", self._seg.name if self._seg else "?")
+        self._detach()
+        self._cache = None
+        self._attach()
+
+    # -- release and eviction -----------------------------------------------------------------------
+
+    def _release_slow(self, handle: Handle) -> None:
+        """Release of a LOOKUP handle, or of any handle in the locked modes."""
+        name = handle.instance.name
+        if handle.operation == Operation.LOOKUP:
+            if name in self._evict_names:
+                self._maybe_evict(name)
+            return
+        try:
+            read, write = self._files.update(name, int(handle.operation), -1)
+        except OpFileError as err:
+            log.error("release of '%s': %s", name, err)
+            return
+        if read or write or name not in self._instances:
+            return
+        if self._words is not None and self.mode == "config":
+            evict = name in self._evict_names
+        else:  # off / degraded: the last release of a store parses the file (what the fix removed)
+            try:
+                config = parse(read_raw(self._config_file), filename=self._config_file)
+            except ParseError as err:
+                log.warning("release of '%s': cannot read the config, not evicting: %s", name, err)
+                return
+            props = config.get(name)
+            evict = props is None or _make_entry(name, props).evicts
+        if evict:
+            self._evict(name)
+
+    def _own_counts(self, name: str) -> tuple[int, int]:
+        """This process's (read, write) operations on ``name``, from wherever this mode keeps them."""
+        words, seg = self._words, self._seg
+        if words is None or seg is None or self.mode != "on":
+            return self._files.own(name)
+        store = seg.store_index(name)
+        if store is None:
+            return 0, 0
+        i = seg.counter_index(self._slot, store)
+        return words[i], words[i + 1]
+
+    def _maybe_evict(self, name: str) -> None:
+        if name in self._instances and self._own_counts(name) == (0, 0):
+            self._evict(name)
+
+    def _evict(self, name: str) -> None:
+        inst = self._instances.pop(name)
+        inst.close()
+        cache = self._cache
+        entry = None if cache is None else cache.entries.get(name)
+        if entry is not None and entry.instance is inst:
+            entry.instance = None
+
+    def refresh(self) -> bool:
+        """Catch up with the shared generation (and the TTL) without a lookup; evict idle instances.
+
+        Daemon workers call this from their event loop so that a maintenance transition is
+        acknowledged, and fds released, without waiting for a request.  Returns True if it reloaded.
+        """
+        words = self._words
+        if words is None or self.mode == "off":
+            return False
+        cache = self._cache
+        gen = words[_GEN]
+        if cache is not None and cache.generation == gen and _monotonic() < cache.expires:
+            words[self._slot_base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+            for name in self._evict_names:  # an operation may have ended since the last check
+                self._maybe_evict(name)
+            return False
+        try:
+            self._load(gen)
+        except DatastoreError:
+            return False
+        return True
+
+    # -- the locked paths: cache=config, cache=off, degraded ---------------------------------------
+
+    def _lookup_locked(self, name: str, operation: Operation) -> Handle:
+        if self._closed:
+            raise DatastoreError("the registry is closed")
+        try:
+            with config_lock(self._lock_file):
+                entry, gen = self._locked_entry(name)
+                refusal = entry.refusals[int(operation)]
+                if refusal is not None:
+                    raise MaintenanceRefused(refusal)
+                if operation != Operation.LOOKUP:
+                    self._files.update(name, int(operation), +1)
+        except OpFileError as err:
+            raise DatastoreError(str(err)) from None
+        inst = self._instances.get(name)
+        if inst is None or inst.generation != gen:
+            try:
+                inst = self._build(entry, gen)
+            except BaseException:
+                if operation != Operation.LOOKUP:
+                    self._files.update(name, int(operation), -1)
+                raise
+        return Handle(self, inst, operation, None, -1)
+
+    def _locked_entry(self, name: str) -> tuple[_Entry, int]:
+        """The entry of ``name`` while holding the config lock; ``(entry, generation)``."""
+        words = self._words
+        if words is not None and self.mode != "off":  # cache=config
+            gen = words[_GEN]
+            cache = self._cache
+            if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
+                cache = self._load(gen)
+            entry = cache.entries.get(name)
+            if entry is None:
+                raise NoSuchDatastore(name)
+            return entry, cache.generation
+        # cache=off / degraded: parse every time; instances are keyed by the digest
+        data = read_raw(self._config_file)
+        file_digest = digest(data)
+        try:
+            config = parse(data, filename=self._config_file)
+        except ParseError as err:
+            self.errors += 1
+            self.config_error = str(err)
+            raise ConfigUnavailable(f"config unavailable: {err}") from None
+        self.config_error = None
+        props = config.get(name)
+        if props is None:
+            raise NoSuchDatastore(name)
+        return _make_entry(name, props), int(file_digest[:15], 16)
+
+    def _release_locked(self, handle: Handle) -> None:
+        try:
+            read, write = self._files.update(handle.name, int(handle.operation), -1)
+        except OpFileError as err:
+            log.error("release of '%s': %s", handle.name, err)
+            return
+        if read or write or handle.name not in self._instances:
+            return
+        if self._words is not None and self.mode == "config":
+            cache = self._cache
+            entry = None if cache is None else cache.entries.get(handle.name)
+            evict = entry is None or entry.evicts
+        else:  # off / degraded: the last release of a store parses the file (what the fix removed)
+            try:
+                config = parse(read_raw(self._config_file), filename=self._config_file)
+            except ParseError as err:
+                log.warning("release of '%s': cannot read the config, not evicting: %s", handle.name, err)
+                return
+            props = config.get(handle.name)
+            evict = props is None or _make_entry(handle.name, props).evicts
+        if evict:
+            self._instances.pop(handle.name).close()
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def active_operations(self, name: str) -> dict[str, int]:
+        """``{"read": N, "write": M}`` over every live process (shared memory and counter files)."""
+        read, write = self._files.totals(name)
+        seg = self._seg
+        if seg is not None:
+            r, w = seg.active_operations(name)
+            read, write = read + r, write + w
+        return {"read": read, "write": write}
+
+    def config(self) -> tuple[SectionConfig, str]:
+        """The config this process serves and its digest (refreshing it first, like a lookup)."""
+        if self._words is not None and self.mode != "off":
+            gen = self._words[_GEN]
+            cache = self._cache
+            if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
+                cache = self._load(gen)
+            return cache.config, cache.digest
+        data = read_raw(self._config_file)
+        try:
+            return parse(data, filename=self._config_file), digest(data)
+        except ParseError as err:
+            raise ConfigUnavailable(f"config unavailable: {err}") from None
+
+    @property
+    def instances(self) -> dict[str, Instance]:
+        """This process's instances by name (read-only view for status and tests)."""
+        return dict(self._instances)
+
+    def close(self) -> None:
+        """Close every instance and free the process slot.  The registry is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for inst in self._instances.values():
+            inst.close()
+        self._instances.clear()
+        self._cache = None
+        self._detach()
+        _registries.discard(self)
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _after_fork_in_child() -> None:
+    for registry in list(_registries):
+        with contextlib.suppress(Exception):
+            registry._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["DISCARD_CACHES", "Handle", "Registry"]

@@ -1,0 +1,130 @@
+"""Shared test helpers: instance directories with real stores, and a child-process agent."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dsproxy.config import update_config
+from dsproxy.ipc import shm
+from dsproxy.paths import Paths
+
+AGENT = Path(__file__).with_name("agent.py")
+
+
+class Instance:
+    """A dsproxy instance on a temp base dir (``etc/``, ``run/``, ``datastores/``)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.paths = Paths.from_base(base)
+        self.paths.ensure()
+        self.paths.data_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def config_file(self) -> Path:
+        return self.paths.config_file
+
+    def store_dir(self, name: str) -> Path:
+        path = self.paths.data_dir / name
+        (path / ".chunks").mkdir(parents=True, exist_ok=True)
+        (path / ".lock").touch()
+        return path
+
+    def write_text(self, text: str) -> None:
+        """Replace the config file by hand (no bump), like an admin with an editor."""
+        tmp = self.config_file.with_suffix(".edit")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_file)
+
+    def add_stores(self, *names: str, **props: Any) -> None:
+        """Add stores through the manager's write path (locked write + generation bump)."""
+
+        def mutate(cfg: dict[str, dict[str, Any]]) -> None:
+            for name in names:
+                cfg[name] = {"path": str(self.store_dir(name)), **props}
+
+        self.update(mutate)
+
+    def update(self, mutate: Any) -> int | None:
+        seg = self.segment()
+        try:
+            _, _, gen = update_config(self.config_file, mutate, bump=seg.bump_generation)
+        finally:
+            seg.close()
+        return gen
+
+    def set_maintenance(self, name: str, mode: str | None) -> int | None:
+        def mutate(cfg: dict[str, dict[str, Any]]) -> None:
+            if mode is None:
+                cfg[name].pop("maintenance-mode", None)
+            else:
+                cfg[name]["maintenance-mode"] = mode
+
+        return self.update(mutate)
+
+    def segment(self) -> shm.Segment:
+        return shm.Segment.open(self.paths.run_dir, create=True)
+
+    def cleanup(self) -> None:
+        shm.unlink(self.paths.run_dir)
+
+
+class Agent:
+    """A real child process driving its own Registry, one JSON command per line (see agent.py)."""
+
+    def __init__(self, base: Path, **registry_args: Any) -> None:
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT), str(base), json.dumps(registry_args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        ready = self._read()
+        assert ready.get("ready"), ready
+        self.pid: int = ready["pid"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent exited with {self.proc.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def send(self, cmd: str, **args: Any) -> None:
+        """Send without waiting for the answer (for commands that block)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(RuntimeError, BrokenPipeError, ValueError):
+                self.call("exit")
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()

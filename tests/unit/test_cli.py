@@ -1,0 +1,40 @@
+"""`dsproxy config check` as an admin runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dsproxy.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_config_check_accepts_a_good_file(tmp_path: Path) -> None:
+    f = tmp_path / "datastore.cfg"
+    f.write_text("datastore: store1\n\tpath /srv/a\n\ndatastore: store2\n\tpath /srv/b\n")
+    result = run("config", "check", str(f))
+    assert result.returncode == 0
+    assert "OK, 2 datastores" in result.stdout
+
+
+def test_config_check_lists_every_bad_line_and_exits_1(tmp_path: Path) -> None:
+    f = tmp_path / "datastore.cfg"
+    f.write_text("datastore: store1\n\tpath /srv/a\n\tbogus x\n\ndatastore: s\n\tpath /b\n")
+    result = run("config", "check", str(f))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'parsing "{f}" failed: line 3 - unknown property \'bogus\'',
+        f'parsing "{f}" failed: line 5 - syntax error in section identifier: value must be at least 3 characters long',
+    ]
+
+
+def test_config_check_defaults_to_the_instance_file_with_base_dir_after_the_subcommand(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "datastore.cfg").write_text("datastore: store1\n\tpath /srv/a\n")
+    result = run("config", "check", "--base-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "OK, 1 datastore," in result.stdout
+    missing = run("--base-dir", str(tmp_path / "nope"), "config", "check")
+    assert missing.returncode == 1 and "no such file" in missing.stderr

@@ -197,8 +197,7 @@ class Registry:
         self.reloads = 0
         self.errors = 0
         self._closed = False
-        if cache != "off":
-            self._attach()
+        self._attach()  # also with cache=off: the slot makes the process visible, totals need the segment
         _registries.add(self)
 
     # -- shared memory ------------------------------------------------------------------------------
@@ -514,6 +513,10 @@ class Registry:
             self.config_error = str(err)
             raise ConfigUnavailable(f"config unavailable: {err}") from None
         self.config_error = None
+        for other in list(self._instances):
+            other_props = config.get(other)
+            if other_props is None or _make_entry(other, other_props).evicts:
+                self._maybe_evict(other)
         props = config.get(name)
         if props is None:
             raise NoSuchDatastore(name)

@@ -117,9 +117,10 @@ class Agent:
         self.proc.wait()
 
     def close(self) -> None:
+        """Ask the agent to exit; kill it if it does not within 5 s (it may be blocked on purpose)."""
         if self.proc.poll() is None:
-            with contextlib.suppress(RuntimeError, BrokenPipeError, ValueError):
-                self.call("exit")
+            with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+                self.send("exit")
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -111,7 +111,7 @@ def replace_file(
 
 def update_config(
     path: str | os.PathLike[str],
-    mutate: Callable[[SectionConfig], SectionConfig | None],
+    mutate: Callable[[SectionConfig], object],
     *,
     expected_digest: str | None = None,
     lock_path: str | os.PathLike[str] | None = None,
@@ -121,8 +121,8 @@ def update_config(
 ) -> tuple[SectionConfig, str, int | None]:
     """Locked read-modify-write of ``datastore.cfg``; see the module docstring for the steps.
 
-    ``mutate`` gets the current config (a private copy) and returns the new one (or mutates it in
-    place and returns ``None``); it may raise any ``ConfigError`` to abort without writing.
+    ``mutate`` gets the current config (a private copy) and changes it in place (its return value
+    is ignored); it may raise any ``ConfigError`` to abort without writing.
     ``bump`` publishes the write (the shared generation) and returns the new generation.
 
     Returns ``(new_config, new_digest, generation)``.
@@ -135,9 +135,8 @@ def update_config(
         if expected_digest is not None and expected_digest != current_digest:
             raise DigestMismatch()
         working = SectionConfig((name, dict(props)) for name, props in current.items())
-        result = mutate(working)
-        new = working if result is None else result
-        text = dump(new, filename=str(path)).encode()
+        mutate(working)
+        text = dump(working, filename=str(path)).encode()
         replace_file(path, text, group=group)
         generation = bump() if bump is not None else None
         return parse(text, filename=str(path)), digest(text), generation

@@ -164,6 +164,10 @@ class SegmentError(Exception):
     """The segment cannot be used (missing, foreign, wrong version or size, no permission)."""
 
 
+class _Uninitialised(SegmentError):
+    """Missing, or created but not initialised yet (its creator may still be at work, or died)."""
+
+
 def segment_name(run_dir: str | os.PathLike[str]) -> str:
     """The POSIX shm name of the instance whose run directory is ``run_dir``."""
     real = os.path.realpath(run_dir)
@@ -216,6 +220,11 @@ class Segment:
         """
         name = segment_name(run_dir)
         lock_file = lock_path(run_dir)
+        try:  # a valid segment needs no lock to open: its magic is written last
+            return cls._open_locked(name, lock_file, create=False)
+        except SegmentError as err:
+            if not create or not isinstance(err, _Uninitialised):
+                raise
         with _flock(lock_file, WRITER_LOCK_TIMEOUT):
             return cls._open_locked(name, lock_file, create)
 
@@ -225,7 +234,7 @@ class Segment:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
             if not create:
-                raise SegmentError(f"shared memory {name} does not exist") from None
+                raise _Uninitialised(f"shared memory {name} does not exist") from None
             return cls._create_locked(name, lock_file)
         except posix_ipc.PermissionsError as err:
             raise SegmentError(f"shared memory {name}: permission denied ({err})") from None
@@ -244,7 +253,7 @@ class Segment:
         if magic == b"\0" * 8:
             if create:  # a creator died before it finished: initialise it again
                 return cls._create_locked(name, lock_file, replace=True)
-            raise SegmentError(f"shared memory {name} is not initialised")
+            raise _Uninitialised(f"shared memory {name} is not initialised")
         if magic != MAGIC:
             raise SegmentError(f"shared memory {name} is foreign: magic {magic.hex()}, expected {MAGIC.hex()}")
         version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 8], "little")

@@ -1,0 +1,264 @@
+"""The registry in one process: lookups, maintenance, eviction, the modes, degraded operation."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import posix_ipc
+import pytest
+
+import dsproxy
+from dsproxy import Operation
+from dsproxy.ipc import shm
+from tests.helpers import Instance
+
+MODES = ["on", "config", "off"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def reg(inst: Instance, mode: str) -> Iterator[dsproxy.Registry]:
+    inst.add_stores("store1", "store2", comment="demo")
+    r = dsproxy.Registry(base_dir=inst.base, cache=mode)
+    yield r
+    r.close()
+
+
+def test_lookup_hands_out_the_store_and_counts_the_operation(reg: dsproxy.Registry, inst: Instance) -> None:
+    with reg.lookup("store1", Operation.WRITE) as h:
+        assert h.name == "store1"
+        assert h.path == str(inst.paths.data_dir / "store1")
+        assert reg.active_operations("store1") == {"read": 0, "write": 1}
+        r = reg.lookup("store1", Operation.READ)
+        assert reg.active_operations("store1") == {"read": 1, "write": 1}
+        r.release()
+        r.release()  # idempotent
+    assert reg.active_operations("store1") == {"read": 0, "write": 0}
+    assert reg.active_operations("store2") == {"read": 0, "write": 0}
+
+
+def test_unknown_store(reg: dsproxy.Registry) -> None:
+    with pytest.raises(dsproxy.NoSuchDatastore, match=r"^no such datastore 'nope'$") as info:
+        reg.lookup("nope", Operation.READ)
+    assert info.value.status == 404
+    assert reg.active_operations("nope") == {"read": 0, "write": 0}
+
+
+@pytest.mark.parametrize(
+    ("maintenance", "op", "text"),
+    [
+        ("type=read-only,message=disk swap", Operation.WRITE, "datastore 'store1' is in read-only maintenance mode: disk swap"),
+        ("type=offline,message=disk swap", Operation.READ, "datastore 'store1' is in offline maintenance mode: disk swap"),
+        ("unmount", Operation.WRITE, "datastore 'store1' is in datastore is being unmounted"),
+        ("delete", Operation.LOOKUP, "datastore 'store1' is in datastore is being deleted"),
+    ],
+)
+def test_maintenance_refusals_have_the_pbs_texts(
+    reg: dsproxy.Registry, inst: Instance, maintenance: str, op: Operation, text: str
+) -> None:
+    inst.set_maintenance("store1", maintenance)
+    with pytest.raises(dsproxy.MaintenanceRefused) as info:
+        reg.lookup("store1", op)
+    assert str(info.value) == text
+    assert reg.active_operations("store1") == {"read": 0, "write": 0}  # nothing left registered
+    with reg.lookup("store2", op):  # other stores are untouched
+        pass
+
+
+def test_read_only_still_allows_reads_and_offline_allows_lookup(reg: dsproxy.Registry, inst: Instance) -> None:
+    inst.set_maintenance("store1", "read-only")
+    with reg.lookup("store1", Operation.READ):
+        pass
+    inst.set_maintenance("store1", "offline")
+    with reg.lookup("store1", Operation.LOOKUP) as h:
+        assert h.name == "store1"
+
+
+def test_offline_store_is_evicted_when_the_last_operation_ends(reg: dsproxy.Registry, inst: Instance) -> None:
+    held = reg.lookup("store1", Operation.WRITE)
+    fd = held.instance.lock_fd
+    inst.set_maintenance("store1", "type=offline,message=swap")
+    with pytest.raises(dsproxy.MaintenanceRefused):
+        reg.lookup("store1", Operation.READ)  # the new config is loaded; the held operation stays
+    assert "store1" in reg.instances and os.fstat(fd)
+    held.release()
+    assert "store1" not in reg.instances
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the .lock fd is closed: this process holds nothing on the store
+
+
+def test_removed_store_instance_is_dropped(reg: dsproxy.Registry, inst: Instance) -> None:
+    with reg.lookup("store2", Operation.READ):
+        pass
+    inst.update(lambda cfg: cfg.pop("store2"))
+    with pytest.raises(dsproxy.NoSuchDatastore):
+        reg.lookup("store2", Operation.READ)
+    assert "store2" not in reg.instances
+
+
+def test_rebuild_after_a_config_change_keeps_the_lock_fd_and_its_lock(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        first = reg.lookup("store1", Operation.WRITE)
+        fd = first.instance.lock_fd
+        inst.update(lambda cfg: cfg["store1"].update(comment="changed"))
+        with reg.lookup("store1", Operation.READ) as second:
+            assert second.instance is not first.instance
+            assert second.instance.props["comment"] == "changed"
+            assert second.instance.lock_fd == fd
+        first.release()
+        # another process cannot take an exclusive lock: our shared fcntl lock survived the rebuild
+        probe = textwrap.dedent(
+            f"""
+            import fcntl, os, sys
+            fd = os.open({str(inst.paths.data_dir / 'store1' / '.lock')!r}, os.O_RDWR)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                sys.exit(3)
+            """
+        )
+        assert subprocess.run([sys.executable, "-c", probe], timeout=30).returncode == 3
+        assert fcntl.F_GETFD and os.fstat(fd)
+    finally:
+        reg.close()
+
+
+def test_missing_chunk_store_is_a_clear_error_and_nothing_stays_registered(reg: dsproxy.Registry, inst: Instance) -> None:
+    inst.update(lambda cfg: cfg.update({"ghost": {"path": str(inst.base / "nowhere")}}))
+    with pytest.raises(dsproxy.InstanceError, match=r"unable to open chunk store 'ghost' at .*nowhere/.chunks"):
+        reg.lookup("ghost", Operation.WRITE)
+    assert reg.active_operations("ghost") == {"read": 0, "write": 0}
+
+
+def test_all_modes_give_the_same_answers(inst: Instance) -> None:
+    inst.add_stores("store1", "store2", "store3")
+    inst.set_maintenance("store2", "read-only")
+    inst.set_maintenance("store3", "offline")
+    regs = [dsproxy.Registry(base_dir=inst.base, cache=m) for m in MODES]
+
+    def answer(r: dsproxy.Registry, name: str, op: Operation) -> str:
+        try:
+            with r.lookup(name, op) as h:
+                return f"ok {h.name} {h.path}"
+        except dsproxy.DatastoreError as err:
+            return f"{type(err).__name__}: {err}"
+
+    try:
+        for name in ("store1", "store2", "store3", "nope"):
+            for op in Operation:
+                answers = {answer(r, name, op) for r in regs}
+                assert len(answers) == 1, (name, op, answers)
+        held = [r.lookup("store1", Operation.WRITE) for r in regs]
+        assert all(r.active_operations("store1") == {"read": 0, "write": 3} for r in regs)
+        for h in held:
+            h.release()
+    finally:
+        for r in regs:
+            r.close()
+
+
+def test_misses_are_answered_from_the_cache(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store1"):
+            pass
+        reloads = reg.reloads
+        for i in range(200):
+            with pytest.raises(dsproxy.NoSuchDatastore):
+                reg.lookup(f"missing{i}")
+        expected = 200 if dsproxy.registry.DISCARD_CACHES else 0
+        assert reg.reloads - reloads == expected
+    finally:
+        reg.close()
+
+
+def test_a_hand_edit_is_seen_after_the_ttl_and_bumps_the_generation(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base, ttl=0.2)
+    try:
+        with reg.lookup("store1"):
+            pass
+        gen = reg.generation
+        text = inst.config_file.read_text()
+        inst.write_text(text + f"\ndatastore: store9\n\tpath {inst.store_dir('store9')}\n")
+        assert reg.generation == gen  # nobody bumped: a hand edit
+        time.sleep(0.25)
+        with reg.lookup("store9") as h:
+            assert h.name == "store9"
+        assert reg.generation == gen + 1
+    finally:
+        reg.close()
+
+
+def test_a_hand_edit_that_does_not_parse_keeps_the_last_good_config(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store1"):
+            pass
+        inst.write_text(inst.config_file.read_text() + "\tbogus 1\n")
+        inst.segment().bump_generation()  # the manager noticed the edit
+        with reg.lookup("store1") as h:
+            assert h.name == "store1"
+        assert reg.config_error is not None and "unknown property 'bogus'" in reg.config_error
+    finally:
+        reg.close()
+
+
+def test_no_config_at_all_is_config_unavailable(inst: Instance) -> None:
+    inst.write_text("datastore: store1\n\tpath relative\n")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with pytest.raises(dsproxy.ConfigUnavailable, match=r"config unavailable: parsing .* line 2") as info:
+            reg.lookup("store1")
+        assert info.value.status == 503
+    finally:
+        reg.close()
+
+
+def test_foreign_shared_memory_runs_degraded_and_still_correct(inst: Instance) -> None:
+    inst.add_stores("store1")
+    shm.unlink(inst.paths.run_dir)
+    foreign = posix_ipc.SharedMemory(shm.segment_name(inst.paths.run_dir), posix_ipc.O_CREX, size=4096)
+    os.write(foreign.fd, b"SOMEBODY ELSE'S")
+    foreign.close_fd()
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        assert reg.degraded is not None and "foreign" in reg.degraded
+        assert reg.generation is None
+        with reg.lookup("store1", Operation.WRITE):
+            assert reg.active_operations("store1") == {"read": 0, "write": 1}
+        inst.write_text(inst.config_file.read_text() + "\tmaintenance-mode offline\n")
+        with pytest.raises(dsproxy.MaintenanceRefused):  # no caching: the very next lookup sees it
+            reg.lookup("store1", Operation.READ)
+    finally:
+        reg.close()
+
+
+def test_closed_registry_frees_its_slot_and_refuses_lookups(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    slot = reg.slot
+    assert slot is not None
+    seg = inst.segment()
+    try:
+        assert seg.words[seg.slot_base(slot) + shm.SLOT_PID] == os.getpid()
+        reg.close()
+        assert seg.words[seg.slot_base(slot) + shm.SLOT_PID] == 0
+        with pytest.raises(dsproxy.DatastoreError, match="closed"):
+            reg.lookup("store1")
+    finally:
+        seg.close()

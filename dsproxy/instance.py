@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from .config import Value
@@ -27,14 +25,29 @@ from .errors import InstanceError
 log = logging.getLogger("dsproxy.instance")
 
 
-@dataclass(slots=True, eq=False)
 class Instance:
-    name: str
-    path: str
-    props: dict[str, Value]
-    generation: int
-    lock_fd: int
-    gc_status: dict[str, Any] | None
+    """One store's per-process instance; built by :func:`build`."""
+
+    __slots__ = ("gc_status", "generation", "lock_fd", "name", "path", "props")
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        props: dict[str, Value],
+        generation: int,
+        lock_fd: int,
+        gc_status: dict[str, Any] | None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.props = props
+        self.generation = generation
+        self.lock_fd = lock_fd
+        self.gc_status = gc_status
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.name!r} {self.path!r} fd={self.lock_fd} generation={self.generation}>"
 
     def close(self) -> None:
         """Close the ``.lock`` descriptor (drops this process's locks on the store)."""
@@ -47,12 +60,12 @@ class Instance:
 def _open_lock(name: str, path: str) -> int:
     chunks = os.path.join(path, ".chunks")
     if not os.path.isdir(chunks):
-        raise InstanceError(f'unable to open chunk store \'{name}\' at "{chunks}" - no such directory')
+        raise InstanceError(f"unable to open chunk store '{name}' at \"{chunks}\" - no such directory")
     lock = os.path.join(path, ".lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
-        raise InstanceError(f'unable to open chunk store \'{name}\' at "{lock}" - {err.strerror}') from None
+        raise InstanceError(f"unable to open chunk store '{name}' at \"{lock}\" - {err.strerror}") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as err:
@@ -62,6 +75,8 @@ def _open_lock(name: str, path: str) -> int:
 
 
 def _read_gc_status(name: str, path: str) -> dict[str, Any] | None:
+    import json  # only when an instance is built: keeps `import dsproxy` light
+
     try:
         with open(os.path.join(path, ".gc-status"), "rb") as f:
             data = json.loads(f.read())
@@ -73,9 +88,7 @@ def _read_gc_status(name: str, path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def build(
-    name: str, props: dict[str, Value], generation: int, previous: Instance | None = None
-) -> Instance:
+def build(name: str, props: dict[str, Value], generation: int, previous: Instance | None = None) -> Instance:
     """Build the instance of ``name``; reuse ``previous``'s descriptor if the path is unchanged."""
     path = str(props["path"])
     if previous is not None and previous.path == path and previous.lock_fd >= 0:

@@ -15,8 +15,8 @@ it) and the default parent of datastores created without an explicit path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 CONFIG_NAME = "datastore.cfg"
 LOCK_NAME = ".datastore.lck"
@@ -30,8 +30,7 @@ def default_base_dir() -> Path:
     return Path(state) / "dsproxy"
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
     config_dir: Path
     run_dir: Path
     data_dir: Path

@@ -45,7 +45,6 @@ import logging
 import os
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Final
 
 from . import instance as instance_mod
@@ -67,17 +66,37 @@ _GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
 _monotonic = time.monotonic
 
 
-@dataclass(slots=True, eq=False)
 class _Entry:
     """One store as the cached config describes it, with its decisions precomputed."""
 
-    name: str
-    props: dict[str, Value]
-    maintenance: MaintenanceMode | None
-    refusals: tuple[str | None, str | None, str | None]  # full error text per Operation, or None
-    evicts: bool
-    counter: int = -1  # word index of this process's READ counter (WRITE is +1); -1: not resolved
-    instance: Instance | None = None  # built under this entry's generation
+    __slots__ = ("counter", "evicts", "fast", "instance", "maintenance", "name", "props", "refusals")
+
+    def __init__(
+        self,
+        name: str,
+        props: dict[str, Value],
+        maintenance: MaintenanceMode | None,
+        refusals: tuple[str | None, str | None, str | None],
+        evicts: bool,
+    ) -> None:
+        self.name = name
+        self.props = props
+        self.maintenance = maintenance
+        self.refusals = refusals  # full error text per Operation, or None
+        self.evicts = evicts
+        self.counter = -1  # word index of this process's READ counter (WRITE is +1); -1: not resolved
+        self.instance: Instance | None = None  # built under this entry's generation
+        self.fast: tuple[int, int, int] = (-1, -1, -1)
+
+    def prime(self) -> None:
+        """Precompute the fast path's one decision: per Operation, the counter word to increment,
+        or -1 where the slow path has to answer (refused, no instance or counter yet, LOOKUP)."""
+        if self.instance is None or self.counter < 0:
+            self.fast = (-1, -1, -1)
+            return
+        read = self.counter if self.refusals[0] is None else -1
+        write = self.counter + 1 if self.refusals[1] is None else -1
+        self.fast = (read, write, -1)
 
 
 def _make_entry(name: str, props: dict[str, Value]) -> _Entry:
@@ -91,28 +110,38 @@ def _make_entry(name: str, props: dict[str, Value]) -> _Entry:
     return _Entry(name, props, mode, (refusals[0], refusals[1], refusals[2]), mode.evicts)
 
 
-@dataclass(slots=True, eq=False)
 class _Cache:
-    generation: int
-    expires: float  # monotonic deadline of the TTL
-    digest: str
-    config: SectionConfig
-    entries: dict[str, _Entry]
+    """The parsed config of one generation, with an entry per store."""
+
+    __slots__ = ("config", "digest", "entries", "expires", "generation")
+
+    def __init__(self, generation: int, expires: float, digest: str, config: SectionConfig, entries: dict[str, _Entry]):
+        self.generation = generation
+        self.expires = expires  # monotonic deadline of the TTL
+        self.digest = digest
+        self.config = config
+        self.entries = entries
 
 
-class Handle:
-    """A datastore handed out by :meth:`Registry.lookup`; :meth:`release` (or ``with``) ends it."""
+class Handle(list):  # type: ignore[type-arg]
+    """A datastore handed out by :meth:`Registry.lookup`; :meth:`release` (or ``with``) ends it.
 
-    __slots__ = ("_counter", "_registry", "_words", "instance", "operation")
+    ``name``, ``path``, ``instance`` and ``operation`` describe it.  Underneath it is a ``list``
+    (``[registry or None, instance, operation, counter words or None, counter index]``) only because
+    CPython builds a list subclass in C: ~130 ns cheaper than a class with ``__init__``, a tenth of
+    a warm lookup+release.  Equality and hashing are by identity, like any object; treat the list
+    part as private.
+    """
 
-    def __init__(
-        self, registry: Registry, inst: Instance, operation: Operation, words: memoryview | None, counter: int
-    ) -> None:
-        self._registry: Registry | None = registry
-        self.instance = inst
-        self.operation = operation
-        self._words = words
-        self._counter = counter
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    @property
+    def instance(self) -> Instance:
+        inst: Instance = self[1]
+        return inst
 
     @property
     def name(self) -> str:
@@ -122,24 +151,29 @@ class Handle:
     def path(self) -> str:
         return self.instance.path
 
-    def release(self) -> None:
-        """End the operation (idempotent).  Never parses, never bumps, never blocks."""
-        registry = self._registry
-        if registry is None:
-            return
-        self._registry = None
-        words = self._words
-        if words is None:
-            registry._release_slow(self)
-        elif words is registry._words:  # else the slot is gone (fork, close): so is the count
-            words[self._counter] -= 1
-            name = self.instance.name
-            if name in registry._evict_names:
-                registry._maybe_evict(name)
+    @property
+    def operation(self) -> Operation:
+        op: Operation = self[2]
+        return op
 
     @property
     def released(self) -> bool:
-        return self._registry is None
+        return self[0] is None
+
+    def release(self) -> None:
+        """End the operation (idempotent).  Never parses, never bumps, never blocks."""
+        registry = self[0]
+        if registry is None:
+            return
+        self[0] = None
+        words = self[3]
+        if words is None:
+            registry._release_slow(self)
+        elif words is registry._words:  # else the slot is gone (fork, close): so is the count
+            words[self[4]] -= 1
+            name = self[1].name
+            if name in registry._evict_names:
+                registry._maybe_evict(name)
 
     def __enter__(self) -> Handle:
         return self
@@ -148,7 +182,7 @@ class Handle:
         self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self._registry is None else "active"
+        state = "released" if self[0] is None else "active"
         return f"<Handle {self.name!r} {self.operation.name} {state}>"
 
 
@@ -189,6 +223,7 @@ class Registry:
         self._instances: dict[str, Instance] = {}
         self._seg: shm.Segment | None = None
         self._words: memoryview | None = None
+        self._fast_words: memoryview | None = None  # = _words when cache="on": one check on the hot path
         self._slot = -1
         self._slot_base = -1
         self.degraded: str | None = None  #: why shared memory is not used, or None
@@ -210,6 +245,7 @@ class Registry:
             self._set_degraded(str(err))
             return
         self._seg, self._words, self._slot = seg, seg.words, slot
+        self._fast_words = seg.words if self._fast else None
         self._slot_base = seg.slot_base(slot)
         self.degraded = None
 
@@ -217,7 +253,7 @@ class Registry:
         if self.degraded != reason:
             log.warning("running degraded (no caching, every lookup reads the config): %s", reason)
         self.degraded = reason
-        self._seg = self._words = None
+        self._seg = self._words = self._fast_words = None
         self._slot = self._slot_base = -1
 
     def _detach(self) -> None:
@@ -225,7 +261,7 @@ class Registry:
         if seg is not None:
             with contextlib.suppress(Exception):
                 seg.free_slot(self._slot)
-            self._words = None
+            self._words = self._fast_words = None
             seg.close()
         self._seg = None
         self._slot = self._slot_base = -1
@@ -237,7 +273,7 @@ class Registry:
         self._instances.clear()
         self._cache = None
         if self._seg is not None:
-            self._words = None
+            self._words = self._fast_words = None
             self._seg.close()
             self._seg = None
             self._slot = self._slot_base = -1
@@ -261,10 +297,29 @@ class Registry:
 
     def lookup(self, name: str, operation: Operation = Operation.READ) -> Handle:
         """Look ``name`` up for ``operation``; raises :class:`~dsproxy.errors.DatastoreError`."""
-        words = self._words
-        if words is None or not self._fast:
-            return self._lookup_locked(name, operation)
-        op = int(operation)
+        words = self._fast_words
+        if words is not None:
+            # The fast path, in as few bytecodes as possible (it is the product): one generation
+            # read, one clock read, one dict lookup, one precomputed decision, one increment, and
+            # the re-read of the generation that makes the registration safe (see module docs).
+            gen = words[_GEN]
+            cache = self._cache
+            if cache is not None and cache.generation == gen and _monotonic() < cache.expires:
+                entry = cache.entries.get(name)
+                if entry is not None:
+                    counter = entry.fast[operation]
+                    if counter >= 0:
+                        words[counter] += 1
+                        if words[_GEN] == gen:
+                            return Handle((self, entry.instance, operation, words, counter))
+                        words[counter] -= 1
+            return self._lookup_slow(name, operation, words)
+        if self._words is not None and self._fast:
+            return self._lookup_slow(name, operation, self._words)
+        return self._lookup_locked(name, operation)
+
+    def _lookup_slow(self, name: str, operation: Operation, words: memoryview) -> Handle:
+        """Everything the fast path does not answer: reloads, misses, refusals, first use, races."""
         while True:
             gen = words[_GEN]
             cache = self._cache
@@ -273,16 +328,16 @@ class Registry:
             entry = cache.entries.get(name)
             if entry is None:
                 raise NoSuchDatastore(name)
-            refusal = entry.refusals[op]
+            refusal = entry.refusals[operation]
             if refusal is not None:
                 raise MaintenanceRefused(refusal)
-            if op == 2:  # LOOKUP registers nothing
+            if operation == Operation.LOOKUP:  # registers nothing
                 counter = -1
                 break
             counter = entry.counter
             if counter < 0:
                 counter = self._resolve_counter(entry)
-            counter += op
+            counter += operation
             words[counter] += 1
             if words[_GEN] == gen:
                 break
@@ -297,8 +352,8 @@ class Registry:
                     words[counter] -= 1
                 raise
         if counter < 0:
-            return Handle(self, inst, operation, None, -1)
-        return Handle(self, inst, operation, words, counter)
+            return Handle((self, inst, operation, None, -1))
+        return Handle((self, inst, operation, words, counter))
 
     def _resolve_counter(self, entry: _Entry) -> int:
         assert self._seg is not None
@@ -308,12 +363,14 @@ class Registry:
             raise DatastoreError(f"cannot register an operation on '{entry.name}': {err}") from None
         assert store is not None
         entry.counter = self._seg.counter_index(self._slot, store)
+        entry.prime()
         return entry.counter
 
     def _build(self, entry: _Entry, generation: int) -> Instance:
         inst = instance_mod.build(entry.name, entry.props, generation, self._instances.get(entry.name))
         self._instances[entry.name] = inst
         entry.instance = inst
+        entry.prime()
         return inst
 
     def _load(self, gen: int) -> _Cache:
@@ -443,6 +500,7 @@ class Registry:
         entry = None if cache is None else cache.entries.get(name)
         if entry is not None and entry.instance is inst:
             entry.instance = None
+            entry.prime()
 
     def refresh(self) -> bool:
         """Catch up with the shared generation (and the TTL) without a lookup; evict idle instances.
@@ -489,7 +547,7 @@ class Registry:
                 if operation != Operation.LOOKUP:
                     self._files.update(name, int(operation), -1)
                 raise
-        return Handle(self, inst, operation, None, -1)
+        return Handle((self, inst, operation, None, -1))
 
     def _locked_entry(self, name: str) -> tuple[_Entry, int]:
         """The entry of ``name`` while holding the config lock; ``(entry, generation)``."""

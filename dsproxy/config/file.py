@@ -22,7 +22,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,10 +71,10 @@ def config_lock(lock_path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT
         raise LockError(os.fspath(lock_path), f"cannot open lock file: {err.strerror}") from None
 
 
-def replace_file(
-    path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None
-) -> None:
+def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync)."""
+    import tempfile  # manager only: keeps `import dsproxy` light for workers
+
     target = Path(path)
     directory = target.parent
     try:
@@ -86,7 +85,7 @@ def replace_file(
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)
             if group is not None:
                 os.fchown(fd, -1, group)

@@ -17,8 +17,7 @@ The message is percent-decoded for display (PBS does the same; invalid UTF-8 bec
 from __future__ import annotations
 
 import enum
-import urllib.parse
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .schema import MAINTENANCE_SCHEMA, format_property_string, parse_property_string
 
@@ -34,8 +33,7 @@ class Operation(enum.IntEnum):
 _EVICTING = frozenset({"offline", "delete", "unmount"})
 
 
-@dataclass(frozen=True, slots=True)
-class MaintenanceMode:
+class MaintenanceMode(NamedTuple):
     type: str
     message: str = ""
 
@@ -53,6 +51,8 @@ class MaintenanceMode:
 
     @property
     def decoded_message(self) -> str:
+        import urllib.parse  # rare: only when a refusal text is built
+
         try:
             return urllib.parse.unquote(self.message, errors="strict")
         except UnicodeDecodeError:

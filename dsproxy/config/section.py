@@ -226,7 +226,7 @@ def dump(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.c
         try:
             typed = check_section(name, props)
         except ConfigError as err:
-            raise ConfigError(f'writing "{filename}" failed: section \'{name}\': {err}') from None
+            raise ConfigError(f"writing \"{filename}\" failed: section '{name}': {err}") from None
         lines = [f"{SECTION_TYPE}: {name}\n"]
         lines.extend(f"\t{key} {format_value(typed[key])}\n" for key in sorted(typed))
         chunks.append("".join(lines))

@@ -96,9 +96,8 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import posix_ipc
 
@@ -182,11 +181,10 @@ def _name_hash(name: bytes) -> int:
     return zlib.crc32(name)
 
 
-@dataclass(frozen=True, slots=True)
-class SlotInfo:
+class SlotInfo(NamedTuple):
     """A snapshot of one live process slot."""
 
-    index: int
+    slot: int
     pid: int
     start: int
     role: int
@@ -394,7 +392,7 @@ class Segment:
                 continue
             out.append(
                 SlotInfo(
-                    index=index,
+                    slot=index,
                     pid=pid,
                     start=start,
                     role=w[base + SLOT_ROLE],
@@ -418,7 +416,7 @@ class Segment:
         """
         deadline = time.monotonic() + timeout
         while True:
-            lagging = [s for s in self.slots() if s.index not in exclude and s.generation != generation]
+            lagging = [s for s in self.slots() if s.slot not in exclude and s.generation != generation]
             if not lagging or time.monotonic() >= deadline:
                 return lagging
             time.sleep(0.005)

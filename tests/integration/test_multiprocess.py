@@ -48,7 +48,7 @@ def test_a_slot_of_a_killed_process_is_reclaimed(inst: Instance, agents: AgentFa
         assert all(s.pid != victim.pid for s in seg.slots())
         reg = dsproxy.Registry(base_dir=inst.base)
         try:
-            assert reg.slot == slot.index  # the dead process's slot, with its counters zeroed
+            assert reg.slot == slot.slot  # the dead process's slot, with its counters zeroed
             assert reg.active_operations("store1") == {"read": 0, "write": 0}
         finally:
             reg.close()
@@ -56,7 +56,9 @@ def test_a_slot_of_a_killed_process_is_reclaimed(inst: Instance, agents: AgentFa
         seg.close()
 
 
-def test_sigkill_inside_the_writers_critical_section_does_not_wedge_anyone(inst: Instance, agents: AgentFactory) -> None:
+def test_sigkill_inside_the_writers_critical_section_does_not_wedge_anyone(
+    inst: Instance, agents: AgentFactory
+) -> None:
     inst.add_stores("store1")
     holder = agents()
     holder.send("hold_writer_lock")
@@ -96,7 +98,9 @@ def test_a_write_is_seen_by_every_other_process_on_its_very_next_lookup(inst: In
         assert ok["ok"] and ok["generation"] == (gen or 0) + 1
 
 
-def test_a_hand_edit_is_seen_within_the_ttl_and_bumps_the_generation_for_all(inst: Instance, agents: AgentFactory) -> None:
+def test_a_hand_edit_is_seen_within_the_ttl_and_bumps_the_generation_for_all(
+    inst: Instance, agents: AgentFactory
+) -> None:
     inst.add_stores("store1")
     quick, slow = agents(ttl=0.3), agents(ttl=3600)
     for a in (quick, slow):

@@ -57,8 +57,16 @@ def test_unknown_store(reg: dsproxy.Registry) -> None:
 @pytest.mark.parametrize(
     ("maintenance", "op", "text"),
     [
-        ("type=read-only,message=disk swap", Operation.WRITE, "datastore 'store1' is in read-only maintenance mode: disk swap"),
-        ("type=offline,message=disk swap", Operation.READ, "datastore 'store1' is in offline maintenance mode: disk swap"),
+        (
+            "type=read-only,message=disk swap",
+            Operation.WRITE,
+            "datastore 'store1' is in read-only maintenance mode: disk swap",
+        ),
+        (
+            "type=offline,message=disk swap",
+            Operation.READ,
+            "datastore 'store1' is in offline maintenance mode: disk swap",
+        ),
         ("unmount", Operation.WRITE, "datastore 'store1' is in datastore is being unmounted"),
         ("delete", Operation.LOOKUP, "datastore 'store1' is in datastore is being deleted"),
     ],
@@ -122,7 +130,7 @@ def test_rebuild_after_a_config_change_keeps_the_lock_fd_and_its_lock(inst: Inst
         probe = textwrap.dedent(
             f"""
             import fcntl, os, sys
-            fd = os.open({str(inst.paths.data_dir / 'store1' / '.lock')!r}, os.O_RDWR)
+            fd = os.open({str(inst.paths.data_dir / "store1" / ".lock")!r}, os.O_RDWR)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -135,7 +143,9 @@ def test_rebuild_after_a_config_change_keeps_the_lock_fd_and_its_lock(inst: Inst
         reg.close()
 
 
-def test_missing_chunk_store_is_a_clear_error_and_nothing_stays_registered(reg: dsproxy.Registry, inst: Instance) -> None:
+def test_missing_chunk_store_is_a_clear_error_and_nothing_stays_registered(
+    reg: dsproxy.Registry, inst: Instance
+) -> None:
     inst.update(lambda cfg: cfg.update({"ghost": {"path": str(inst.base / "nowhere")}}))
     with pytest.raises(dsproxy.InstanceError, match=r"unable to open chunk store 'ghost' at .*nowhere/.chunks"):
         reg.lookup("ghost", Operation.WRITE)

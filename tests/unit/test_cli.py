@@ -25,7 +25,7 @@ def test_config_check_lists_every_bad_line_and_exits_1(tmp_path: Path) -> None:
     result = run("config", "check", str(f))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f'parsing "{f}" failed: line 3 - unknown property \'bogus\'',
+        f"parsing \"{f}\" failed: line 3 - unknown property 'bogus'",
         f'parsing "{f}" failed: line 5 - syntax error in section identifier: value must be at least 3 characters long',
     ]
 

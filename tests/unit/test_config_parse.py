@@ -81,7 +81,7 @@ def test_every_bad_line_is_reported_with_file_and_line() -> None:
         'parsing "/etc/dsproxy/datastore.cfg" failed: line 1 - '
         "syntax error in section identifier: value must be at least 3 characters long"
     )
-    assert 'line 2 - property \'path\': expected absolute path - got "relative/dir"' in lines[1]
+    assert "line 2 - property 'path': expected absolute path - got \"relative/dir\"" in lines[1]
     assert lines[2].endswith("line 3 - unknown property 'foo'")
     assert lines[3].endswith("line 4 - property 'keep-last': value must have a minimum value of 1 (got 0)")
     assert lines[4].endswith("line 5 - duplicate property 'keep-last'")
@@ -99,15 +99,47 @@ def test_every_bad_line_is_reported_with_file_and_line() -> None:
         ("\tpath /x\n", 1, "syntax error (expected header)"),
         ("# comment\n", 1, "syntax error (expected header)"),
         ("datastore: store1\n\tpath /x\n\tverify-new\n", 3, "syntax error (expected section properties)"),
-        ("datastore: store1\n\tpath /x\ndatastore: store2\n\tpath /y\n", 3, "syntax error (expected section properties)"),
-        ("datastore: bad/name\n\tpath /x\n", 1, "syntax error in section identifier: value does not match the regex pattern"),
-        ("datastore: " + "a" * 33 + "\n\tpath /x\n", 1, "syntax error in section identifier: value may only be 32 characters long"),
-        ("datastore: store1\n\tpath /x\n\tcomment " + "c" * 129 + "\n", 3, "property 'comment': value may only be 128 characters long"),
-        ("datastore: store1\n\tpath /x\n\tmaintenance-mode type=broken\n", 3, "'type': value 'broken' is not defined in the enumeration."),
-        ("datastore: store1\n\tpath /x\n\tmaintenance-mode type=offline,message=" + "m" * 65 + "\n", 3, "value may only be 64 characters long"),
-        ("datastore: store1\n\tpath /x\n\ttuning chunk-order=random\n", 3, "'chunk-order': value 'random' is not defined"),
+        (
+            "datastore: store1\n\tpath /x\ndatastore: store2\n\tpath /y\n",
+            3,
+            "syntax error (expected section properties)",
+        ),
+        (
+            "datastore: bad/name\n\tpath /x\n",
+            1,
+            "syntax error in section identifier: value does not match the regex pattern",
+        ),
+        (
+            "datastore: " + "a" * 33 + "\n\tpath /x\n",
+            1,
+            "syntax error in section identifier: value may only be 32 characters long",
+        ),
+        (
+            "datastore: store1\n\tpath /x\n\tcomment " + "c" * 129 + "\n",
+            3,
+            "property 'comment': value may only be 128 characters long",
+        ),
+        (
+            "datastore: store1\n\tpath /x\n\tmaintenance-mode type=broken\n",
+            3,
+            "'type': value 'broken' is not defined in the enumeration.",
+        ),
+        (
+            "datastore: store1\n\tpath /x\n\tmaintenance-mode type=offline,message=" + "m" * 65 + "\n",
+            3,
+            "value may only be 64 characters long",
+        ),
+        (
+            "datastore: store1\n\tpath /x\n\ttuning chunk-order=random\n",
+            3,
+            "'chunk-order': value 'random' is not defined",
+        ),
         ("datastore: store1\n\tpath /x\n\tkeep-daily seven\n", 3, "invalid integer value 'seven'"),
-        ("datastore: store1\n\tpath /x\n\tnotify-user nobody\n", 3, "property 'notify-user': value does not match the regex pattern"),
+        (
+            "datastore: store1\n\tpath /x\n\tnotify-user nobody\n",
+            3,
+            "property 'notify-user': value does not match the regex pattern",
+        ),
         ("datastore: store1\n\tpath /x\n\tgc-schedule daily; rm -rf /\n", 3, "unable to parse calendar event"),
     ],
 )
@@ -153,7 +185,12 @@ def test_dump_refuses_values_that_would_corrupt_the_file() -> None:
     [
         ("type=read-only,message=disk swap", None, "read-only maintenance mode: disk swap", None),
         ("read-only", None, "read-only maintenance mode: ", None),
-        ("type=offline,message=disk%20swap", "offline maintenance mode: disk swap", "offline maintenance mode: disk swap", None),
+        (
+            "type=offline,message=disk%20swap",
+            "offline maintenance mode: disk swap",
+            "offline maintenance mode: disk swap",
+            None,
+        ),
         ("unmount", "datastore is being unmounted", "datastore is being unmounted", None),
         ("delete", "datastore is being deleted", "datastore is being deleted", "datastore is being deleted"),
     ],

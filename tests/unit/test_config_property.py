@@ -30,7 +30,12 @@ VALUES = [
 line = st.one_of(
     st.builds(lambda n: f"datastore: {n}", st.text(min_size=0, max_size=40)),
     st.builds(lambda n: f"datastore: {n}", st.sampled_from(["store1", "store2", "ab", "s" * 33])),
-    st.builds(lambda ws, k, v: f"{ws}{k} {v}", st.sampled_from(["\t", " ", "  \t"]), st.sampled_from(KEYS), st.sampled_from(VALUES)),
+    st.builds(
+        lambda ws, k, v: f"{ws}{k} {v}",
+        st.sampled_from(["\t", " ", "  \t"]),
+        st.sampled_from(KEYS),
+        st.sampled_from(VALUES),
+    ),
     st.builds(lambda k, v: f"\t{k} {v}", st.text(max_size=12), st.text(max_size=30)),
     st.sampled_from(["", " ", "\t", "#", ":", "x:", "datastore:", "\r"]),
 )

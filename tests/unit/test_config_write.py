@@ -50,7 +50,9 @@ def test_stale_digest_is_refused_and_nothing_written(tmp_path: Path) -> None:
     _, first, _ = update_config(cfg_file, _add("store1", "/srv/a"))
     update_config(cfg_file, _add("store2", "/srv/b"), expected_digest=first)
     before = cfg_file.read_bytes()
-    with pytest.raises(DigestMismatch, match=r"detected modified configuration - file changed by other user\? Try again\."):
+    with pytest.raises(
+        DigestMismatch, match=r"detected modified configuration - file changed by other user\? Try again\."
+    ):
         update_config(cfg_file, _add("store3", "/srv/c"), expected_digest=first)
     assert cfg_file.read_bytes() == before
 

@@ -19,7 +19,13 @@ def test_layout_is_pinned() -> None:
     assert (shm.OFF_GENERATIONS, shm.NUM_GENERATIONS, shm.GEN_DATASTORE, shm.GEN_TOKEN) == (128, 16, 0, 1)
     assert (shm.OFF_SLOTS, shm.SLOT_SIZE, shm.MAX_SLOTS) == (4096, 128, 128)
     assert (shm.SLOT_PID, shm.SLOT_START, shm.SLOT_ROLE, shm.SLOT_BOOTED, shm.SLOT_HEARTBEAT) == (0, 1, 2, 3, 4)
-    assert (shm.SLOT_GENERATION, shm.SLOT_REQUESTS, shm.SLOT_CACHE_HITS, shm.SLOT_RELOADS, shm.SLOT_ERRORS) == (5, 6, 7, 8, 9)
+    assert (shm.SLOT_GENERATION, shm.SLOT_REQUESTS, shm.SLOT_CACHE_HITS, shm.SLOT_RELOADS, shm.SLOT_ERRORS) == (
+        5,
+        6,
+        7,
+        8,
+        9,
+    )
     assert (shm.OFF_NAMES, shm.NAME_ENTRY_SIZE, shm.MAX_STORES) == (20480, 48, 65536)
     assert (shm.OFF_COUNTERS, shm.COUNTER_BLOCK_SIZE) == (3166208, 1048576)
     assert shm.SEGMENT_SIZE == 137383936

@@ -190,7 +190,11 @@ _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 
 
 class Registry:
-    """The datastore registry of one process (DESIGN §5.3)."""
+    """The datastore registry of one process (DESIGN §5.3).
+
+    Not thread-safe: use one per process (a dsproxy worker is a single-threaded event loop) or
+    guard it.  After ``os.fork()`` the child gets its own process slot automatically.
+    """
 
     def __init__(
         self,
@@ -325,6 +329,8 @@ class Registry:
             cache = self._cache
             if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
                 cache = self._load(gen)
+                if self._words is not words:  # the segment was replaced or lost while loading
+                    return self.lookup(name, operation)
             entry = cache.entries.get(name)
             if entry is None:
                 raise NoSuchDatastore(name)

@@ -272,3 +272,50 @@ def test_closed_registry_frees_its_slot_and_refuses_lookups(inst: Instance) -> N
             reg.lookup("store1")
     finally:
         seg.close()
+
+
+def test_a_segment_replaced_by_the_manager_is_reopened_on_the_next_lookup(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    new = None
+    try:
+        with reg.lookup("store1", Operation.WRITE):
+            pass
+        new = shm.recreate(inst.paths.run_dir)  # what the manager does with a stale segment
+        with reg.lookup("store1", Operation.WRITE) as h:
+            assert h.name == "store1"
+            assert new.active_operations("store1") == (0, 1)  # registered in the new segment
+        assert new.active_operations("store1") == (0, 0)
+        assert reg.generation == new.generation()
+    finally:
+        reg.close()
+        if new is not None:
+            new.close()
+
+
+def test_a_forked_child_gets_its_own_slot_and_leaves_the_parents_counts_alone(inst: Instance) -> None:
+    inst.add_stores("store1")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        held = reg.lookup("store1", Operation.WRITE)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: its own slot; the inherited handle is not its to release
+            code = 1
+            try:
+                held.release()
+                with reg.lookup("store1", Operation.READ):
+                    ok = reg.slot is not None and reg.active_operations("store1") == {"read": 1, "write": 1}
+                code = 0 if ok else 2
+            finally:
+                os.write(write_fd, bytes([code]))
+                os._exit(code)
+        os.close(write_fd)
+        assert os.read(read_fd, 1) == b"\x00"
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+        assert reg.active_operations("store1") == {"read": 0, "write": 1}
+        held.release()
+        assert reg.active_operations("store1") == {"read": 0, "write": 0}
+    finally:
+        reg.close()

@@ -1,47 +1,417 @@
 """The ``dsproxy`` command line (DESIGN §6.1).
 
-Built on :mod:`argparse`; ``--base-dir DIR`` (env ``DSPROXY_BASE_DIR``) is accepted before or after
-the subcommand.  Exit codes: 0 success, 1 the checked input is bad, 2 usage error.
+Built on :mod:`argparse`.  The directory options (``--base-dir`` -- env ``DSPROXY_BASE_DIR`` --
+``--config-dir``, ``--run-dir``, ``--data-dir``) are accepted before or after the subcommand.
+Tables are drawn with ``rich``; every read command takes ``--json`` for the raw answer.
 
-So far: ``dsproxy config check [FILE]``.  The daemon and client commands arrive with the daemons.
+Daemons: ``manager``, ``proxy``, ``run``.  Clients of ``<run>/proxy.sock``: ``datastore``,
+``status``.  Offline: ``config check``.
+
+Exit codes: 0 success, 1 failure (bad input, refused request, daemon not reachable), 2 usage error,
+3 a daemon could not start.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import config
 from .paths import Paths
 
 
-def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+def _add_dirs(parser: argparse.ArgumentParser, top: bool) -> None:
+    default = None if top else argparse.SUPPRESS
     parser.add_argument(
         "--base-dir",
         default=default,
         metavar="DIR",
         help="instance base directory (etc/, run/, datastores/); env DSPROXY_BASE_DIR",
     )
+    parser.add_argument(
+        "--config-dir", default=default, metavar="DIR", help="directory of datastore.cfg (default BASE/etc)"
+    )
+    parser.add_argument(
+        "--run-dir", default=default, metavar="DIR", help="sockets, pid files, shared-memory name (default BASE/run)"
+    )
+    parser.add_argument(
+        "--data-dir", default=default, metavar="DIR", help="default parent of new datastores (default BASE/datastores)"
+    )
+
+
+def _paths(args: argparse.Namespace) -> Paths:
+    return Paths.resolve(args.base_dir, args.config_dir, args.run_dir, args.data_dir)
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    return check
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsproxy", description="datastore lookup daemon and tools")
-    _add_common(parser, None)
+    parser = argparse.ArgumentParser(prog="dsproxy", description="datastore lookup daemon and its tools")
+    _add_dirs(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    cfg = sub.add_parser("config", help="inspect datastore.cfg")
-    _add_common(cfg, argparse.SUPPRESS)
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        _add_dirs(p, top=False)
+        return p
+
+    m = command("manager", "run the manager: the only writer of datastore.cfg")
+    _manager_options(m)
+    m.set_defaults(func=cmd_manager)
+
+    p = command("proxy", "run the proxy: a master and N workers serving the API on proxy.sock")
+    _proxy_options(p)
+    p.set_defaults(func=cmd_proxy)
+
+    r = command("run", "run manager and proxy in the foreground (local use; Ctrl-C stops both)")
+    r.add_argument("--demo-stores", type=int, default=0, metavar="N", help="make sure N demo datastores exist")
+    _proxy_options(r)
+    r.set_defaults(func=cmd_run)
+
+    ds = command("datastore", "list, show, create, update or remove datastores (via proxy.sock)")
+    ds_sub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        a = ds_sub.add_parser(name, help=help, description=help)
+        _add_dirs(a, top=False)
+        a.add_argument("--socket", metavar="PATH", help="proxy socket (default RUN/proxy.sock)")
+        return a
+
+    a = action("list", "list the datastores")
+    a.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a.set_defaults(func=cmd_ds_list)
+    a = action("show", "show one datastore's configuration")
+    a.add_argument("name")
+    a.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a.set_defaults(func=cmd_ds_show)
+    a = action("create", "create a datastore (lays out its directory)")
+    a.add_argument("name")
+    a.add_argument("--path", help="absolute path (default DATA/NAME); must be missing or empty")
+    a.add_argument("--comment")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other property")
+    a.set_defaults(func=cmd_ds_create)
+    a = action("update", "change properties of a datastore")
+    a.add_argument("name")
+    a.add_argument("--comment")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a property")
+    a.add_argument("--delete", action="append", default=[], metavar="KEY", help="remove a property")
+    a.add_argument(
+        "--maintenance",
+        metavar="TYPE[:MESSAGE]",
+        help="read-only, offline, unmount or delete (with a message); 'none' clears",
+    )
+    a.add_argument("--digest", help="refuse if the config changed since this digest was read")
+    a.set_defaults(func=cmd_ds_update)
+    a = action("remove", "remove a datastore from the configuration (its data stays)")
+    a.add_argument("name")
+    a.add_argument("--digest", help="refuse if the config changed since this digest was read")
+    a.set_defaults(func=cmd_ds_remove)
+
+    st = command("status", "status of the proxy, or of one datastore")
+    st.add_argument("store", nargs="?")
+    st.add_argument("--verbose", action="store_true", help="with a store: add gc-status and snapshot counts")
+    st.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    st.add_argument("--socket", metavar="PATH", help="proxy socket (default RUN/proxy.sock)")
+    st.set_defaults(func=cmd_status)
+
+    cfg = command("config", "inspect datastore.cfg")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = cfg_sub.add_parser("check", help="check that a datastore.cfg parses; print every bad line")
-    _add_common(check, argparse.SUPPRESS)
+    _add_dirs(check, top=False)
     check.add_argument("file", nargs="?", help="file to check (default: the instance's datastore.cfg)")
     check.set_defaults(func=cmd_config_check)
     return parser
 
 
+def _manager_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo-stores", type=int, default=0, metavar="N", help="make sure N demo datastores exist")
+    p.add_argument("--watch-interval", type=_positive(float), default=0.5, metavar="S", help="manual-edit poll (0.5)")
+    p.add_argument(
+        "--maintenance-timeout", type=_positive(float), default=10.0, metavar="S", help="wait for workers (10)"
+    )
+    p.add_argument("--admin-group", metavar="GROUP", help="members may change the configuration")
+    p.add_argument("--proxy-user", metavar="USER", help="user the proxy runs as (its forwarded client ids are trusted)")
+    p.add_argument("--store-owner", metavar="USER", help="owner of created datastore directories")
+
+
+def _proxy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers", type=_positive(int), default=os.cpu_count() or 1, metavar="N", help="worker processes (CPU count)"
+    )
+    p.add_argument("--cache", choices=("on", "config", "off"), default="on", help="lookup cache mode (on)")
+    p.add_argument("--ttl", type=_positive(float), default=60.0, metavar="S", help="config cache TTL (60)")
+    p.add_argument("--graceful-timeout", type=_positive(float), default=10.0, metavar="S", help="drain time (10)")
+    p.add_argument(
+        "--crash-limit", type=_positive(int), default=10, metavar="N", help="crashes per minute before giving up"
+    )
+    p.add_argument(
+        "--worker-timeout", type=float, default=30.0, metavar="S", help="kill a silent worker (30; 0 = never)"
+    )
+
+
+# -- daemons ------------------------------------------------------------------------------------------
+
+
+def cmd_manager(args: argparse.Namespace) -> int:
+    from .daemon.manager import ManagerOptions, main
+
+    return main(
+        ManagerOptions(
+            paths=_paths(args),
+            watch_interval=args.watch_interval,
+            maintenance_timeout=args.maintenance_timeout,
+            admin_group=args.admin_group,
+            proxy_user=args.proxy_user,
+            store_owner=args.store_owner,
+            demo_stores=args.demo_stores,
+        )
+    )
+
+
+def _proxy_spec(args: argparse.Namespace) -> Any:
+    from .daemon.http import Limits
+    from .daemon.master import ProxyOptions
+    from .daemon.worker import WorkerSpec
+
+    spec = WorkerSpec(
+        paths=_paths(args),
+        cache=args.cache,
+        ttl=args.ttl,
+        limits=Limits(),
+        graceful_timeout=args.graceful_timeout,
+        master_pid=os.getpid(),
+    )
+    return ProxyOptions(
+        spec=spec, workers=args.workers, crash_limit=args.crash_limit, worker_timeout=args.worker_timeout
+    )
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from .daemon.master import main
+
+    return main(_proxy_spec(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon.run import run
+
+    manager_args = ["--demo-stores", str(args.demo_stores)] if args.demo_stores else []
+    proxy_args = [
+        "--workers", str(args.workers), "--cache", args.cache, "--ttl", str(args.ttl),
+        "--graceful-timeout", str(args.graceful_timeout), "--crash-limit", str(args.crash_limit),
+        "--worker-timeout", str(args.worker_timeout),
+    ]  # fmt: skip
+    return run(_paths(args), manager_args, proxy_args)
+
+
+# -- clients ------------------------------------------------------------------------------------------
+
+
+class CommandError(Exception):
+    pass
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    path = args.socket or str(_paths(args).run_dir / "proxy.sock")
+    return Client(path)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    from .client import ApiError
+
+    try:
+        with _client(args) as c:
+            return c.request(method, path, body).raise_for_status().json()
+    except ApiError as err:
+        raise CommandError(err.message) from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock = args.socket or str(_paths(args).run_dir / "proxy.sock")
+        raise CommandError(f"cannot connect to {sock}: is the proxy running? (dsproxy run)") from None
+    except OSError as err:
+        raise CommandError(f"talking to the proxy failed: {err}") from None
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console(soft_wrap=True).print(table)
+
+
+def _props(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--set expects KEY=VALUE, not '{pair}'")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_ds_list(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    answer = _call(args, "GET", path_for("admin", "datastore"))
+    if args.json:
+        _print_json(answer)
+    else:
+        _table(
+            ("name", "comment", "maintenance"), [(d["name"], d["comment"], d["maintenance"]) for d in answer["data"]]
+        )
+    return 0
+
+
+def cmd_ds_show(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    answer = _call(args, "GET", path_for("config", "datastore", args.name))
+    if args.json:
+        _print_json(answer)
+    else:
+        data = answer["data"]
+        _table(("property", "value"), [(k, data[k]) for k in sorted(data)] + [("digest", answer.get("digest"))])
+    return 0
+
+
+def cmd_ds_create(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    body: dict[str, Any] = {"name": args.name, **_props(args.set)}
+    if args.path:
+        body["path"] = args.path
+    if args.comment is not None:
+        body["comment"] = args.comment
+    answer = _call(args, "POST", path_for("config", "datastore"), body)
+    print(f"created datastore '{args.name}' (generation {answer['data']['generation']})")
+    return 0
+
+
+def cmd_ds_update(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    body: dict[str, Any] = _props(args.set)
+    delete = list(args.delete)
+    if args.comment is not None:
+        body["comment"] = args.comment
+    if args.maintenance is not None:
+        if args.maintenance == "none":
+            delete.append("maintenance-mode")
+        else:
+            kind, sep, message = args.maintenance.partition(":")
+            body["maintenance-mode"] = f"type={kind}" + (f",message={_quote_message(message)}" if sep else "")
+    if delete:
+        body["delete"] = delete
+    if args.digest:
+        body["digest"] = args.digest
+    if not body:
+        raise CommandError("nothing to change: give --set, --delete, --comment or --maintenance")
+    answer = _call(args, "PUT", path_for("config", "datastore", args.name), body)
+    data = answer["data"]
+    print(f"updated datastore '{args.name}' (generation {data['generation']})")
+    if "active-operations" in data:
+        ops = data["active-operations"]
+        print(f"active operations still running: read {ops['read']}, write {ops['write']}")
+        if data.get("lagging-processes"):
+            print(f"processes that had not caught up: {', '.join(map(str, data['lagging-processes']))}")
+    return 0
+
+
+def _quote_message(message: str) -> str:
+    from urllib.parse import quote
+
+    return quote(message, safe=" -_.!~*'()/:;@")
+
+
+def cmd_ds_remove(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    query = {"digest": args.digest} if args.digest else None
+    answer = _call(args, "DELETE", path_for("config", "datastore", args.name, query=query))
+    print(f"removed datastore '{args.name}' (generation {answer['data']['generation']}); its data stays on disk")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    if args.store:
+        answer = _call(
+            args, "GET", path_for("admin", "datastore", args.store, "status", query={"verbose": int(args.verbose)})
+        )
+        if args.json:
+            _print_json(answer)
+            return 0
+        data = answer["data"]
+        _table(
+            ("property", "value"),
+            [(k, data[k] if k not in ("total", "used", "avail") else _size(data[k])) for k in data],
+        )
+        return 0
+    node = _call(args, "GET", path_for("nodes", "localhost", "status"))
+    usage = _call(args, "GET", path_for("status", "datastore-usage"))
+    if args.json:
+        _print_json({"node": node["data"], "datastore-usage": usage["data"]})
+        return 0
+    n = node["data"]
+    print(
+        f"generation {n['generation']}, cache={n['cache']}, ttl {n['ttl']:g} s, "
+        f"nofile {n['rlimit-nofile']['soft']}/{n['rlimit-nofile']['hard']}"
+        + (f", DEGRADED: {n['degraded']}" if n["degraded"] else "")
+    )
+    if n["config-error"]:
+        print(f"CONFIG ERROR (serving the last good config): {n['config-error']}")
+    _table(
+        ("worker", "generation", "lookups", "cache hits", "reloads", "errors"),
+        [(w["pid"], w["generation"], w["requests"], w["cache-hits"], w["reloads"], w["errors"]) for w in n["workers"]],
+    )
+    print()
+    rows = [
+        (e["store"], _size(e.get("total")), _size(e.get("used")), _size(e.get("avail")), e.get("error", ""))
+        for e in usage["data"]
+    ]
+    _table(("datastore", "total", "used", "avail", "error"), rows)
+    return 0
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return ""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(value)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = args.file or str(Paths.resolve(args.base_dir).config_file)
+    path = args.file or str(_paths(args).config_file)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -63,7 +433,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except CommandError as err:
+        print(f"dsproxy: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return result
 
 

@@ -297,6 +297,21 @@ class Registry:
     def slot(self) -> int | None:
         return None if self._slot < 0 else self._slot
 
+    @property
+    def segment(self) -> shm.Segment | None:
+        """The shared-memory segment (None when degraded); for status pages."""
+        return self._seg
+
+    def publish_stats(self, requests: int, cache_hits: int, errors: int = 0, booted: bool = True) -> None:
+        """Daemon workers: copy their request statistics into this process's slot."""
+        words = self._words
+        if words is not None:
+            base = self._slot_base
+            words[base + shm.SLOT_REQUESTS] = requests
+            words[base + shm.SLOT_CACHE_HITS] = cache_hits
+            words[base + shm.SLOT_ERRORS] = self.errors + errors
+            words[base + shm.SLOT_BOOTED] = int(booted)
+
     # -- lookup ---------------------------------------------------------------------------------------
 
     def lookup(self, name: str, operation: Operation = Operation.READ) -> Handle:

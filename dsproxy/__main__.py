@@ -1,0 +1,7 @@
+"""``python -m dsproxy`` = the ``dsproxy`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

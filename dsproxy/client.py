@@ -1,0 +1,222 @@
+"""Clients of the dsproxy sockets (``proxy.sock``, ``manager.sock``).
+
+* :class:`Client` -- synchronous, on :mod:`http.client` with a Unix-socket connection; what the
+  command line uses.  One keep-alive connection, reconnected when the server closed it.
+* :class:`AsyncConnection` -- one keep-alive connection for asyncio code: the proxy workers forward
+  config writes to the manager with it, and the benchmark and stress load generators drive the
+  proxy with many of them.  An ``asyncio.Protocol`` with ``httptools``' response parser: the load
+  generator must cost far less than the server it measures (scripts/bench-status reports its CPU).
+
+Every request answers :class:`Response`; :meth:`Response.json` decodes the body, and
+:class:`ApiError` carries the server's ``message`` for non-2xx answers (``raise_for_status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+from typing import Any, NamedTuple
+from urllib.parse import quote, urlencode
+
+import httptools
+
+GENERATION_HEADER = "x-dsproxy-generation"
+
+
+class ApiError(Exception):
+    """A non-2xx answer; ``str(err)`` is the server's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Response(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def raise_for_status(self) -> Response:
+        if not 200 <= self.status < 300:
+            try:
+                message = str(self.json().get("message", ""))
+            except (ValueError, AttributeError):
+                message = self.body[:200].decode("utf-8", "replace")
+            raise ApiError(self.status, message or f"HTTP {self.status}")
+        return self
+
+    @property
+    def data(self) -> Any:
+        return self.raise_for_status().json()["data"]
+
+    @property
+    def generation(self) -> int | None:
+        value = self.headers.get(GENERATION_HEADER)
+        return int(value) if value else None
+
+
+def path_for(*parts: str, query: dict[str, Any] | None = None) -> str:
+    """``/api2/json/<parts...>`` with each part percent-quoted and an optional query."""
+    path = "/api2/json/" + "/".join(quote(p, safe="") for p in parts)
+    if query:
+        path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+    return path
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Synchronous client of one dsproxy socket."""
+
+    def __init__(self, socket_path: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.headers = dict(headers or {})
+        self._conn: _UnixHTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Response:
+        payload = None if body is None else json.dumps(body).encode()
+        hdrs = {**self.headers, **(headers or {})}
+        if payload is not None:
+            hdrs["content-type"] = "application/json"
+        for attempt in (0, 1):
+            conn = self._conn or _UnixHTTPConnection(self.socket_path, self.timeout)
+            self._conn = conn
+            try:
+                conn.request(method, path, body=payload, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # a keep-alive connection the server closed meanwhile: retry once, fresh
+                self.close()
+                if attempt or method not in ("GET", "HEAD"):
+                    raise
+                continue
+            except BaseException:
+                self.close()
+                raise
+            if resp.will_close:
+                self.close()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        raise AssertionError("unreachable")
+
+    def get(self, path: str) -> Response:
+        return self.request("GET", path)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a Unix socket, one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._closed: asyncio.Future[None] | None = None
+        self.keep_alive = True
+
+    @classmethod
+    async def open(cls, socket_path: str) -> AsyncConnection:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(cls, socket_path)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionResetError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_exception(ConnectionError(f"malformed response: {err}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        response = Response(self._parser.get_status_code(), self._headers, b"".join(self._body))
+        self.keep_alive = self._parser.should_keep_alive()
+        self._headers, self._body = {}, []
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(response)
+        if not self.keep_alive and self.transport is not None:
+            self.transport.close()
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and self.keep_alive and not self.transport.is_closing()
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Response:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
+        for key, value in (headers or {}).items():
+            head.append(f"{key}: {value}\r\n")
+        if body is not None:
+            head.append(f"content-type: application/json\r\ncontent-length: {len(body)}\r\n")
+        head.append("\r\n")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write("".join(head).encode() + (body or b""))
+        return await self._waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+async def request_once(
+    socket_path: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> Response:
+    """One request on a fresh connection (the workers' path to the manager)."""
+    conn = await AsyncConnection.open(socket_path)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        return await conn.request(method, path, payload, headers)
+    finally:
+        conn.close()

@@ -1,0 +1,325 @@
+"""The HTTP API a proxy worker serves (DESIGN §6), on the worker's own :class:`~dsproxy.Registry`.
+
+Every answer carries ``x-dsproxy-generation``: the generation of the config the worker served it
+under (the stress script checks that it never goes behind an acknowledged write).
+
+Reads are answered in the worker.  Config writes are forwarded to the manager over
+``manager.sock`` with the end client's ``SO_PEERCRED`` in ``x-dsproxy-client``; the manager decides
+who may write.
+
+Operation leases (``POST .../{store}/operation``, body or query ``operation=read|write``) belong to
+the connection that took them: they are held until ``DELETE .../{store}/operation`` on that
+connection (``?lease=ID`` for one, else all of that store) or until the connection closes -- a job
+that dies loses its connection and with it its operations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import resource
+import time
+from typing import Any
+
+from .. import client as client_mod
+from ..config import Operation
+from ..errors import DatastoreError, NoSuchDatastore
+from ..ipc import shm
+from ..registry import Handle, Registry
+from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
+from .manager import CLIENT_HEADER
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{2,31}\Z")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+_BACKUP_TYPES = ("vm", "ct", "host")
+GENERATION_HEADER = b"x-dsproxy-generation"
+_lease_ids = itertools.count(1)
+
+
+def _flag(request: Request, name: str) -> bool:
+    if not request.query_string:
+        return False
+    value = request.query().get(name)
+    if value is None:
+        return False
+    value = value.lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise HTTPError(400, f"parameter verification failed - '{name}': value '{value[:40]}' is not a boolean")
+
+
+class WorkerApp:
+    """Routes and handlers of one worker process."""
+
+    def __init__(self, registry: Registry, manager_socket: str, started: float | None = None) -> None:
+        self.registry = registry
+        self.manager_socket = manager_socket
+        self.started = started or time.time()
+        self.lookups = 0
+        self.cache_hits = 0
+        self.failures = 0
+
+    def router(self) -> Router:
+        r = Router()
+        base = "/api2/json"
+        r.add("GET", f"{base}/ping", self.ping)
+        r.add("GET", f"{base}/admin/datastore", self.list_stores)
+        r.add("GET", f"{base}/admin/datastore/{{store}}/status", self.status)
+        r.add("GET", f"{base}/admin/datastore/{{store}}/active-operations", self.active_operations)
+        r.add("POST", f"{base}/admin/datastore/{{store}}/operation", self.take_lease)
+        r.add("DELETE", f"{base}/admin/datastore/{{store}}/operation", self.drop_lease)
+        r.add("GET", f"{base}/status/datastore-usage", self.usage)
+        r.add("GET", f"{base}/config/datastore", self.config_list)
+        r.add("POST", f"{base}/config/datastore", self.forward)
+        r.add("GET", f"{base}/config/datastore/{{name}}", self.config_show)
+        r.add("PUT", f"{base}/config/datastore/{{name}}", self.forward)
+        r.add("DELETE", f"{base}/config/datastore/{{name}}", self.forward)
+        r.add("GET", f"{base}/nodes/localhost/status", self.node_status)
+        r.add("GET", "/metrics", self.metrics)
+        return r
+
+    def decorate(self, request: Request, reply: Reply) -> Reply:
+        gen = self.registry.loaded_generation
+        if gen is None:
+            return reply
+        return reply._replace(headers=(*reply.headers, (GENERATION_HEADER, str(gen).encode())))
+
+    # -- lookups --------------------------------------------------------------------------------------
+
+    def _lookup(self, name: str, operation: Operation) -> Handle:
+        reloads = self.registry.reloads
+        self.lookups += 1
+        try:
+            handle = self.registry.lookup(name, operation)
+        except NoSuchDatastore:
+            if not _NAME_RE.match(name):
+                raise HTTPError(
+                    400, f"parameter verification failed - 'store': invalid datastore name '{name[:64]}'"
+                ) from None
+            raise HTTPError(404, f"no such datastore '{name}'") from None
+        except DatastoreError as err:
+            self.failures += 1
+            raise HTTPError(err.status, err.message) from None
+        if self.registry.reloads == reloads:
+            self.cache_hits += 1
+        return handle
+
+    def ping(self, request: Request) -> Reply:
+        return data_reply({"pong": True})
+
+    def status(self, request: Request) -> Reply:
+        name = request.params["store"]
+        verbose = _flag(request, "verbose")
+        handle = self._lookup(name, Operation.READ)
+        try:
+            data = _usage(handle.path)
+            if verbose:
+                data["gc-status"] = handle.instance.gc_status
+                data["counts"] = _counts(handle.path)
+        finally:
+            handle.release()
+        return data_reply(data)
+
+    def usage(self, request: Request) -> Reply:
+        cfg, _ = self._config()
+        out = []
+        for name in cfg:
+            entry: dict[str, Any] = {"store": name}
+            try:
+                handle = self._lookup(name, Operation.READ)
+            except HTTPError as err:
+                entry["error"] = err.message
+            else:
+                try:
+                    entry.update(_usage(handle.path))
+                except HTTPError as err:
+                    entry["error"] = err.message
+                finally:
+                    handle.release()
+            out.append(entry)
+        return data_reply(out)
+
+    def active_operations(self, request: Request) -> Reply:
+        name = request.params["store"]
+        cfg, _ = self._config()
+        if name not in cfg:
+            raise HTTPError(404, f"no such datastore '{name}'")
+        return data_reply(self.registry.active_operations(name))
+
+    # -- leases ---------------------------------------------------------------------------------------
+
+    def take_lease(self, request: Request) -> Reply:
+        name = request.params["store"]
+        params = {**request.json(), **request.query()}
+        op_name = str(params.get("operation", "read")).lower()
+        operation = {"read": Operation.READ, "write": Operation.WRITE}.get(op_name)
+        if operation is None:
+            raise HTTPError(400, f"parameter verification failed - 'operation': '{op_name[:20]}' is not read or write")
+        handle = self._lookup(name, operation)
+        lease = next(_lease_ids)
+        leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
+        leases[lease] = handle
+        return data_reply({"lease": lease, "store": name, "operation": op_name})
+
+    def drop_lease(self, request: Request) -> Reply:
+        name = request.params["store"]
+        leases: dict[int, Handle] = request.connection.state.get("leases", {})
+        wanted = request.query().get("lease")
+        if wanted is not None:
+            if not wanted.isdigit() or int(wanted) not in leases or leases[int(wanted)].name != name:
+                raise HTTPError(404, f"no lease {wanted[:20]} on datastore '{name}' on this connection")
+            ids = [int(wanted)]
+        else:
+            ids = [i for i, h in leases.items() if h.name == name]
+        for i in ids:
+            leases.pop(i).release()
+        return data_reply({"released": len(ids)})
+
+    @staticmethod
+    def connection_lost(connection: Connection) -> None:
+        leases: dict[int, Handle] = connection.state.pop("leases", {})
+        for handle in leases.values():
+            handle.release()
+
+    # -- config ---------------------------------------------------------------------------------------
+
+    def _config(self) -> tuple[Any, str]:
+        try:
+            return self.registry.config()
+        except DatastoreError as err:
+            raise HTTPError(err.status, err.message) from None
+
+    def config_list(self, request: Request) -> Reply:
+        cfg, digest = self._config()
+        return data_reply([{"name": name, **props} for name, props in cfg.items()], digest=digest)
+
+    def config_show(self, request: Request) -> Reply:
+        name = request.params["name"]
+        cfg, digest = self._config()
+        props = cfg.get(name)
+        if props is None:
+            raise HTTPError(404, f"no such datastore '{name}'")
+        return data_reply({"name": name, **props}, digest=digest)
+
+    def list_stores(self, request: Request) -> Reply:
+        cfg, _ = self._config()
+        return data_reply(
+            [
+                {"name": name, "comment": props.get("comment"), "maintenance": props.get("maintenance-mode")}
+                for name, props in cfg.items()
+            ]
+        )
+
+    async def forward(self, request: Request) -> Reply:
+        peer = request.peer
+        if peer is None:
+            raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
+        target = request.path + (f"?{request.query_string}" if request.query_string else "")
+        headers = {CLIENT_HEADER: f"{peer.uid},{peer.gid},{peer.pid}"}
+        ctype = request.headers.get("content-type")
+        if ctype:
+            headers["content-type"] = ctype
+        try:
+            conn = await client_mod.AsyncConnection.open(self.manager_socket)
+        except OSError as err:
+            raise HTTPError(503, f"the manager is not running ({self.manager_socket}: {err.strerror})") from None
+        try:
+            resp = await conn.request(request.method, target, request.body or None, headers)
+        except OSError as err:
+            raise HTTPError(503, f"the manager closed the connection: {err}") from None
+        finally:
+            conn.close()
+        if 200 <= resp.status < 300:
+            self.registry.refresh()  # this worker's next answer already reflects the write
+        return Reply(resp.status, resp.body, resp.headers.get("content-type", "application/json").encode())
+
+    # -- status and metrics ---------------------------------------------------------------------------
+
+    def node_status(self, request: Request) -> Reply:
+        reg = self.registry
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        seg = reg.segment
+        workers = []
+        processes = 0
+        if seg is not None:
+            now = time.monotonic_ns()
+            for s in seg.slots():
+                processes += 1
+                if s.role != shm.Role.WORKER:
+                    continue
+                workers.append(
+                    {
+                        "pid": s.pid,
+                        "slot": s.slot,
+                        "booted": s.booted,
+                        "generation": s.generation,
+                        "requests": s.requests,
+                        "cache-hits": s.cache_hits,
+                        "reloads": s.reloads,
+                        "errors": s.errors,
+                        "heartbeat-age": round(max(0, now - s.heartbeat_ns) / 1e9, 3),
+                    }
+                )
+        data = {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "cache": reg.mode,
+            "ttl": reg.ttl,
+            "generation": reg.generation,
+            "loaded-generation": reg.loaded_generation,
+            "degraded": reg.degraded,
+            "config-error": reg.config_error,
+            "instances": len(reg.instances),
+            "workers": workers,
+            "processes": processes,
+            "rlimit-nofile": {"soft": soft, "hard": hard},
+        }
+        return data_reply(data)
+
+    def metrics(self, request: Request) -> Reply:
+        from .metrics import render
+
+        body, content_type = render(self)
+        return Reply(200, body, content_type)
+
+    def publish(self) -> None:
+        """Copy this worker's statistics into its process slot (called from the worker's tick)."""
+        self.registry.publish_stats(self.lookups, self.cache_hits, self.failures)
+
+
+def _usage(path: str) -> dict[str, Any]:
+    try:
+        st = os.statvfs(path)
+    except OSError as err:
+        raise HTTPError(500, f"unable to stat datastore path '{path}' - {err.strerror}") from None
+    total = st.f_blocks * st.f_frsize
+    return {"total": total, "used": total - st.f_bfree * st.f_frsize, "avail": st.f_bavail * st.f_frsize}
+
+
+def _counts(path: str) -> dict[str, dict[str, int]]:
+    """Backup groups and snapshots per type (``<path>/<type>/<id>/<time>/``), as PBS counts them."""
+    counts = {}
+    for kind in _BACKUP_TYPES:
+        groups = snapshots = 0
+        try:
+            with os.scandir(os.path.join(path, kind)) as it:
+                for group in it:
+                    if not group.is_dir(follow_symlinks=False):
+                        continue
+                    groups += 1
+                    with os.scandir(group.path) as snaps:
+                        snapshots += sum(1 for s in snaps if s.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as err:
+            raise HTTPError(500, f"unable to list backup groups in '{path}' - {err.strerror}") from None
+        if groups:
+            counts[kind] = {"groups": groups, "snapshots": snapshots}
+    return counts
+
+
+__all__ = ["WorkerApp", "error_reply"]

@@ -1,0 +1,306 @@
+"""``dsproxy manager``: the only writer of ``datastore.cfg`` (DESIGN §2).
+
+One process, one asyncio loop, one writer thread.  It
+
+* creates the shared-memory segment at start (or recreates it when it is foreign, truncated or of
+  another layout -- DESIGN §10) and bumps the generation once, so that edits made while no manager
+  ran are published;
+* serves config writes on ``<run>/manager.sock`` (mode 0660): ``POST /api2/json/config/datastore``,
+  ``PUT|DELETE /api2/json/config/datastore/{name}``; :mod:`dsproxy.daemon.writer` does the work in
+  the writer thread, so a slow write (the 10 s config lock) never stalls the loop;
+* checks who asks (:class:`Authorizer`): the connecting peer by ``SO_PEERCRED``; a proxy worker
+  passes the end client's credentials in ``x-dsproxy-client`` (``uid,gid,pid``), which is believed
+  only from a trusted peer (root, the manager's own user, or ``--proxy-user``);
+* watches the file (``stat`` every ``--watch-interval`` s, default 0.5) and bumps the generation when
+  it changed without a bump (a manual edit), so every worker reloads within a second;
+* completes maintenance transitions (§5.1): after setting ``offline``/``unmount``/``delete`` it
+  waits until every live process serving datastores has loaded the new generation (or
+  ``--maintenance-timeout`` passes) and reports the operations still active and who lags.
+
+Exit codes: 0 stopped by a signal, 1 runtime failure, 3 cannot start (socket in use, no access).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..ipc import shm
+from ..paths import Paths
+from . import systemd
+from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
+from .writer import ConfigWriter, WriteRefused, WriteResult
+
+log = logging.getLogger("dsproxy.manager")
+
+EXIT_BOOT_FAILURE = 3
+CLIENT_HEADER = "x-dsproxy-client"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Authorizer:
+    """Who may change the configuration.
+
+    Writers: root, the manager's own user, members of ``admin_group``.  Trusted forwarders (whose
+    ``x-dsproxy-client`` header is believed): root, the manager's user, ``proxy_uids``.
+    """
+
+    own_uid: int
+    admin_gid: int | None = None
+    proxy_uids: frozenset[int] = frozenset()
+
+    def client_of(self, request: Request) -> PeerCredentials:
+        peer = request.peer
+        if peer is None:
+            raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
+        forwarded = request.headers.get(CLIENT_HEADER)
+        if forwarded is None:
+            return peer
+        if peer.uid not in (0, self.own_uid) and peer.uid not in self.proxy_uids:
+            raise HTTPError(403, f"uid {peer.uid} may not forward requests for other clients")
+        try:
+            uid, gid, pid = (int(x) for x in forwarded.split(","))
+        except ValueError:
+            raise HTTPError(400, f"malformed {CLIENT_HEADER} header") from None
+        return PeerCredentials(pid, uid, gid)
+
+    def check_writer(self, request: Request) -> PeerCredentials:
+        client = self.client_of(request)
+        if client.uid in (0, self.own_uid):
+            return client
+        if self.admin_gid is not None and self.admin_gid in _groups_of(client.uid, client.gid):
+            return client
+        raise HTTPError(403, f"permission denied: uid {client.uid} may not change the datastore configuration")
+
+
+def _groups_of(uid: int, gid: int) -> set[int]:
+    try:
+        return set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        return {gid}
+
+
+@dataclass
+class ManagerOptions:
+    paths: Paths
+    watch_interval: float = 0.5
+    maintenance_timeout: float = 10.0
+    admin_group: str | None = None
+    proxy_user: str | None = None
+    store_owner: str | None = None
+    demo_stores: int = 0
+    socket_mode: int = 0o660
+
+
+class Manager:
+    def __init__(self, options: ManagerOptions) -> None:
+        self.options = options
+        self.paths = options.paths
+        self.seg: shm.Segment | None = None
+        self.slot = -1
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        owner = None
+        if options.store_owner:
+            pw = pwd.getpwnam(options.store_owner)
+            owner = (pw.pw_uid, pw.pw_gid)
+        self.writer = ConfigWriter(self.paths, lambda: self.seg, owner)
+        self.authorizer = Authorizer(
+            own_uid=os.geteuid(),
+            admin_gid=grp.getgrnam(options.admin_group).gr_gid if options.admin_group else None,
+            proxy_uids=frozenset({pwd.getpwnam(options.proxy_user).pw_uid}) if options.proxy_user else frozenset(),
+        )
+        self.stopping = asyncio.Event()
+        self.writes = 0
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def open_segment(self) -> None:
+        try:
+            self.seg = shm.Segment.open(self.paths.run_dir, create=True)
+        except shm.SegmentError as err:
+            log.warning("%s: replacing it with a fresh segment", err)
+            try:
+                self.seg = shm.recreate(self.paths.run_dir)
+            except shm.SegmentError as err2:
+                log.error("running without shared memory (workers run degraded): %s", err2)
+                return
+        self.slot = self.seg.claim_slot(shm.Role.MANAGER)
+        base = self.seg.slot_base(self.slot)
+        self.seg.words[base + shm.SLOT_BOOTED] = 1
+        gen = self.seg.bump_generation()  # publish whatever changed while no manager ran
+        log.info("shared memory %s ready, generation %d", self.seg.name, gen)
+
+    async def run(self) -> int:
+        self.paths.ensure()
+        try:
+            sock = bind_unix_socket(str(self.paths.run_dir / "manager.sock"), self.options.socket_mode)
+        except OSError as err:
+            log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
+            return EXIT_BOOT_FAILURE
+        self.open_segment()
+        if self.options.demo_stores:
+            try:
+                added = await self.in_writer(self.writer.ensure_demo_stores, self.options.demo_stores)
+            except WriteRefused as err:
+                log.error("cannot create the demo datastores: %s", err.message)
+                return EXIT_BOOT_FAILURE
+            if added:
+                log.info("added %d demo datastores", added)
+        await self.in_writer(self.writer.check_file)
+        server = Server(self.router(), Limits(request_timeout=30.0))
+        await server.serve(sock)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        _write_pid(self.paths.run_dir / "manager.pid")
+        systemd.notify("READY=1", f"STATUS=serving {self.paths.run_dir / 'manager.sock'}")
+        log.info("manager ready on %s", self.paths.run_dir / "manager.sock")
+        watch = asyncio.ensure_future(self.watch())
+        await self.stopping.wait()
+        systemd.notify("STOPPING=1")
+        watch.cancel()
+        await server.drain(5.0)
+        self.executor.shutdown(wait=True)
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.run_dir / "manager.pid")
+        if self.seg is not None:
+            self.seg.free_slot(self.slot)
+            self.seg.close()
+            self.seg = None
+
+    async def in_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def watch(self) -> None:
+        interval = self.options.watch_interval
+        watchdog = systemd.watchdog_interval()
+        last_ping = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.in_writer(self.writer.check_file)
+            except Exception:
+                log.exception("checking datastore.cfg failed")
+            if self.seg is not None:
+                self.seg.words[self.seg.slot_base(self.slot) + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+                if self.seg.retired:
+                    log.warning("shared memory was replaced: reopening it")
+                    self.seg.close()
+                    self.seg = None
+                    self.open_segment()
+            if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                systemd.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
+
+    # -- the API --------------------------------------------------------------------------------------
+
+    def router(self) -> Router:
+        r = Router()
+        r.add("GET", "/api2/json/ping", lambda req: data_reply({"pong": True}))
+        r.add("POST", "/api2/json/config/datastore", self.create)
+        r.add("PUT", "/api2/json/config/datastore/{name}", self.update)
+        r.add("DELETE", "/api2/json/config/datastore/{name}", self.remove)
+        return r
+
+    async def _do(self, request: Request, fn: Callable[..., WriteResult], *args: Any) -> WriteResult:
+        client = self.authorizer.check_writer(request)
+        try:
+            result = await self.in_writer(fn, *args)
+        except WriteRefused as err:
+            raise HTTPError(err.status, err.message) from None
+        self.writes += 1
+        log.debug("write by uid %d pid %d: generation %s", client.uid, client.pid, result.generation)
+        return result
+
+    async def create(self, request: Request) -> Reply:
+        result = await self._do(request, self.writer.create, request.json())
+        return data_reply({"name": result.name, "generation": result.generation}, digest=result.digest)
+
+    async def update(self, request: Request) -> Reply:
+        name = request.params["name"]
+        result = await self._do(request, self.writer.update, name, request.json())
+        data: dict[str, Any] = {"name": name, "generation": result.generation}
+        mode = result.maintenance
+        if mode is not None and mode.evicts and result.generation is not None:
+            data.update(await self.complete_transition(name, result.generation))
+        return data_reply(data, digest=result.digest)
+
+    async def remove(self, request: Request) -> Reply:
+        name = request.params["name"]
+        query = request.query()
+        expected = query.get("digest") or request.json().get("digest")
+        result = await self._do(request, self.writer.remove, name, expected)
+        return data_reply({"name": name, "generation": result.generation}, digest=result.digest)
+
+    async def complete_transition(self, name: str, generation: int) -> dict[str, Any]:
+        """Wait until every serving process has loaded ``generation`` (§5.1)."""
+        seg = self.seg
+        lagging: list[shm.SlotInfo] = []
+        if seg is not None:
+            deadline = time.monotonic() + self.options.maintenance_timeout
+            while True:
+                lagging = [
+                    s
+                    for s in seg.slots()
+                    if s.role in (shm.Role.WORKER, shm.Role.LIBRARY) and s.generation != generation
+                ]
+                if not lagging or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.005)
+        read, write = await self.in_writer(self.writer.active_operations, name)
+        if lagging:
+            log.warning(
+                "maintenance of '%s': %d processes had not loaded generation %d after %.0f s: %s",
+                name,
+                len(lagging),
+                generation,
+                self.options.maintenance_timeout,
+                ", ".join(str(s.pid) for s in lagging),
+            )
+        return {
+            "active-operations": {"read": read, "write": write},
+            "lagging-processes": [s.pid for s in lagging],
+        }
+
+
+def _write_pid(path: os.PathLike[str]) -> None:
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def main(options: ManagerOptions) -> int:
+    systemd.setup_logging("dsproxy-manager")
+    try:
+        import uvloop
+
+        runner: Callable[..., int] = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        manager = Manager(options)
+    except KeyError as err:
+        log.error("unknown user or group: %s", err)
+        return EXIT_BOOT_FAILURE
+    try:
+        return runner(manager.run())
+    except Exception:
+        log.exception("the manager failed")
+        manager.close()
+        return 1

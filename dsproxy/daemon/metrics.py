@@ -1,0 +1,73 @@
+"""``GET /metrics``: Prometheus text exposition, built with ``prometheus_client``.
+
+The figures come from the shared-memory process slots at scrape time (a custom collector), so any
+worker answers for the whole proxy; the per-worker series are labelled by pid.  Imported only when
+``/metrics`` is first asked for: it is not on the lookup path.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from ..ipc import shm
+
+if TYPE_CHECKING:
+    from .api import WorkerApp
+
+
+class _SlotCollector(Collector):
+    def __init__(self, app: WorkerApp) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        reg = self.app.registry
+        gen = GaugeMetricFamily("dsproxy_generation", "Shared datastore config generation (low 53 bits)")
+        gen.add_metric([], float((reg.generation or 0) & ((1 << 53) - 1)))
+        yield gen
+        degraded = GaugeMetricFamily("dsproxy_degraded", "1 if this worker runs without shared memory")
+        degraded.add_metric([], 1.0 if reg.degraded else 0.0)
+        yield degraded
+        config_error = GaugeMetricFamily("dsproxy_config_error", "1 if datastore.cfg does not parse now")
+        config_error.add_metric([], 1.0 if reg.config_error else 0.0)
+        yield config_error
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        nofile = GaugeMetricFamily("dsproxy_rlimit_nofile", "Soft RLIMIT_NOFILE of the answering worker")
+        nofile.add_metric([], float(soft))
+        yield nofile
+        requests = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
+        hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
+        reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])
+        errors = CounterMetricFamily("dsproxy_worker_errors", "Failed lookups and config errors", labels=["pid"])
+        lag = GaugeMetricFamily(
+            "dsproxy_worker_behind", "1 if the worker has not loaded the current generation", labels=["pid"]
+        )
+        workers = GaugeMetricFamily("dsproxy_workers", "Live worker processes")
+        seg = reg.segment
+        count = 0
+        if seg is not None:
+            current = seg.generation()
+            for s in seg.slots():
+                if s.role != shm.Role.WORKER:
+                    continue
+                count += 1
+                pid = str(s.pid)
+                requests.add_metric([pid], float(s.requests))
+                hits.add_metric([pid], float(s.cache_hits))
+                reloads.add_metric([pid], float(s.reloads))
+                errors.add_metric([pid], float(s.errors))
+                lag.add_metric([pid], 0.0 if s.generation == current else 1.0)
+        workers.add_metric([], float(count))
+        yield from (workers, requests, hits, reloads, errors, lag)
+
+
+def render(app: WorkerApp) -> tuple[bytes, bytes]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SlotCollector(app))
+    return generate_latest(registry), CONTENT_TYPE_LATEST.encode()

@@ -1,0 +1,118 @@
+"""A proxy worker: one process, one event loop, one :class:`~dsproxy.Registry`, the API of §6.
+
+The master builds a :class:`WorkerSpec` (no side effects) and forks; :func:`run` is the child's
+whole life.  The child
+
+1. resets the signal dispositions the master installed and takes its own: ``SIGTERM`` drains
+   (stop accepting, finish in-flight requests, close idle connections, exit within
+   ``graceful_timeout``), ``SIGINT`` and ``SIGHUP`` are the master's business and ignored here;
+2. opens its registry (claims a process slot) and starts serving on the inherited socket;
+3. tells the master it is ready by writing its pid to the ready pipe;
+4. every ``TICK`` seconds catches up with the shared generation (so a maintenance transition is
+   acknowledged, and idle instances evicted, without waiting for a request), publishes its
+   statistics into its slot, and checks that the master is still alive (if it is not, it exits:
+   an orphaned worker would hold the socket and its fds forever).
+
+Exit codes: 0 drained, 3 could not boot (the master counts boot failures separately: a worker
+that cannot boot will not boot on retry either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import NoReturn
+
+from ..ipc import shm
+from ..paths import Paths
+from ..registry import Registry
+from . import systemd
+from .api import WorkerApp
+from .http import Limits, Server
+
+log = logging.getLogger("dsproxy.worker")
+
+EXIT_BOOT_FAILURE = 3
+TICK = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    paths: Paths
+    cache: str
+    ttl: float
+    limits: Limits
+    graceful_timeout: float
+    master_pid: int
+
+
+def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
+    """The child side of the fork; never returns."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)
+        systemd.setup_logging("dsproxy-worker")
+        os.environ.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
+        code = _serve(spec, sock, ready_fd)
+    except BaseException:  # the child must never return into the master's code
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
+    try:
+        registry = Registry(
+            config_dir=spec.paths.config_dir,
+            run_dir=spec.paths.run_dir,
+            cache=spec.cache,
+            ttl=spec.ttl,
+            create_shm=False,
+            role=shm.Role.WORKER,
+        )
+    except Exception as err:
+        log.error("cannot open the registry: %s", err)
+        return EXIT_BOOT_FAILURE
+    try:
+        import uvloop
+
+        return uvloop.run(_main(spec, registry, sock, ready_fd))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(_main(spec, registry, sock, ready_fd))
+    finally:
+        registry.close()
+
+
+async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int) -> int:
+    app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"))
+    server = Server(app.router(), spec.limits, on_connection_lost=app.connection_lost, decorate=app.decorate)
+    registry.refresh()  # load the config before the first request (a cold round is still cold: no instances)
+    await server.serve(sock)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    app.publish()
+    os.write(ready_fd, os.getpid().to_bytes(4, "little"))
+    os.close(ready_fd)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), TICK)
+        registry.refresh()
+        app.publish()
+        if os.getppid() != spec.master_pid:
+            log.error("the master (pid %d) is gone; exiting", spec.master_pid)
+            break
+    started = time.monotonic()
+    await server.drain(spec.graceful_timeout)
+    log.debug("drained in %.3f s", time.monotonic() - started)
+    return 0

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 from typing import Any
 
+from ._lazylog import LazyLogger
 from .config import Value
 from .errors import InstanceError
 
-log = logging.getLogger("dsproxy.instance")
+log = LazyLogger("dsproxy.instance")
 
 
 class Instance:

@@ -41,13 +41,13 @@ undoes the increment and starts over, and the process acknowledges a generation 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 import weakref
 from typing import Final
 
 from . import instance as instance_mod
+from ._lazylog import LazyLogger
 from .config import MaintenanceMode, Operation, ParseError, SectionConfig, Value, config_lock, digest, parse, read_raw
 from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore
 from .instance import Instance
@@ -55,7 +55,7 @@ from .ipc import shm
 from .ipc.opfile import FileCounters, OpFileError
 from .paths import Paths
 
-log = logging.getLogger("dsproxy.registry")
+log = LazyLogger("dsproxy.registry")
 
 #: Force the slow path (and an instance rebuild) on every lookup.  For tests; see module docs.
 DISCARD_CACHES: bool = os.environ.get("DSPROXY_DEBUG_DISCARD_CACHES", "") not in ("", "0")
@@ -426,6 +426,9 @@ class Registry:
                 log.info("datastore.cfg changed on disk without a generation bump; bumped to %d", bumped)
                 gen = bumped
         entries = {name: _make_entry(name, props) for name, props in config.items()}
+        if seg is not None and self._fast:
+            with contextlib.suppress(shm.SegmentError):  # a lookup of the store reports it
+                seg.register_stores(entries)
         cache = _Cache(gen, now + self._ttl, file_digest, config, entries)
         self._install(cache)
         return cache

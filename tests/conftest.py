@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.daemons import Daemons
 from tests.helpers import Agent, Instance
 
 
@@ -34,3 +35,30 @@ def agents(inst: Instance) -> Iterator[Callable[..., Agent]]:
     finally:
         for agent in started:
             agent.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """A running manager + proxy (2 workers, 5 demo stores); stopped and cleaned up after."""
+    d = Daemons(tmp_path / "base")
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemons]]:
+    """Daemons with other options; the test starts them (start_manager/start_proxy)."""
+    made: list[Daemons] = []
+
+    def make(**kwargs: Any) -> Daemons:
+        d = Daemons(tmp_path / f"base{len(made)}", **kwargs)
+        made.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.stop()

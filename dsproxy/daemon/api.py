@@ -34,7 +34,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{2,31}\Z")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 _BACKUP_TYPES = ("vm", "ct", "host")
-GENERATION_HEADER = b"x-dsproxy-generation"
 _lease_ids = itertools.count(1)
 
 
@@ -82,11 +81,10 @@ class WorkerApp:
         r.add("GET", "/metrics", self.metrics)
         return r
 
-    def decorate(self, request: Request, reply: Reply) -> Reply:
+    def generation_header(self) -> bytes:
+        """``x-dsproxy-generation`` of every answer: the generation this worker serves."""
         gen = self.registry.loaded_generation
-        if gen is None:
-            return reply
-        return reply._replace(headers=(*reply.headers, (GENERATION_HEADER, str(gen).encode())))
+        return b"" if gen is None else b"x-dsproxy-generation: %d\r\n" % gen
 
     # -- lookups --------------------------------------------------------------------------------------
 
@@ -113,13 +111,15 @@ class WorkerApp:
 
     def status(self, request: Request) -> Reply:
         name = request.params["store"]
-        verbose = _flag(request, "verbose")
+        qs = request.query_string
+        verbose = False if not qs or qs == "verbose=0" else _flag(request, "verbose")
         handle = self._lookup(name, Operation.READ)
         try:
+            if not verbose:  # the hot request: a preformatted body, no json.dumps (~3 us)
+                return Reply(200, _USAGE_BODY % _statvfs(handle.path))
             data = _usage(handle.path)
-            if verbose:
-                data["gc-status"] = handle.instance.gc_status
-                data["counts"] = _counts(handle.path)
+            data["gc-status"] = handle.instance.gc_status
+            data["counts"] = _counts(handle.path)
         finally:
             handle.release()
         return data_reply(data)
@@ -163,7 +163,7 @@ class WorkerApp:
         lease = next(_lease_ids)
         leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
         leases[lease] = handle
-        return data_reply({"lease": lease, "store": name, "operation": op_name})
+        return data_reply({"lease": lease, "store": name, "operation": op_name, "worker": os.getpid()})
 
     def drop_lease(self, request: Request) -> Reply:
         name = request.params["store"]
@@ -291,13 +291,22 @@ class WorkerApp:
         self.registry.publish_stats(self.lookups, self.cache_hits, self.failures)
 
 
-def _usage(path: str) -> dict[str, Any]:
+_USAGE_BODY = b'{"data":{"total":%d,"used":%d,"avail":%d}}'
+
+
+def _statvfs(path: str) -> tuple[int, int, int]:
+    """``(total, used, avail)`` bytes of the file system holding ``path``."""
     try:
         st = os.statvfs(path)
     except OSError as err:
         raise HTTPError(500, f"unable to stat datastore path '{path}' - {err.strerror}") from None
     total = st.f_blocks * st.f_frsize
-    return {"total": total, "used": total - st.f_bfree * st.f_frsize, "avail": st.f_bavail * st.f_frsize}
+    return total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def _usage(path: str) -> dict[str, Any]:
+    total, used, avail = _statvfs(path)
+    return {"total": total, "used": used, "avail": avail}
 
 
 def _counts(path: str) -> dict[str, dict[str, int]]:

@@ -45,7 +45,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -65,6 +65,8 @@ class Limits(NamedTuple):
 
 
 DEFAULT_LIMITS = Limits()
+ACCEPT_DELAY = 0.0002
+ACCEPT_DELAY_MAX = 0.002
 
 
 class HTTPError(Exception):
@@ -224,7 +226,8 @@ def _decode_segment(seg: str) -> str:
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
-def encode_reply(reply: Reply, keep_alive: bool, head: bool = False) -> bytes:
+def encode_reply(reply: Reply, keep_alive: bool, head: bool = False, extra: bytes = b"") -> bytes:
+    """The response bytes; ``extra`` is raw header lines (``name: value\\r\\n``) to add."""
     out = [
         _STATUS_LINES.get(reply.status) or f"HTTP/1.1 {reply.status} Unknown\r\n".encode(),
         b"content-type: ",
@@ -232,6 +235,7 @@ def encode_reply(reply: Reply, keep_alive: bool, head: bool = False) -> bytes:
         b"\r\ncontent-length: ",
         str(len(reply.body)).encode(),
         b"\r\n",
+        extra,
     ]
     for name, value in reply.headers:
         out += (name, b": ", value, b"\r\n")
@@ -251,28 +255,59 @@ class Server:
         router: Router,
         limits: Limits = DEFAULT_LIMITS,
         on_connection_lost: Callable[[Connection], None] | None = None,
-        decorate: Callable[[Request, Reply], Reply] | None = None,
+        extra_headers: Callable[[], bytes] | None = None,
     ) -> None:
         self.router = router
         self.limits = limits
         self.on_connection_lost = on_connection_lost
-        self.decorate = decorate
+        self.extra_headers = extra_headers
         self.connections: set[Connection] = set()
         self.requests = 0
         self.server_errors = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aserver: asyncio.AbstractServer | None = None
+        self._accepter: asyncio.Future[None] | None = None
         self.draining = False
 
     def protocol(self) -> Connection:
         return Connection(self)
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Start accepting on the bound, listening ``sock``."""
+    async def serve(self, sock: socket.socket, balance: bool = False) -> None:
+        """Start accepting on the bound, listening ``sock``.
+
+        With ``balance`` (pre-forked workers sharing one socket) connections are accepted one per
+        wake-up, and a worker that already holds connections waits a little before its next
+        accept (``ACCEPT_DELAY`` per connection, at most ``ACCEPT_DELAY_MAX``): an idle sibling
+        then wins the race.  Without it, the first worker to wake takes a whole burst of
+        keep-alive connections (seen here: 85 % of the load on one of two workers).
+        """
         self._loop = asyncio.get_running_loop()
-        self._aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=1024)
+        if balance:
+            self._accepter = asyncio.ensure_future(self._accept_loop(sock))
+        else:
+            self._aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=1024)
         self._sweeper = self._loop.call_later(1.0, self._sweep)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.draining:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as err:  # EMFILE and friends: back off instead of spinning
+                log.error("accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await loop.connect_accepted_socket(self.protocol, conn)
+            except OSError as err:
+                log.warning("dropping an accepted connection: %s", err)
+                conn.close()
+                continue
+            if self.connections:
+                await asyncio.sleep(min(ACCEPT_DELAY * len(self.connections), ACCEPT_DELAY_MAX))
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -287,6 +322,8 @@ class Server:
         self.draining = True
         if self._aserver is not None:
             self._aserver.close()
+        if self._accepter is not None:
+            self._accepter.cancel()
         deadline = time.monotonic() + timeout
         while True:
             for conn in list(self.connections):
@@ -321,6 +358,7 @@ class Connection(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self._in_request = False
+        self._callback_error: HTTPError | None = None
         self._since = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -344,8 +382,12 @@ class Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except HTTPError as err:  # raised by our own callbacks (limits)
+        except HTTPError as err:
             self._fail(err.status, err.message)
+        except httptools.HttpParserCallbackError:
+            # httptools wraps what our callbacks raise; the HTTPError itself was kept aside
+            kept = self._callback_error or HTTPError(400, "malformed HTTP request")
+            self._fail(kept.status, kept.message)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as err:
@@ -366,17 +408,21 @@ class Connection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
 
+    def _reject(self, status: int, message: str) -> NoReturn:
+        self._callback_error = HTTPError(status, message)
+        raise self._callback_error
+
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.limits.max_url:
-            raise HTTPError(414, f"request target longer than {self.limits.max_url} bytes")
+            self._reject(414, f"request target longer than {self.limits.max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
-            raise HTTPError(431, f"request headers larger than {self.limits.max_header_bytes} bytes")
+            self._reject(431, f"request headers larger than {self.limits.max_header_bytes} bytes")
         if len(self._headers) >= self.limits.max_headers:
-            raise HTTPError(431, f"more than {self.limits.max_headers} request headers")
+            self._reject(431, f"more than {self.limits.max_headers} request headers")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = self._headers[key] + ", " + text if key in self._headers else text
@@ -384,12 +430,12 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
-            raise HTTPError(413, f"request body larger than {self.limits.max_body} bytes")
+            self._reject(413, f"request body larger than {self.limits.max_body} bytes")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.limits.max_body:
-            raise HTTPError(413, f"request body larger than {self.limits.max_body} bytes")
+            self._reject(413, f"request body larger than {self.limits.max_body} bytes")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -399,7 +445,7 @@ class Connection(asyncio.Protocol):
             url = httptools.parse_url(self._url)
             path = url.path.decode("utf-8")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
-            raise HTTPError(400, "malformed request target") from None
+            self._reject(400, "malformed request target")
         query = url.query.decode("utf-8", "replace") if url.query else ""
         request = Request(self, method, path, query, self._headers)
         request.body = b"".join(self._body)
@@ -454,10 +500,9 @@ class Connection(asyncio.Protocol):
     def _respond(self, request: Request, reply: Reply) -> None:
         if self._closing or self.transport is None:
             return
-        if self.server.decorate is not None:
-            reply = self.server.decorate(request, reply)
+        extra = b"" if self.server.extra_headers is None else self.server.extra_headers()
         keep_alive = request.keep_alive and not self.server.draining
-        self.transport.write(encode_reply(reply, keep_alive, request.method == "HEAD"))
+        self.transport.write(encode_reply(reply, keep_alive, request.method == "HEAD", extra))
         self._since = time.monotonic()
         if not keep_alive:
             self.close()

@@ -163,6 +163,7 @@ class Manager:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         _write_pid(self.paths.run_dir / "manager.pid")
         systemd.notify("READY=1", f"STATUS=serving {self.paths.run_dir / 'manager.sock'}")
         log.info("manager ready on %s", self.paths.run_dir / "manager.sock")
@@ -174,6 +175,18 @@ class Manager:
         self.executor.shutdown(wait=True)
         self.close()
         return 0
+
+    async def reload(self) -> None:
+        """SIGHUP: re-check the file now (publishing a manual edit) and the segment."""
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
+        if self.seg is None or self.seg.retired:
+            if self.seg is not None:
+                self.seg.close()
+                self.seg = None
+            self.open_segment()
+        await self.in_writer(self.writer.check_file)
+        log.info("reloaded")
+        systemd.notify("READY=1")
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):

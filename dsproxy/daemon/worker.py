@@ -96,9 +96,11 @@ def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
 
 async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int) -> int:
     app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"))
-    server = Server(app.router(), spec.limits, on_connection_lost=app.connection_lost, decorate=app.decorate)
+    server = Server(
+        app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.generation_header
+    )
     registry.refresh()  # load the config before the first request (a cold round is still cold: no instances)
-    await server.serve(sock)
+    await server.serve(sock, balance=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     app.publish()

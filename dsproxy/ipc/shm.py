@@ -95,7 +95,7 @@ import mmap
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -438,6 +438,31 @@ class Segment:
         if index is not None:
             self._name_cache[name] = index
         return index
+
+    def register_stores(self, names: Iterable[str]) -> None:
+        """Give every name a store-table entry, taking the writers' lock once for all missing ones.
+
+        A registry calls this when it loads a config, so that the first lookup of each of 1,000
+        stores does not take the lock 1,000 times.
+        """
+        missing = []
+        for name in names:
+            if name in self._name_cache:
+                continue
+            raw = name.encode()
+            if not raw or len(raw) > NAME_BYTES:
+                continue  # store_index() reports it on use
+            index = self._probe(raw)
+            if index is None:
+                missing.append((name, raw))
+            else:
+                self._name_cache[name] = index
+        if missing:
+            with self.writer_lock():
+                for name, raw in missing:
+                    index = self._probe(raw, insert=True)
+                    if index is not None:
+                        self._name_cache[name] = index
 
     def _probe(self, raw: bytes, insert: bool = False) -> int | None:
         h = _name_hash(raw)

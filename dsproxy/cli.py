@@ -162,6 +162,12 @@ def _proxy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-timeout", type=float, default=30.0, metavar="S", help="kill a silent worker (30; 0 = never)"
     )
+    p.add_argument(
+        "--no-prewarm",
+        dest="prewarm",
+        action="store_false",
+        help="open each store's instance on its first request instead of ahead, in idle time",
+    )
 
 
 # -- daemons ------------------------------------------------------------------------------------------
@@ -195,6 +201,7 @@ def _proxy_spec(args: argparse.Namespace) -> Any:
         limits=Limits(),
         graceful_timeout=args.graceful_timeout,
         master_pid=os.getpid(),
+        prewarm=args.prewarm,
     )
     return ProxyOptions(
         spec=spec, workers=args.workers, crash_limit=args.crash_limit, worker_timeout=args.worker_timeout
@@ -214,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     proxy_args = [
         "--workers", str(args.workers), "--cache", args.cache, "--ttl", str(args.ttl),
         "--graceful-timeout", str(args.graceful_timeout), "--crash-limit", str(args.crash_limit),
-        "--worker-timeout", str(args.worker_timeout),
+        "--worker-timeout", str(args.worker_timeout), *([] if args.prewarm else ["--no-prewarm"]),
     ]  # fmt: skip
     return run(_paths(args), manager_args, proxy_args)
 

@@ -233,6 +233,7 @@ class Registry:
         self.degraded: str | None = None  #: why shared memory is not used, or None
         self.config_error: str | None = None  #: the last parse error of the file, while it lasts
         self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
+        self._prewarm_failed: set[str] = set()  # stores prewarm() could not open (current config)
         self.reloads = 0
         self.errors = 0
         self._closed = False
@@ -303,7 +304,8 @@ class Registry:
         return self._seg
 
     def publish_stats(self, requests: int, cache_hits: int, errors: int = 0, booted: bool = True) -> None:
-        """Daemon workers: copy their request statistics into this process's slot."""
+        """Daemon workers: copy their request statistics into this process's slot and beat the
+        heartbeat the master uses to find hung workers."""
         words = self._words
         if words is not None:
             base = self._slot_base
@@ -311,6 +313,7 @@ class Registry:
             words[base + shm.SLOT_CACHE_HITS] = cache_hits
             words[base + shm.SLOT_ERRORS] = self.errors + errors
             words[base + shm.SLOT_BOOTED] = int(booted)
+            words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()  # in every mode: the master watches it
 
     # -- lookup ---------------------------------------------------------------------------------------
 
@@ -436,6 +439,7 @@ class Registry:
     def _install(self, cache: _Cache) -> None:
         """Make ``cache`` current, evict what it says must go, then acknowledge its generation."""
         self._cache = cache
+        self._prewarm_failed = set()
         entries = cache.entries
         self._evict_names = frozenset(
             [name for name, e in entries.items() if e.evicts] + [n for n in self._instances if n not in entries]
@@ -547,6 +551,35 @@ class Registry:
         except DatastoreError:
             return False
         return True
+
+    def prewarm(self, budget: float | None = None) -> int:
+        """Build the instances (and counter slots) of configured stores that have none yet.
+
+        Idle-time work for daemon workers: each worker keeps its own instance map, so without it a
+        store's first request *on each worker* pays for opening ``.lock`` -- with N workers the
+        "cold" phase lasts several rounds of requests.  Stores whose maintenance mode evicts, or
+        whose directory cannot be opened, are skipped (a lookup reports the latter).  Stops after
+        ``budget`` seconds; returns how many stores are still without an instance.
+        """
+        cache = self._cache
+        if cache is None or not self._fast or self._words is None or DISCARD_CACHES:
+            return 0
+        deadline = None if budget is None else _monotonic() + budget
+        missing = 0
+        skip = self._prewarm_failed
+        for entry in cache.entries.values():
+            if entry.instance is not None or entry.evicts or entry.name in skip:
+                continue
+            if deadline is not None and _monotonic() > deadline:
+                missing += 1
+                continue
+            try:
+                if entry.counter < 0:
+                    self._resolve_counter(entry)
+                self._build(entry, cache.generation)
+            except DatastoreError:
+                skip.add(entry.name)
+        return missing
 
     # -- the locked paths: cache=config, cache=off, degraded ---------------------------------------
 

@@ -9,9 +9,10 @@ whole life.  The child
 2. opens its registry (claims a process slot) and starts serving on the inherited socket;
 3. tells the master it is ready by writing its pid to the ready pipe;
 4. every ``TICK`` seconds catches up with the shared generation (so a maintenance transition is
-   acknowledged, and idle instances evicted, without waiting for a request), publishes its
-   statistics into its slot, and checks that the master is still alive (if it is not, it exits:
-   an orphaned worker would hold the socket and its fds forever).
+   acknowledged, and idle instances evicted, without waiting for a request), builds the instances
+   of stores it has not opened yet (``prewarm``, a few ms per tick; all of them before it reports
+   ready), publishes its statistics into its slot, and checks that the master is still alive (if
+   it is not, it exits: an orphaned worker would hold the socket and its fds forever).
 
 Exit codes: 0 drained, 3 could not boot (the master counts boot failures separately: a worker
 that cannot boot will not boot on retry either).
@@ -40,6 +41,7 @@ log = logging.getLogger("dsproxy.worker")
 
 EXIT_BOOT_FAILURE = 3
 TICK = 0.1
+PREWARM_BUDGET = 0.005  # seconds of instance building per tick: at most 5 % of a core
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class WorkerSpec:
     limits: Limits
     graceful_timeout: float
     master_pid: int
+    prewarm: bool = True
 
 
 def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
@@ -99,7 +102,9 @@ async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready
     server = Server(
         app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.generation_header
     )
-    registry.refresh()  # load the config before the first request (a cold round is still cold: no instances)
+    registry.refresh()  # load the config before the first request
+    if spec.prewarm:
+        registry.prewarm()  # every instance before we say ready: a reload hands over warm workers
     await server.serve(sock, balance=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -110,6 +115,8 @@ async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), TICK)
         registry.refresh()
+        if spec.prewarm:
+            registry.prewarm(PREWARM_BUDGET)  # stores added (or rebuilt) by a config change
         app.publish()
         if os.getppid() != spec.master_pid:
             log.error("the master (pid %d) is gone; exiting", spec.master_pid)

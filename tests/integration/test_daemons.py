@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -354,7 +355,9 @@ def test_cli_says_when_the_proxy_is_not_running(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["config", "off"])
 def test_the_baseline_modes_give_the_same_answers(daemon_factory, mode: str) -> None:
     d = daemon_factory(cache=mode)
-    d.start()
+    d.start_manager()
+    d.start_proxy("--worker-timeout", "1")
+    workers = d.worker_pids()
     with http(d) as c:
         assert c.get(f"{API}/admin/datastore/demo0001/status").status_code == 200
         c.put(
@@ -366,3 +369,19 @@ def test_the_baseline_modes_give_the_same_answers(daemon_factory, mode: str) -> 
         c.post(f"{API}/admin/datastore/demo0002/operation", json={"operation": "write"}).raise_for_status()
         assert c.get(f"{API}/admin/datastore/demo0002/active-operations").json()["data"] == {"read": 0, "write": 1}
         assert c.get(f"{API}/admin/datastore/zzz9/status").status_code == 404
+    time.sleep(2.5)  # idle workers keep their heartbeat in every mode: none is taken for hung
+    assert d.worker_pids() == workers
+
+
+def test_a_hung_worker_is_killed_and_replaced(daemon_factory) -> None:
+    d = daemon_factory()
+    d.start_manager()
+    d.start_proxy("--worker-timeout", "1")
+    before = d.worker_pids()
+    victim = min(before)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_for(lambda: victim not in d.worker_pids() and len(d.worker_pids()) == 2, timeout=15, what="a replacement")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)

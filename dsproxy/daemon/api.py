@@ -7,8 +7,10 @@ Reads are answered in the worker.  Config writes are forwarded to the manager ov
 ``manager.sock`` with the end client's ``SO_PEERCRED`` in ``x-dsproxy-client``; the manager decides
 who may write.
 
-Operation leases (``POST .../{store}/operation``, body or query ``operation=read|write``) belong to
-the connection that took them: they are held until ``DELETE .../{store}/operation`` on that
+Operation leases (``POST .../{store}/operation``, ``operation=read|write``) let external jobs take
+part in maintenance.  Sent with a chunked body, the lease lives exactly as long as the body stream:
+taken when the headers arrive (or refused at once), released when the body ends or the connection
+drops.  Sent whole, it belongs to the connection: held until ``DELETE .../{store}/operation`` on that
 connection (``?lease=ID`` for one, else all of that store) or until the connection closes -- a job
 that dies loses its connection and with it its operations.
 """
@@ -70,6 +72,9 @@ class WorkerApp:
         r.add("GET", f"{base}/admin/datastore/{{store}}/status", self.status)
         r.add("GET", f"{base}/admin/datastore/{{store}}/active-operations", self.active_operations)
         r.add("POST", f"{base}/admin/datastore/{{store}}/operation", self.take_lease)
+        r.add_stream(
+            "POST", f"{base}/admin/datastore/{{store}}/operation", self.start_stream_lease, self.end_stream_lease
+        )
         r.add("DELETE", f"{base}/admin/datastore/{{store}}/operation", self.drop_lease)
         r.add("GET", f"{base}/status/datastore-usage", self.usage)
         r.add("GET", f"{base}/config/datastore", self.config_list)
@@ -152,9 +157,8 @@ class WorkerApp:
 
     # -- leases ---------------------------------------------------------------------------------------
 
-    def take_lease(self, request: Request) -> Reply:
+    def _lease(self, request: Request, params: dict[str, Any]) -> tuple[int, str]:
         name = request.params["store"]
-        params = {**request.json(), **request.query()}
         op_name = str(params.get("operation", "read")).lower()
         operation = {"read": Operation.READ, "write": Operation.WRITE}.get(op_name)
         if operation is None:
@@ -163,7 +167,29 @@ class WorkerApp:
         lease = next(_lease_ids)
         leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
         leases[lease] = handle
-        return data_reply({"lease": lease, "store": name, "operation": op_name, "worker": os.getpid()})
+        return lease, op_name
+
+    def take_lease(self, request: Request) -> Reply:
+        """A lease held until ``DELETE`` on this connection or until the connection closes."""
+        lease, op_name = self._lease(request, {**request.json(), **request.query()})
+        return data_reply(
+            {"lease": lease, "store": request.params["store"], "operation": op_name, "worker": os.getpid()}
+        )
+
+    def start_stream_lease(self, request: Request) -> None:
+        """A lease for the life of a chunked request body (``operation`` in the query string):
+        taken when the headers arrive, released when the body ends or the connection drops."""
+        lease, _ = self._lease(request, request.query())
+        request.connection.state["stream-lease"] = (lease, time.monotonic())
+
+    def end_stream_lease(self, request: Request) -> Reply:
+        lease, started = request.connection.state.pop("stream-lease")
+        handle = request.connection.state.get("leases", {}).pop(lease, None)
+        if handle is not None:
+            handle.release()
+        return data_reply(
+            {"lease": lease, "store": request.params["store"], "held": round(time.monotonic() - started, 3)}
+        )
 
     def drop_lease(self, request: Request) -> Reply:
         name = request.params["store"]

@@ -123,7 +123,7 @@ def peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
 class Request:
     """One parsed request.  ``path`` is the raw path (no query); use :meth:`segments`."""
 
-    __slots__ = ("body", "connection", "headers", "keep_alive", "method", "params", "path", "query_string")
+    __slots__ = ("body", "connection", "finish", "headers", "keep_alive", "method", "params", "path", "query_string")
 
     def __init__(self, connection: Connection, method: str, path: str, query_string: str, headers: dict[str, str]):
         self.connection = connection
@@ -134,6 +134,7 @@ class Request:
         self.body = b""
         self.params: dict[str, str] = {}
         self.keep_alive = True
+        self.finish: Handler | None = None  # a streamed request's end handler
 
     def query(self) -> dict[str, str]:
         """The query parameters (last one wins); ``400`` for a malformed query string."""
@@ -170,12 +171,41 @@ class Request:
 Handler = Callable[[Request], "Reply | Awaitable[Reply]"]
 
 
+class StreamRoute(NamedTuple):
+    start: Callable[[Request], None]
+    finish: Handler
+
+
 class Router:
     """Routes ``METHOD /path/{param}/...`` to handlers.  Static paths are one dict lookup."""
 
     def __init__(self) -> None:
         self._static: dict[str, dict[str, Handler]] = {}
         self._dynamic: list[tuple[tuple[str, ...], dict[str, Handler]]] = []
+        self.streams: dict[tuple[str, str], StreamRoute] = {}
+
+    def add_stream(self, method: str, pattern: str, start: Callable[[Request], None], finish: Handler) -> None:
+        """A route for requests with a chunked body: ``start`` runs when the headers are in (raise
+        :class:`HTTPError` to refuse), ``finish`` when the body ends and answers.  The route must
+        also be :meth:`add`-ed for requests that arrive whole."""
+        self.streams[(method, pattern)] = StreamRoute(start, finish)
+        self._stream_patterns = {(m, tuple(p.strip("/").split("/"))): r for (m, p), r in self.streams.items()}
+
+    def resolve_stream(self, request: Request) -> StreamRoute | None:
+        segments = request.path.strip("/").split("/")
+        for (method, parts), route in self._stream_patterns.items():
+            if method != request.method or len(parts) != len(segments):
+                continue
+            params = {}
+            for part, seg in zip(parts, segments, strict=True):
+                if part.startswith("{"):
+                    params[part[1:-1]] = _decode_segment(seg)
+                elif part != seg:
+                    break
+            else:
+                request.params = params
+                return route
+        return None
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         parts = tuple(pattern.strip("/").split("/"))
@@ -359,6 +389,7 @@ class Connection(asyncio.Protocol):
         self._closing = False
         self._in_request = False
         self._callback_error: HTTPError | None = None
+        self._stream: Request | None = None
         self._since = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -431,15 +462,33 @@ class Connection(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject(413, f"request body larger than {self.limits.max_body} bytes")
+        self._stream = None
+        if "chunked" in self._headers.get("transfer-encoding", "") and self.server.router.streams:
+            request = self._make_request()
+            try:
+                route = self.server.router.resolve_stream(request)
+            except HTTPError as err:
+                self._reject(err.status, err.message)
+            if route is not None:
+                if self._busy or self._pending:
+                    self._reject(400, "a streamed request cannot be pipelined behind another one")
+                try:
+                    route.start(request)  # e.g. takes the lease; held while the body streams
+                except HTTPError as err:
+                    self._reject(err.status, err.message)
+                request.finish = route.finish
+                self._stream = request
 
     def on_body(self, body: bytes) -> None:
+        if self._stream is not None:
+            self._since = time.monotonic()  # the stream is the point: its content is not kept
+            return
         self._body_size += len(body)
         if self._body_size > self.limits.max_body:
             self._reject(413, f"request body larger than {self.limits.max_body} bytes")
         self._body.append(body)
 
-    def on_message_complete(self) -> None:
-        self._in_request = False
+    def _make_request(self) -> Request:
         method = self.parser.get_method().decode("ascii", "replace")
         try:
             url = httptools.parse_url(self._url)
@@ -447,7 +496,12 @@ class Connection(asyncio.Protocol):
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             self._reject(400, "malformed request target")
         query = url.query.decode("utf-8", "replace") if url.query else ""
-        request = Request(self, method, path, query, self._headers)
+        return Request(self, method, path, query, self._headers)
+
+    def on_message_complete(self) -> None:
+        self._in_request = False
+        request = self._stream or self._make_request()
+        self._stream = None
         request.body = b"".join(self._body)
         request.keep_alive = self.parser.should_keep_alive()
         self._pending.append(request)
@@ -461,7 +515,8 @@ class Connection(asyncio.Protocol):
             request = self._pending.popleft()
             self.server.requests += 1
             try:
-                reply = self.server.router.resolve(request)(request)
+                handler = request.finish or self.server.router.resolve(request)
+                reply = handler(request)
             except HTTPError as err:
                 reply = error_reply(err.status, err.message)
             except Exception as err:
@@ -520,6 +575,8 @@ class Connection(asyncio.Protocol):
         return not (self._busy or self._pending or self._in_request)
 
     def check_timeouts(self, now: float, limits: Limits) -> None:
+        if self._stream is not None:
+            return  # a streamed request lasts as long as its client wants (a lease)
         if self._in_request:
             if now - self._since > limits.request_timeout:
                 self._fail(408, f"request not complete after {limits.request_timeout:g} s")

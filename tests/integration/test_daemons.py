@@ -385,3 +385,94 @@ def test_a_hung_worker_is_killed_and_replaced(daemon_factory) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGCONT)
+
+
+def _lock_holders(pids: set[int], lock: Path) -> set[int]:
+    """The processes among ``pids`` with an open fd on ``lock``."""
+    holders = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == str(lock):
+                        holders.add(pid)
+    return holders
+
+
+def test_workers_close_an_offline_store_as_soon_as_its_last_operation_ends(daemons: Daemons) -> None:
+    lock = daemons.base / "datastores" / "demo0005" / ".lock"
+    workers = daemons.worker_pids()
+    wait_for(lambda: _lock_holders(workers, lock) == workers, what="every worker to open the store (prewarm)")
+    with http(daemons) as holder, http(daemons) as admin:
+        lease = holder.post(f"{API}/admin/datastore/demo0005/operation", json={"operation": "read"}).json()["data"]
+        admin.put(f"{API}/config/datastore/demo0005", json={"maintenance-mode": "type=offline"}).raise_for_status()
+        # the idle worker lets go at once; the one holding the lease keeps its fd ...
+        wait_for(lambda: _lock_holders(workers, lock) == {lease["worker"]}, what="the idle worker to close it")
+        time.sleep(0.3)
+        assert _lock_holders(workers, lock) == {lease["worker"]}
+        holder.delete(f"{API}/admin/datastore/demo0005/operation").raise_for_status()
+        # ... until its count reaches zero: no further request needed
+        wait_for(lambda: _lock_holders(workers, lock) == set(), what="the last fd to close")
+
+
+def test_dsproxy_run_serves_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsproxy", "--base-dir", str(base), "run", "--demo-stores", "3", "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def up() -> bool:
+            try:
+                with Client(str(base / "run" / "proxy.sock"), timeout=2) as c:
+                    return c.get(f"{API}/admin/datastore/demo0003/status").status == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout=30, what="dsproxy run to serve")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not (base / "run" / "proxy.pid").exists() and not (base / "run" / "manager.pid").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        from dsproxy.ipc import shm
+
+        shm.unlink(base / "run")
+
+
+def test_a_lease_for_the_life_of_a_streamed_request_body(daemons: Daemons) -> None:
+    head = (
+        f"POST {API}/admin/datastore/demo0001/operation?operation=write HTTP/1.1\r\n"
+        "host: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    ).encode()
+
+    def active() -> dict[str, int]:
+        data: dict[str, int] = daemons.get(f"{API}/admin/datastore/demo0001/active-operations").data
+        return data
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(daemons.proxy_sock)
+        s.sendall(head + b"5\r\nhello\r\n")
+        wait_for(lambda: active() == {"read": 0, "write": 1}, what="the lease while the body streams")
+        s.sendall(b"0\r\n\r\n")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"held":' in answer
+    assert active() == {"read": 0, "write": 0}
+    # a client that dies mid-stream loses its lease with its connection
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemons.proxy_sock)
+        s.sendall(head)
+        wait_for(lambda: active() == {"read": 0, "write": 1}, what="the second lease")
+    wait_for(lambda: active() == {"read": 0, "write": 0}, what="the lease to end with the connection")
+    # refused at once (no need to send the body) when the store does not allow it
+    with Client(daemons.proxy_sock) as c:
+        c.request("PUT", f"{API}/config/datastore/demo0001", {"maintenance-mode": "type=read-only"}).raise_for_status()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(daemons.proxy_sock)
+        s.sendall(head)
+        refused = s.recv(65536)
+    assert refused.startswith(b"HTTP/1.1 409") and b"read-only maintenance mode" in refused

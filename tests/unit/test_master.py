@@ -1,0 +1,81 @@
+"""The proxy master's supervision decisions, driven directly (no forking, no sockets)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from dsproxy.daemon import master as master_mod
+from dsproxy.daemon.http import Limits
+from dsproxy.daemon.master import Master, ProxyOptions, _Worker
+from dsproxy.daemon.worker import EXIT_BOOT_FAILURE, WorkerSpec
+from dsproxy.paths import Paths
+
+
+@pytest.fixture
+def master(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Master:
+    spec = WorkerSpec(Paths.from_base(tmp_path), "on", 60.0, Limits(), 1.0, 1)
+    m = Master(ProxyOptions(spec=spec, workers=2, crash_limit=3, crash_window=60.0))
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(master_mod, "_kill", lambda pid, sig: killed.append((pid, sig)))
+    m.killed = killed  # type: ignore[attr-defined]
+    return m
+
+
+def crash(m: Master, pid: int, ready: bool = True, code: int = -9) -> None:
+    m.workers[pid] = _Worker(pid, 0.0, m.reload_generation, ready=ready)
+    status = (-code) if code < 0 else (code << 8)
+    m.worker_exited(m.workers.pop(pid), status)
+
+
+def test_the_first_crash_is_replaced_at_once_then_restarts_back_off(master: Master) -> None:
+    crash(master, 101)
+    assert master.backoff.delay == 0.0
+    crash(master, 102)
+    assert master.backoff.delay == pytest.approx(0.1)
+    crash(master, 103)
+    assert master.backoff.delay == pytest.approx(0.2)
+    assert not master.stopping
+
+
+def test_a_crash_loop_stops_the_master_with_exit_1(master: Master) -> None:
+    master.workers[7] = _Worker(7, 0.0, 0, ready=True)
+    for pid in range(200, 204):
+        crash(master, pid)
+    assert master.stopping and master.exit_code == master_mod.EXIT_CRASH_LOOP
+    assert (7, signal.SIGTERM) in master.killed  # type: ignore[attr-defined]
+
+
+def test_workers_that_never_boot_end_the_master_with_exit_3(master: Master) -> None:
+    for pid in range(300, 303):
+        crash(master, pid, ready=False, code=EXIT_BOOT_FAILURE)
+    assert master.stopping and master.exit_code == master_mod.EXIT_BOOT_FAILURE
+
+
+def test_sighup_replaces_the_workers_only_once_the_new_ones_are_ready(master: Master) -> None:
+    master.workers = {1: _Worker(1, 0.0, 0, True), 2: _Worker(2, 0.0, 0, True)}
+    master.booted_once = True
+    master.signals.append(signal.SIGHUP)
+    master.dispatch(master.signals.popleft())
+    assert master.reload_generation == 1 and master.current_workers() == []
+    master.workers[3] = _Worker(3, 0.0, 1)
+    master.workers[4] = _Worker(4, 0.0, 1)
+    master.worker_ready(3)
+    assert master.killed == []  # type: ignore[attr-defined]
+    master.worker_ready(4)
+    assert sorted(master.killed) == [(1, signal.SIGTERM), (2, signal.SIGTERM)]  # type: ignore[attr-defined]
+    assert master.reload_started is None
+    # the drained old workers exiting 0 are not crashes
+    master.worker_exited(master.workers.pop(1), 0)
+    assert not master.backoff.crashes
+
+
+def test_sigterm_drains_every_worker(master: Master) -> None:
+    master.workers = {1: _Worker(1, 0.0, 0, True), 2: _Worker(2, 0.0, 0, True)}
+    master.dispatch(signal.SIGTERM)
+    assert master.stopping
+    assert sorted(master.killed) == [(1, signal.SIGTERM), (2, signal.SIGTERM)]  # type: ignore[attr-defined]
+    master.worker_exited(master.workers.pop(1), 0)
+    assert master.exit_code == 0

@@ -402,7 +402,17 @@ def _lock_holders(pids: set[int], lock: Path) -> set[int]:
 def test_workers_close_an_offline_store_as_soon_as_its_last_operation_ends(daemons: Daemons) -> None:
     lock = daemons.base / "datastores" / "demo0005" / ".lock"
     workers = daemons.worker_pids()
-    wait_for(lambda: _lock_holders(workers, lock) == workers, what="every worker to open the store (prewarm)")
+    clients = [Client(daemons.proxy_sock) for _ in range(8)]
+    try:  # a status request on every worker opens the store there (if prewarm has not already)
+        served = set()
+        for c in clients:
+            served.add(c.get(f"{API}/nodes/localhost/status").data["pid"])
+            assert c.get(f"{API}/admin/datastore/demo0005/status").status == 200
+        assert served == workers
+    finally:
+        for c in clients:
+            c.close()
+    assert _lock_holders(workers, lock) == workers
     with http(daemons) as holder, http(daemons) as admin:
         lease = holder.post(f"{API}/admin/datastore/demo0005/operation", json={"operation": "read"}).json()["data"]
         admin.put(f"{API}/config/datastore/demo0005", json={"maintenance-mode": "type=offline"}).raise_for_status()

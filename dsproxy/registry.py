@@ -61,6 +61,7 @@ log = LazyLogger("dsproxy.registry")
 DISCARD_CACHES: bool = os.environ.get("DSPROXY_DEBUG_DISCARD_CACHES", "") not in ("", "0")
 
 DEFAULT_TTL: Final = 60.0
+SEGMENT_CHECK_INTERVAL: Final = 1.0  # seconds between integrity checks of the shared memory
 MODES: Final = ("on", "config", "off")
 _GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
 _monotonic = time.monotonic
@@ -234,6 +235,7 @@ class Registry:
         self.config_error: str | None = None  #: the last parse error of the file, while it lasts
         self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
         self._prewarm_failed: set[str] = set()  # stores prewarm() could not open (current config)
+        self._next_check = _monotonic() + SEGMENT_CHECK_INTERVAL
         self.reloads = 0
         self.errors = 0
         self._closed = False
@@ -253,6 +255,39 @@ class Registry:
         self._fast_words = seg.words if self._fast else None
         self._slot_base = seg.slot_base(slot)
         self.degraded = None
+
+    def _check_segment(self) -> None:
+        """At most once a second: is the segment still sound, and is our slot still ours?
+
+        A segment found removed, replaced, truncated or scribbled over is dropped without being
+        touched again (a truncated mapping kills with SIGBUS) and the process runs degraded --
+        correct and slow -- until the manager has put a new one in place; then it attaches again.
+        """
+        now = _monotonic()
+        if now < self._next_check or self._closed:
+            return
+        self._next_check = now + SEGMENT_CHECK_INTERVAL
+        seg = self._seg
+        if seg is None:
+            if self.degraded is not None and self.mode != "off":
+                self._attach()
+                if self._seg is not None:
+                    log.info("shared memory is usable again: leaving degraded mode")
+                    self._cache = None
+            return
+        problem = seg.check()
+        if problem is None and self._words is not None and self._words[self._slot_base + shm.SLOT_PID] != os.getpid():
+            problem = f"the process slot {self._slot} of {seg.name} was taken over"
+        if problem is None:
+            return
+        if problem.endswith("is retired"):
+            self._reattach()
+            return
+        self._seg = None
+        with contextlib.suppress(Exception):
+            seg.close()
+        self._cache = None
+        self._set_degraded(problem)
 
     def _set_degraded(self, reason: str) -> None:
         if self.degraded != reason:
@@ -536,6 +571,7 @@ class Registry:
         Daemon workers call this from their event loop so that a maintenance transition is
         acknowledged, and fds released, without waiting for a request.  Returns True if it reloaded.
         """
+        self._check_segment()
         words = self._words
         if words is None or self.mode == "off":
             return False

@@ -124,7 +124,9 @@ def update_config(
     is ignored); it may raise any ``ConfigError`` to abort without writing.
     ``bump`` publishes the write (the shared generation) and returns the new generation.
 
-    Returns ``(new_config, new_digest, generation)``.
+    Returns ``(new_config, new_digest, generation)``; ``new_config`` is the mutated config as
+    written (every section validated by the writer; not parsed again: at 1,000 stores a parse is
+    ~5 ms of the ~20 ms a write may take).
     """
     path = Path(path)
     if lock_path is None:
@@ -138,4 +140,4 @@ def update_config(
         text = dump(working, filename=str(path)).encode()
         replace_file(path, text, group=group)
         generation = bump() if bump is not None else None
-        return parse(text, filename=str(path)), digest(text), generation
+        return working, digest(text), generation

@@ -259,8 +259,8 @@ class WorkerApp:
             raise HTTPError(503, f"the manager closed the connection: {err}") from None
         finally:
             conn.close()
-        if 200 <= resp.status < 300:
-            self.registry.refresh()  # this worker's next answer already reflects the write
+        # no refresh here: the write was published (bumped) before the manager answered, so this
+        # worker's next lookup sees the new generation anyway -- and the client need not wait for it
         return Reply(resp.status, resp.body, resp.headers.get("content-type", "application/json").encode())
 
     # -- status and metrics ---------------------------------------------------------------------------

@@ -196,6 +196,32 @@ class Manager:
             self.seg.close()
             self.seg = None
 
+    def check_segment(self) -> None:
+        """Detect a segment that was removed, replaced, truncated or scribbled over, and replace it
+        (DESIGN §10): the old one is retired so that every process moves to the new one."""
+        seg = self.seg
+        if seg is None:
+            self.open_segment()  # none at start, or a failed replacement: try again
+            return
+        problem = seg.check()
+        if problem is None:
+            seg.words[seg.slot_base(self.slot) + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+            return
+        log.error("%s: replacing it", problem)
+        self.seg = None
+        try:
+            new = shm.recreate(self.paths.run_dir, mapped=seg)
+        except shm.SegmentError as err:
+            log.error("cannot replace the shared memory (workers run degraded): %s", err)
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                seg.close()
+        self.seg = new
+        self.slot = new.claim_slot(shm.Role.MANAGER)
+        new.words[new.slot_base(self.slot) + shm.SLOT_BOOTED] = 1
+        log.info("shared memory %s replaced, generation %d", new.name, new.generation())
+
     async def in_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
@@ -206,16 +232,11 @@ class Manager:
         while True:
             await asyncio.sleep(interval)
             try:
+                # both in the writer thread: a write never bumps a segment being replaced
+                await self.in_writer(self.check_segment)
                 await self.in_writer(self.writer.check_file)
             except Exception:
-                log.exception("checking datastore.cfg failed")
-            if self.seg is not None:
-                self.seg.words[self.seg.slot_base(self.slot) + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
-                if self.seg.retired:
-                    log.warning("shared memory was replaced: reopening it")
-                    self.seg.close()
-                    self.seg = None
-                    self.open_segment()
+                log.exception("checking datastore.cfg or the shared memory failed")
             if watchdog is not None and time.monotonic() - last_ping >= watchdog:
                 systemd.notify("WATCHDOG=1")
                 last_ping = time.monotonic()

@@ -300,9 +300,21 @@ class Master:
         self.exit_code = code
         self.handle_term()
 
+    def segment(self) -> shm.Segment | None:
+        """The shared memory, checked before every use: a truncated mapping kills its toucher."""
+        seg = self.seg
+        if seg is not None and seg.check() is not None:
+            with contextlib.suppress(Exception):
+                seg.close()
+            seg = self.seg = None
+        if seg is None:
+            with contextlib.suppress(shm.SegmentError):
+                seg = self.seg = shm.Segment.open(self.spec.paths.run_dir, create=False)
+        return seg
+
     def free_slot(self, pid: int) -> None:
         """Clear a dead worker's process slot now (its operations vanish from the totals at once)."""
-        seg = self.seg
+        seg = self.segment()
         if seg is None:
             return
         for s in range(shm.MAX_SLOTS):
@@ -322,8 +334,10 @@ class Master:
             if not w.ready and now - w.started > self.options.boot_timeout:
                 log.error("worker %d did not boot within %.0f s; killing it", w.pid, self.options.boot_timeout)
                 _kill(w.pid, signal.SIGKILL)
-        seg = self.seg
-        if seg is None or self.options.worker_timeout <= 0:
+        if self.options.worker_timeout <= 0:
+            return
+        seg = self.segment()
+        if seg is None:
             return
         now_ns = time.monotonic_ns()
         limit = int(self.options.worker_timeout * 1e9)

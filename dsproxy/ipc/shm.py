@@ -200,13 +200,47 @@ class SlotInfo(NamedTuple):
 class Segment:
     """One mapped segment.  Use :meth:`open`; the hot path reads :attr:`words` directly."""
 
-    def __init__(self, name: str, lock_file: Path, mm: mmap.mmap) -> None:
+    def __init__(self, name: str, lock_file: Path, mm: mmap.mmap, inode: int = 0) -> None:
         self.name = name
         self.lock_file = lock_file
         self.mm = mm
+        self.inode = inode  # of the object mapped: tells whether the name still points to it
         #: the whole segment as u64 words -- ``words[i]`` is one untearable 8-byte load/store
         self.words = memoryview(mm).cast("Q")
         self._name_cache: dict[str, int] = {}
+
+    def check(self) -> str | None:
+        """What is wrong with this segment now, or None.  Cheap (one ``shm_open`` + ``fstat``).
+
+        The size is checked on a fresh descriptor *before* the mapping is read: touching a mapping
+        whose object was truncated kills with SIGBUS.  Found: the name removed or pointing to
+        another object, the object truncated, the header scribbled over (magic, version, size).
+        """
+        try:
+            handle = posix_ipc.SharedMemory(self.name)
+        except posix_ipc.ExistentialError:
+            return f"shared memory {self.name} was removed"
+        except posix_ipc.Error as err:
+            return f"shared memory {self.name} cannot be opened: {err}"
+        try:
+            st = os.fstat(handle.fd)
+        finally:
+            handle.close_fd()
+        if self.inode and st.st_ino != self.inode:
+            return f"shared memory {self.name} was replaced by another object"
+        if st.st_size < SEGMENT_SIZE:
+            return f"shared memory {self.name} was truncated to {st.st_size} bytes"
+        header = bytes(self.mm[:OFF_GENERATIONS])
+        if header[:8] != MAGIC:
+            return f"shared memory {self.name} was overwritten: magic {header[:8].hex()}"
+        version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 8], "little")
+        size = int.from_bytes(header[OFF_SIZE : OFF_SIZE + 8], "little")
+        if version != LAYOUT_VERSION or size != SEGMENT_SIZE:
+            return f"shared memory {self.name} was overwritten: version {version}, size {size}"
+        state = int.from_bytes(header[OFF_STATE : OFF_STATE + 8], "little")
+        if state != STATE_ACTIVE:
+            return f"shared memory {self.name} is {'retired' if state == STATE_RETIRED else f'in state {state}'}"
+        return None
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -262,7 +296,7 @@ class Segment:
             raise SegmentError(
                 f"shared memory {name} has size {size} (header says {declared}), expected {SEGMENT_SIZE}"
             )
-        return cls(name, lock_file, _map(name))
+        return cls(name, lock_file, *_map(name))
 
     @classmethod
     def _create_locked(cls, name: str, lock_file: Path, replace: bool = False) -> Segment:
@@ -277,7 +311,7 @@ class Segment:
             os.fchmod(shm.fd, 0o660)  # the umask must not take the group's access away
         finally:
             shm.close_fd()
-        seg = cls(name, lock_file, _map(name))
+        seg = cls(name, lock_file, *_map(name))
         w = seg.words
         w[OFF_VERSION // 8] = LAYOUT_VERSION
         w[OFF_SIZE // 8] = SEGMENT_SIZE
@@ -517,18 +551,26 @@ class Segment:
                 w[OFF_GENERATIONS // 8 + i] = (w[OFF_GENERATIONS // 8 + i] + 1) & MASK64
 
 
-def recreate(run_dir: str | os.PathLike[str]) -> Segment:
+def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> Segment:
     """Manager only: replace whatever is under the name with a fresh segment.
 
-    An old segment of ours is retired first, so processes that still map it take their slow path,
-    see it retired and reopen the new one.  Foreign objects are unlinked without being written.
+    The segment the processes share -- ``mapped`` (the manager's own mapping, which still reaches
+    the old object even when the name was removed or the header scribbled over), else whatever
+    valid segment the name holds -- is retired first: its generations move, so every process takes
+    its slow path, sees it retired and reopens the new one.  A truncated object is not touched
+    (SIGBUS); its users die on their next access and are restarted by their supervisors.
+    Foreign objects are unlinked without being written.
     """
     name = segment_name(run_dir)
     lock_file = lock_path(run_dir)
-    try:
-        old = Segment.open(run_dir, create=False)
-    except SegmentError:
+    old = mapped
+    if old is not None and "truncated" in (old.check() or ""):
         old = None
+    if old is None:
+        try:
+            old = Segment.open(run_dir, create=False)
+        except SegmentError:
+            old = None
     if old is not None:
         old.retire()
         old.close()
@@ -542,10 +584,10 @@ def unlink(run_dir: str | os.PathLike[str]) -> None:
         posix_ipc.unlink_shared_memory(segment_name(run_dir))
 
 
-def _map(name: str) -> mmap.mmap:
+def _map(name: str) -> tuple[mmap.mmap, int]:
     shm = posix_ipc.SharedMemory(name)
     try:
-        return mmap.mmap(shm.fd, SEGMENT_SIZE)
+        return mmap.mmap(shm.fd, SEGMENT_SIZE), os.fstat(shm.fd).st_ino
     finally:
         shm.close_fd()
 

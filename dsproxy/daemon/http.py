@@ -56,7 +56,6 @@ import httptools
 log = logging.getLogger("dsproxy.http")
 
 
-
 class Limits(NamedTuple):
     max_url: int = 8192
     max_header_bytes: int = 16384

@@ -8,10 +8,11 @@ the status line up to date.
 
 * **Socket**: taken from systemd socket activation if present, else ``<run>/proxy.sock`` bound
   with mode 0660.  Workers inherit it and accept on it; the kernel spreads connections.
-* **Supervision**: a dead worker's slot is freed and it is replaced at once; repeated crashes
-  back off exponentially (0.1 s doubling to 5 s).  More than ``crash_limit`` crashes within
-  ``crash_window`` seconds, or ``BOOT_FAILURE_LIMIT`` boot failures in a row before any worker
-  booted, end the master with exit code 1 (3 for boot failures) for systemd to judge.  A worker
+* **Supervision**: a dead worker's slot is freed and it is replaced at once; workers that keep
+  dying within a second of their start make the restarts back off (0.1 s doubling to 5 s).
+  More than ``crash_limit`` crashes within ``crash_window`` seconds, or ``BOOT_FAILURE_LIMIT``
+  boot failures in a row before any worker booted, end the master with exit code 1 (3 for boot
+  failures) for systemd to judge.  A worker
   whose heartbeat is older than ``worker_timeout`` is killed (it hangs) and replaced.
 * **SIGHUP**: ``RELOADING=1``; a full new set of workers is started; once all of them are ready the
   old ones are drained; then ``READY=1``.  The socket never closes, so no request fails.
@@ -44,6 +45,7 @@ log = logging.getLogger("dsproxy.master")
 EXIT_CRASH_LOOP = 1
 EXIT_BOOT_FAILURE = 3
 BOOT_FAILURE_LIMIT = 3
+EARLY_DEATH = 1.0  # seconds: a worker dying younger than this counts towards the restart backoff
 FDS_PER_STORE = 1
 FD_MARGIN = 256
 
@@ -72,6 +74,7 @@ class _Backoff:
     crashes: collections.deque[float] = field(default_factory=collections.deque)
     delay: float = 0.0
     not_before: float = 0.0
+    early: int = 0  # workers in a row that died young
 
 
 class Master:
@@ -277,9 +280,16 @@ class Master:
                 log.error("workers fail to boot (%d in a row); giving up", self.boot_failures)
                 self.give_up(EXIT_BOOT_FAILURE)
                 return
-        self.note_crash()
+        self.note_crash(early=time.monotonic() - w.started < EARLY_DEATH)
 
-    def note_crash(self) -> None:
+    def note_crash(self, early: bool = True) -> None:
+        """Count a crash; give up on a crash loop; back off when workers die young.
+
+        A worker that served for a while and was killed (OOM killer, an admin, the stress
+        script) is replaced at once, however often it happens (DESIGN §10: within 1 s).  Only
+        workers dying within ``EARLY_DEATH`` of their start -- a crash on boot, repeated -- make
+        the restarts back off (0.1 s doubling to 5 s), so a broken worker does not spin.
+        """
         now = time.monotonic()
         b = self.backoff
         b.crashes.append(now)
@@ -291,9 +301,12 @@ class Master:
             )
             self.give_up(EXIT_CRASH_LOOP)
             return
-        recent = [t for t in b.crashes if now - t < 10.0]
-        # the first crash is replaced at once (DESIGN §10: within 1 s); a pattern backs off
-        b.delay = 0.0 if len(recent) <= 1 else min(5.0, 0.1 * 2 ** (len(recent) - 2))
+        if not early:
+            b.early = 0
+            b.delay, b.not_before = 0.0, now
+            return
+        b.early += 1
+        b.delay = 0.0 if b.early <= 1 else min(5.0, 0.1 * 2 ** (b.early - 2))
         b.not_before = now + b.delay
 
     def give_up(self, code: int) -> None:

@@ -76,7 +76,9 @@ def test_a_scribbled_header_is_detected_and_replaced_without_a_stale_answer(daem
     wait_for(
         lambda: daemons.node()["degraded"] is None and len(daemons.node()["workers"]) == 2, what="workers back on shm"
     )
-    assert daemons.worker_pids() == workers, "no worker had to die for it"
+    wait_for(lambda: daemons.worker_pids() == workers, what="both original workers back on the new segment")
+    for pid in workers:
+        os.kill(pid, 0)  # no worker had to die for it
     assert "replacing it" in (daemons.logs / "manager.log").read_text()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,17 @@ def master(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Master:
     return m
 
 
-def crash(m: Master, pid: int, ready: bool = True, code: int = -9) -> None:
-    m.workers[pid] = _Worker(pid, 0.0, m.reload_generation, ready=ready)
+def crash(m: Master, pid: int, ready: bool = True, code: int = -9, age: float = 0.0) -> None:
+    m.workers[pid] = _Worker(pid, time.monotonic() - age, m.reload_generation, ready=ready)
     status = (-code) if code < 0 else (code << 8)
     m.worker_exited(m.workers.pop(pid), status)
+
+
+def test_workers_killed_after_serving_a_while_are_always_replaced_at_once(master: Master) -> None:
+    for pid in range(400, 403):
+        crash(master, pid, age=30.0)
+        assert master.backoff.delay == 0.0
+    assert not master.stopping
 
 
 def test_the_first_crash_is_replaced_at_once_then_restarts_back_off(master: Master) -> None:

@@ -195,15 +195,7 @@ class Router:
     def resolve_stream(self, request: Request) -> StreamRoute | None:
         segments = request.path.strip("/").split("/")
         for (method, parts), route in self._stream_patterns.items():
-            if method != request.method or len(parts) != len(segments):
-                continue
-            params = {}
-            for part, seg in zip(parts, segments, strict=True):
-                if part.startswith("{"):
-                    params[part[1:-1]] = _decode_segment(seg)
-                elif part != seg:
-                    break
-            else:
+            if method == request.method and (params := _match(parts, segments)) is not None:
                 request.params = params
                 return route
         return None
@@ -233,18 +225,23 @@ class Router:
     def _match_dynamic(self, request: Request) -> dict[str, Handler]:
         segments = request.path.strip("/").split("/")
         for parts, methods in self._dynamic:
-            if len(parts) != len(segments):
-                continue
-            params = {}
-            for part, seg in zip(parts, segments, strict=True):
-                if part.startswith("{"):
-                    params[part[1:-1]] = _decode_segment(seg)
-                elif part != seg:
-                    break
-            else:
+            if (params := _match(parts, segments)) is not None:
                 request.params = params
                 return methods
         raise HTTPError(404, f"no such route: {request.path[:200]}")
+
+
+def _match(parts: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+    """The ``{param}`` values if the path ``segments`` fit the pattern ``parts``, else None."""
+    if len(parts) != len(segments):
+        return None
+    params = {}
+    for part, seg in zip(parts, segments, strict=True):
+        if part.startswith("{"):
+            params[part[1:-1]] = _decode_segment(seg)
+        elif part != seg:
+            return None
+    return params
 
 
 def _decode_segment(seg: str) -> str:

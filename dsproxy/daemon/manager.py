@@ -164,7 +164,7 @@ class Manager:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-        _write_pid(self.paths.run_dir / "manager.pid")
+        systemd.write_pid_file(self.paths.run_dir / "manager.pid")
         systemd.notify("READY=1", f"STATUS=serving {self.paths.run_dir / 'manager.sock'}")
         log.info("manager ready on %s", self.paths.run_dir / "manager.sock")
         watch = asyncio.ensure_future(self.watch())
@@ -310,13 +310,6 @@ class Manager:
             "active-operations": {"read": read, "write": write},
             "lagging-processes": [s.pid for s in lagging],
         }
-
-
-def _write_pid(path: os.PathLike[str]) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
 
 
 def main(options: ManagerOptions) -> int:

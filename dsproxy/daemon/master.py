@@ -137,7 +137,7 @@ class Master:
         code = self.setup()
         if code is not None:
             return code
-        _write_pid(self.spec.paths.run_dir / "proxy.pid")
+        systemd.write_pid_file(self.spec.paths.run_dir / "proxy.pid")
         log.info("proxy master %d: %d workers, cache=%s", os.getpid(), self.options.workers, self.spec.cache)
         try:
             while not (self.stopping and not self.workers):
@@ -415,13 +415,6 @@ def _kill(pid: int, sig: int) -> None:
     except OSError as err:
         if err.errno != errno.ESRCH:
             raise
-
-
-def _write_pid(path: os.PathLike[str]) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
 
 
 def main(options: ProxyOptions) -> int:

@@ -111,3 +111,11 @@ def setup_logging(name: str, verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"))
     root.addHandler(handler)
+
+
+def write_pid_file(path: os.PathLike[str]) -> None:
+    """``path`` holds this process's pid (replaced atomically)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)

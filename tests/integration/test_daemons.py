@@ -176,6 +176,37 @@ def test_a_broken_manual_edit_keeps_serving_and_blocks_writes(daemons: Daemons) 
 
 
 def test_a_killed_worker_is_replaced_and_its_operations_vanish(daemons: Daemons) -> None:
+    answered: list[float] = []
+    failures: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:  # keeps both workers busy; a fresh connection per error, like any client
+        while not done.is_set():
+            try:
+                with Client(daemons.proxy_sock, timeout=10) as c:
+                    while not done.is_set():
+                        r = c.get(f"{API}/admin/datastore/demo0001/status")
+                        if r.status != 200:
+                            failures.append(f"{r.status} {r.body!r}")
+                        answered.append(time.monotonic())
+            except OSError:
+                pass  # a connection the killed worker held: the next one goes to a live worker
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        _kill_a_lease_holder(daemons)
+        after_kill = time.monotonic()
+        wait_for(lambda: len([t for t in answered if t > after_kill]) > 50, what="the load to go on")
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+
+
+def _kill_a_lease_holder(daemons: Daemons) -> None:
     with http(daemons) as holder:
         lease = holder.post(f"{API}/admin/datastore/demo0002/operation", json={"operation": "write"}).json()["data"]
         assert daemons.get(f"{API}/admin/datastore/demo0002/active-operations").data["write"] == 1

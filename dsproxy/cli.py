@@ -302,7 +302,7 @@ def cmd_ds_show(args: argparse.Namespace) -> int:
         _print_json(answer)
     else:
         data = answer["data"]
-        _table(("property", "value"), [(k, data[k]) for k in sorted(data)] + [("digest", answer.get("digest"))])
+        _table(("property", "value"), [(k, _show(data[k])) for k in sorted(data)] + [("digest", answer.get("digest"))])
     return 0
 
 
@@ -377,7 +377,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         data = answer["data"]
         _table(
             ("property", "value"),
-            [(k, data[k] if k not in ("total", "used", "avail") else _size(data[k])) for k in data],
+            [(k, _size(v) if k in ("total", "used", "avail") else _show(v)) for k, v in data.items()],
         )
         return 0
     node = _call(args, "GET", path_for("nodes", "localhost", "status"))
@@ -404,6 +404,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     _table(("datastore", "total", "used", "avail", "error"), rows)
     return 0
+
+
+def _show(value: Any) -> str:
+    """A value for a table cell: nested data as compact JSON, nothing as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(", ", ": "), sort_keys=True)
+    return str(value)
 
 
 def _size(value: Any) -> str:

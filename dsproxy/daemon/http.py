@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -593,8 +594,15 @@ class Connection(asyncio.Protocol):
 def bind_unix_socket(path: str, mode: int = 0o660, backlog: int = 1024) -> socket.socket:
     """Bind and listen on ``path`` with ``mode``; a stale socket file (nobody listening) is replaced.
 
-    Raises ``OSError(EADDRINUSE)`` if a live server already listens there.
+    Raises ``OSError(EADDRINUSE)`` if a live server already listens there, and ``OSError(EEXIST)``
+    if something that is not a socket is in the way (it is never removed).
     """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not touching it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -602,7 +610,7 @@ def bind_unix_socket(path: str, mode: int = 0o660, backlog: int = 1024) -> socke
         pass
     except OSError:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path)  # a socket nobody listens on: left behind by a dead server
     else:
         raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
     finally:

@@ -517,3 +517,19 @@ def test_a_lease_for_the_life_of_a_streamed_request_body(daemons: Daemons) -> No
         s.sendall(head)
         refused = s.recv(65536)
     assert refused.startswith(b"HTTP/1.1 409") and b"read-only maintenance mode" in refused
+
+
+def test_the_proxy_refuses_to_start_on_a_live_or_foreign_socket_path(daemons: Daemons, tmp_path: Path) -> None:
+    second = subprocess.run(
+        daemons.command("proxy", "--workers", "1"), capture_output=True, text=True, timeout=60
+    )  # same base dir: the live proxy owns proxy.sock
+    assert second.returncode == 3 and "another server is listening there" in second.stderr
+    other = tmp_path / "other"
+    (other / "run").mkdir(parents=True)
+    (other / "run" / "proxy.sock").write_text("not a socket")
+    third = subprocess.run(
+        [sys.executable, "-m", "dsproxy", "--base-dir", str(other), "proxy", "--workers", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert third.returncode == 3 and "is not a socket" in third.stderr
+    assert (other / "run" / "proxy.sock").read_text() == "not a socket"

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -533,3 +534,56 @@ def test_the_proxy_refuses_to_start_on_a_live_or_foreign_socket_path(daemons: Da
     )  # fmt: skip
     assert third.returncode == 3 and "is not a socket" in third.stderr
     assert (other / "run" / "proxy.sock").read_text() == "not a socket"
+
+
+NOBODY_CLIENT = r"""
+import json, os, sys
+from dsproxy.client import Client  # everything imported first: the checkout may be closed to nobody
+import http.client, encodings.idna
+os.setgid(65534); os.setgroups([]); os.setuid(65534)
+sock, method, path, body, header = sys.argv[1:6]
+headers = {"x-dsproxy-client": header} if header else {}
+with Client(sock, headers=headers) as c:
+    r = c.request(method, path, json.loads(body) if body else None)
+print(json.dumps({"status": r.status, "body": r.json()}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_only_authorised_peers_may_write_and_forwarded_ids_cannot_be_forged(daemons: Daemons) -> None:
+    # let uid 65534 reach and connect to the sockets at all (0660 and pytest's 0700 dirs stop it first)
+    restore = []
+    for d in [daemons.run_dir, *daemons.run_dir.parents]:
+        mode = d.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            restore.append((d, mode))
+            os.chmod(d, mode | 0o001)
+    for sock in ("proxy.sock", "manager.sock"):
+        os.chmod(daemons.run_dir / sock, 0o666)
+    try:
+        _check_write_authorisation(daemons)
+    finally:
+        for d, mode in restore:
+            os.chmod(d, mode)
+
+
+def _check_write_authorisation(daemons: Daemons) -> None:
+
+    def as_nobody(sock: str, method: str, path: str, body: str = "", header: str = "") -> dict[str, Any]:
+        r = subprocess.run(
+            [sys.executable, "-c", NOBODY_CLIENT, str(daemons.run_dir / sock), method, path, body, header],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        answer: dict[str, Any] = json.loads(r.stdout)
+        return answer
+
+    assert as_nobody("proxy.sock", "GET", f"{API}/admin/datastore/demo0001/status")["status"] == 200
+    write = as_nobody("proxy.sock", "PUT", f"{API}/config/datastore/demo0001", '{"comment": "x"}')
+    assert write["status"] == 403
+    assert write["body"]["message"] == "permission denied: uid 65534 may not change the datastore configuration"
+    forged = as_nobody("proxy.sock", "PUT", f"{API}/config/datastore/demo0001", '{"comment": "x"}', "0,0,1")
+    assert forged["status"] == 403  # the worker sends the real peer, not the client's header
+    direct = as_nobody("manager.sock", "PUT", f"{API}/config/datastore/demo0001", '{"comment": "x"}', "0,0,1")
+    assert direct["status"] == 403 and "may not forward requests" in direct["body"]["message"]
+    assert "comment x" not in daemons.config_file.read_text().replace("\tcomment demo", "")

@@ -9,25 +9,51 @@ it) and the default parent of datastores created without an explicit path.
 * Without any argument: ``$DSPROXY_BASE_DIR`` if set, else ``$XDG_STATE_HOME/dsproxy`` (default
   ``~/.local/state/dsproxy``).
 * Under systemd the units pass ``--config-dir /etc/dsproxy --run-dir /run/dsproxy
-  --data-dir /var/lib/dsproxy`` (see :data:`SYSTEM`).
+  --data-dir /var/lib/dsproxy`` (see :data:`SYSTEM_DIRS`, :meth:`Paths.system`).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# pathlib is imported only where a Paths is built: `import dsproxy` and a Registry do without it
+# (~8 ms of interpreter start-up, which the whole-process rows of bench-lookup count).
 
 CONFIG_NAME = "datastore.cfg"
 LOCK_NAME = ".datastore.lck"
+SYSTEM_DIRS = ("/etc/dsproxy", "/run/dsproxy", "/var/lib/dsproxy")
 
 
-def default_base_dir() -> Path:
+def default_base_dir() -> str:
     env = os.environ.get("DSPROXY_BASE_DIR")
     if env:
-        return Path(env)
+        return env
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "dsproxy"
+    return os.path.join(state, "dsproxy")
+
+
+def resolve_dirs(
+    base_dir: str | os.PathLike[str] | None = None,
+    config_dir: str | os.PathLike[str] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> tuple[str, str, str]:
+    """``(config_dir, run_dir, data_dir)`` as absolute strings: ``base_dir`` (or the default) laid
+    out as etc/, run/, datastores/, with any explicitly given directory instead."""
+    base = os.path.abspath(os.fspath(base_dir) if base_dir is not None else default_base_dir())
+
+    def pick(explicit: str | os.PathLike[str] | None, default: str) -> str:
+        return os.path.abspath(os.fspath(explicit)) if explicit is not None else default
+
+    return (
+        pick(config_dir, os.path.join(base, "etc")),
+        pick(run_dir, os.path.join(base, "run")),
+        pick(data_dir, os.path.join(base, "datastores")),
+    )
 
 
 class Paths(NamedTuple):
@@ -37,8 +63,7 @@ class Paths(NamedTuple):
 
     @classmethod
     def from_base(cls, base_dir: str | os.PathLike[str]) -> Paths:
-        base = Path(base_dir).absolute()
-        return cls(base / "etc", base / "run", base / "datastores")
+        return cls.resolve(base_dir)
 
     @classmethod
     def resolve(
@@ -49,12 +74,17 @@ class Paths(NamedTuple):
         data_dir: str | os.PathLike[str] | None = None,
     ) -> Paths:
         """``base_dir`` (or the default) filled in with any explicitly given directory."""
-        base = cls.from_base(base_dir if base_dir is not None else default_base_dir())
-        return cls(
-            Path(config_dir).absolute() if config_dir is not None else base.config_dir,
-            Path(run_dir).absolute() if run_dir is not None else base.run_dir,
-            Path(data_dir).absolute() if data_dir is not None else base.data_dir,
-        )
+        from pathlib import Path
+
+        c, r, d = resolve_dirs(base_dir, config_dir, run_dir, data_dir)
+        return cls(Path(c), Path(r), Path(d))
+
+    @classmethod
+    def system(cls) -> Paths:
+        """The directories of a systemd installation (see the units in systemd/)."""
+        from pathlib import Path
+
+        return cls(*(Path(d) for d in SYSTEM_DIRS))
 
     @property
     def config_file(self) -> Path:
@@ -68,6 +98,3 @@ class Paths(NamedTuple):
         """Create the config and run directories if missing (0750)."""
         for d in (self.config_dir, self.run_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
-
-
-SYSTEM = Paths(Path("/etc/dsproxy"), Path("/run/dsproxy"), Path("/var/lib/dsproxy"))

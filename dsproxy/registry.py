@@ -53,7 +53,7 @@ from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuc
 from .instance import Instance
 from .ipc import shm
 from .ipc.opfile import FileCounters, OpFileError
-from .paths import Paths
+from .paths import CONFIG_NAME, LOCK_NAME, Paths, resolve_dirs
 
 log = LazyLogger("dsproxy.registry")
 
@@ -212,8 +212,9 @@ class Registry:
             raise ValueError(f"cache must be one of {', '.join(MODES)}, not {cache!r}")
         if not ttl > 0:
             raise ValueError(f"ttl must be positive, not {ttl!r}")
-        self.paths = Paths.resolve(base_dir, config_dir, run_dir)
-        self.paths.ensure()
+        self._config_dir, self._run_dir, self._data_dir = resolve_dirs(base_dir, config_dir, run_dir)
+        for d in (self._config_dir, self._run_dir):
+            os.makedirs(d, mode=0o750, exist_ok=True)
         self.mode = cache
         self.ttl = float(ttl)
         # the TTL the cache checks use: 0 forces the slow path on every lookup
@@ -221,9 +222,9 @@ class Registry:
         self._fast = cache == "on"
         self.role = role
         self._create_shm = create_shm
-        self._config_file = str(self.paths.config_file)
-        self._lock_file = str(self.paths.lock_file)
-        self._files = FileCounters(self.paths.run_dir)
+        self._config_file = os.path.join(self._config_dir, CONFIG_NAME)
+        self._lock_file = os.path.join(self._config_dir, LOCK_NAME)
+        self._files = FileCounters(self._run_dir)
         self._cache: _Cache | None = None
         self._instances: dict[str, Instance] = {}
         self._seg: shm.Segment | None = None
@@ -246,7 +247,7 @@ class Registry:
 
     def _attach(self) -> None:
         try:
-            seg = shm.Segment.open(self.paths.run_dir, create=self._create_shm)
+            seg = shm.Segment.open(self._run_dir, create=self._create_shm)
             slot = seg.claim_slot(self.role)
         except shm.SegmentError as err:
             self._set_degraded(str(err))
@@ -318,6 +319,11 @@ class Registry:
             self._seg = None
             self._slot = self._slot_base = -1
             self._attach()
+
+    @property
+    def paths(self) -> Paths:
+        """The instance's directories (config, run, data) as :class:`~dsproxy.paths.Paths`."""
+        return Paths.resolve(config_dir=self._config_dir, run_dir=self._run_dir, data_dir=self._data_dir)
 
     @property
     def generation(self) -> int | None:

@@ -23,7 +23,6 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from ..ipc import flock
 from .errors import DigestMismatch, LockError, WriteError
@@ -75,10 +74,10 @@ def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_M
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync)."""
     import tempfile  # manager only: keeps `import dsproxy` light for workers
 
-    target = Path(path)
-    directory = target.parent
+    target = os.fspath(path)
+    directory = os.path.dirname(target) or "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp_", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp_", dir=directory)
     except OSError as err:
         raise WriteError(f'writing "{target}" failed: cannot create temp file: {err.strerror}') from None
     try:
@@ -128,9 +127,9 @@ def update_config(
     written (every section validated by the writer; not parsed again: at 1,000 stores a parse is
     ~5 ms of the ~20 ms a write may take).
     """
-    path = Path(path)
+    path = os.fspath(path)
     if lock_path is None:
-        lock_path = path.parent / ".datastore.lck"
+        lock_path = os.path.join(os.path.dirname(path) or ".", ".datastore.lck")
     with config_lock(lock_path, timeout):
         current, current_digest = read_config(path)
         if expected_digest is not None and expected_digest != current_digest:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 
 from . import flock
 from .proc import is_alive, start_time
@@ -42,13 +41,13 @@ class FileCounters:
     """Per-store JSON counter files under ``<run_dir>/active-operations``."""
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.directory = Path(run_dir) / "active-operations"
+        self.directory = os.path.join(os.fspath(run_dir), "active-operations")
         self._identity: tuple[int, int] | None = None
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        return self.directory / name, self.directory / f"{name}.lock"
+    def _paths(self, name: str) -> tuple[str, str]:
+        return os.path.join(self.directory, name), os.path.join(self.directory, f"{name}.lock")
 
-    def _read(self, path: Path) -> list[dict[str, object]]:
+    def _read(self, path: str) -> list[dict[str, object]]:
         try:
             with open(path, "rb") as f:
                 data = json.loads(f.read() or b"[]")
@@ -67,7 +66,7 @@ class FileCounters:
         pid, start = identity
         path, lock = self._paths(name)
         try:
-            self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
             with flock.exclusive(lock, LOCK_TIMEOUT):
                 entries = self._read(path)
                 kept: list[dict[str, object]] = []
@@ -90,7 +89,7 @@ class FileCounters:
                     own["write"] = max(0, own["write"] + delta)
                 if own["read"] or own["write"] or op == 2:
                     kept.append({"pid": pid, "starttime": start, "active_operations": own})
-                tmp = path.with_name(f".{name}.tmp.{pid}")
+                tmp = os.path.join(self.directory, f".{name}.tmp.{pid}")
                 with open(tmp, "w") as f:
                     f.write(json.dumps(kept, separators=(",", ":")))
                 os.replace(tmp, path)

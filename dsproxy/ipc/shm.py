@@ -96,7 +96,6 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Final, NamedTuple
 
 import posix_ipc
@@ -173,8 +172,8 @@ def segment_name(run_dir: str | os.PathLike[str]) -> str:
     return "/dsproxy." + hashlib.sha256(real.encode()).hexdigest()[:24]
 
 
-def lock_path(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "shm.lock"
+def lock_path(run_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(run_dir), "shm.lock")
 
 
 def _name_hash(name: bytes) -> int:
@@ -200,7 +199,7 @@ class SlotInfo(NamedTuple):
 class Segment:
     """One mapped segment.  Use :meth:`open`; the hot path reads :attr:`words` directly."""
 
-    def __init__(self, name: str, lock_file: Path, mm: mmap.mmap, inode: int = 0) -> None:
+    def __init__(self, name: str, lock_file: str, mm: mmap.mmap, inode: int = 0) -> None:
         self.name = name
         self.lock_file = lock_file
         self.mm = mm
@@ -261,7 +260,7 @@ class Segment:
             return cls._open_locked(name, lock_file, create)
 
     @classmethod
-    def _open_locked(cls, name: str, lock_file: Path, create: bool) -> Segment:
+    def _open_locked(cls, name: str, lock_file: str, create: bool) -> Segment:
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
@@ -299,7 +298,7 @@ class Segment:
         return cls(name, lock_file, *_map(name))
 
     @classmethod
-    def _create_locked(cls, name: str, lock_file: Path, replace: bool = False) -> Segment:
+    def _create_locked(cls, name: str, lock_file: str, replace: bool = False) -> Segment:
         if replace:
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_shared_memory(name)
@@ -593,7 +592,7 @@ def _map(name: str) -> tuple[mmap.mmap, int]:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, timeout: float) -> Iterator[None]:
+def _flock(path: str, timeout: float) -> Iterator[None]:
     try:
         with flock.exclusive(path, timeout):
             yield

@@ -278,17 +278,17 @@ class Registry:
             return
         problem = seg.check()
         if problem is None and self._words is not None and self._words[self._slot_base + shm.SLOT_PID] != os.getpid():
-            problem = f"the process slot {self._slot} of {seg.name} was taken over"
+            problem = shm.SegmentProblem("overwritten", f"the process slot {self._slot} of {seg.name} was taken over")
         if problem is None:
             return
-        if problem.endswith("is retired"):
+        if problem.kind == "retired":
             self._reattach()
             return
         self._seg = None
         with contextlib.suppress(Exception):
             seg.close()
         self._cache = None
-        self._set_degraded(problem)
+        self._set_degraded(problem.message)
 
     def _set_degraded(self, reason: str) -> None:
         if self.degraded != reason:

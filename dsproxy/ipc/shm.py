@@ -180,6 +180,17 @@ def _name_hash(name: bytes) -> int:
     return zlib.crc32(name)
 
 
+class SegmentProblem(NamedTuple):
+    """What :meth:`Segment.check` found: ``kind`` is one of removed, replaced, truncated,
+    overwritten, retired (a truncated mapping must not be touched again); ``message`` says it."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class SlotInfo(NamedTuple):
     """A snapshot of one live process slot."""
 
@@ -208,37 +219,43 @@ class Segment:
         self.words = memoryview(mm).cast("Q")
         self._name_cache: dict[str, int] = {}
 
-    def check(self) -> str | None:
+    def check(self) -> SegmentProblem | None:
         """What is wrong with this segment now, or None.  Cheap (one ``shm_open`` + ``fstat``).
 
         The size is checked on a fresh descriptor *before* the mapping is read: touching a mapping
         whose object was truncated kills with SIGBUS.  Found: the name removed or pointing to
-        another object, the object truncated, the header scribbled over (magic, version, size).
+        another object, the object truncated, the header scribbled over (magic, version, size),
+        the segment retired by the manager.
         """
+        name = self.name
         try:
-            handle = posix_ipc.SharedMemory(self.name)
+            handle = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
-            return f"shared memory {self.name} was removed"
+            return SegmentProblem("removed", f"shared memory {name} was removed")
         except posix_ipc.Error as err:
-            return f"shared memory {self.name} cannot be opened: {err}"
+            return SegmentProblem("removed", f"shared memory {name} cannot be opened: {err}")
         try:
             st = os.fstat(handle.fd)
         finally:
             handle.close_fd()
         if self.inode and st.st_ino != self.inode:
-            return f"shared memory {self.name} was replaced by another object"
+            return SegmentProblem("replaced", f"shared memory {name} was replaced by another object")
         if st.st_size < SEGMENT_SIZE:
-            return f"shared memory {self.name} was truncated to {st.st_size} bytes"
+            return SegmentProblem("truncated", f"shared memory {name} was truncated to {st.st_size} bytes")
         header = bytes(self.mm[:OFF_GENERATIONS])
         if header[:8] != MAGIC:
-            return f"shared memory {self.name} was overwritten: magic {header[:8].hex()}"
+            return SegmentProblem("overwritten", f"shared memory {name} was overwritten: magic {header[:8].hex()}")
         version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 8], "little")
         size = int.from_bytes(header[OFF_SIZE : OFF_SIZE + 8], "little")
         if version != LAYOUT_VERSION or size != SEGMENT_SIZE:
-            return f"shared memory {self.name} was overwritten: version {version}, size {size}"
+            return SegmentProblem(
+                "overwritten", f"shared memory {name} was overwritten: version {version}, size {size}"
+            )
         state = int.from_bytes(header[OFF_STATE : OFF_STATE + 8], "little")
+        if state == STATE_RETIRED:
+            return SegmentProblem("retired", f"shared memory {name} is retired")
         if state != STATE_ACTIVE:
-            return f"shared memory {self.name} is {'retired' if state == STATE_RETIRED else f'in state {state}'}"
+            return SegmentProblem("overwritten", f"shared memory {name} was overwritten: state {state}")
         return None
 
     # -- opening ---------------------------------------------------------------------------------
@@ -563,7 +580,7 @@ def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> 
     name = segment_name(run_dir)
     lock_file = lock_path(run_dir)
     old = mapped
-    if old is not None and "truncated" in (old.check() or ""):
+    if old is not None and (problem := old.check()) is not None and problem.kind == "truncated":
         old = None
     if old is None:
         try:

@@ -45,6 +45,8 @@ log = logging.getLogger("dsproxy.manager")
 
 EXIT_BOOT_FAILURE = 3
 CLIENT_HEADER = "x-dsproxy-client"
+#: the processes a maintenance transition waits for: those that serve lookups
+SERVING_ROLES = frozenset({shm.Role.WORKER, shm.Role.LIBRARY})
 T = TypeVar("T")
 
 
@@ -135,11 +137,15 @@ class Manager:
             except shm.SegmentError as err2:
                 log.error("running without shared memory (workers run degraded): %s", err2)
                 return
-        self.slot = self.seg.claim_slot(shm.Role.MANAGER)
-        base = self.seg.slot_base(self.slot)
-        self.seg.words[base + shm.SLOT_BOOTED] = 1
+        self._adopt(self.seg)
         gen = self.seg.bump_generation()  # publish whatever changed while no manager ran
         log.info("shared memory %s ready, generation %d", self.seg.name, gen)
+
+    def _adopt(self, seg: shm.Segment) -> None:
+        """Make ``seg`` the manager's segment: a slot of its own, marked booted."""
+        self.seg = seg
+        self.slot = seg.claim_slot(shm.Role.MANAGER)
+        seg.words[seg.slot_base(self.slot) + shm.SLOT_BOOTED] = 1
 
     async def run(self) -> int:
         self.paths.ensure()
@@ -179,11 +185,8 @@ class Manager:
     async def reload(self) -> None:
         """SIGHUP: re-check the file now (publishing a manual edit) and the segment."""
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
-        if self.seg is None or self.seg.retired:
-            if self.seg is not None:
-                self.seg.close()
-                self.seg = None
-            self.open_segment()
+        # the watch's own checks, now, and like them in the writer thread
+        await self.in_writer(self.check_segment)
         await self.in_writer(self.writer.check_file)
         log.info("reloaded")
         systemd.notify("READY=1")
@@ -217,9 +220,7 @@ class Manager:
         finally:
             with contextlib.suppress(Exception):
                 seg.close()
-        self.seg = new
-        self.slot = new.claim_slot(shm.Role.MANAGER)
-        new.words[new.slot_base(self.slot) + shm.SLOT_BOOTED] = 1
+        self._adopt(new)
         log.info("shared memory %s replaced, generation %d", new.name, new.generation())
 
     async def in_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -287,12 +288,8 @@ class Manager:
         lagging: list[shm.SlotInfo] = []
         if seg is not None:
             deadline = time.monotonic() + self.options.maintenance_timeout
-            while True:
-                lagging = [
-                    s
-                    for s in seg.slots()
-                    if s.role in (shm.Role.WORKER, shm.Role.LIBRARY) and s.generation != generation
-                ]
+            while True:  # shm.Segment.wait_for_generation, without blocking the loop
+                lagging = seg.lagging(generation, roles=SERVING_ROLES)
                 if not lagging or time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.005)

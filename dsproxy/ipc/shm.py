@@ -466,10 +466,20 @@ class Segment:
         """
         deadline = time.monotonic() + timeout
         while True:
-            lagging = [s for s in self.slots() if s.slot not in exclude and s.generation != generation]
+            lagging = self.lagging(generation, exclude)
             if not lagging or time.monotonic() >= deadline:
                 return lagging
             time.sleep(0.005)
+
+    def lagging(
+        self, generation: int, exclude: frozenset[int] = frozenset(), roles: frozenset[int] | None = None
+    ) -> list[SlotInfo]:
+        """The live slots (but ``exclude``; only ``roles`` if given) not serving ``generation`` yet."""
+        return [
+            s
+            for s in self.slots()
+            if s.slot not in exclude and (roles is None or s.role in roles) and s.generation != generation
+        ]
 
     # -- store names and operation counters ---------------------------------------------------------
 

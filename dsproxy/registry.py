@@ -236,6 +236,7 @@ class Registry:
         self.config_error: str | None = None  #: the last parse error of the file, while it lasts
         self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
         self._prewarm_failed: set[str] = set()  # stores prewarm() could not open (current config)
+        self._warm: _Cache | None = None  # the cache prewarm() last completed
         self._next_check = _monotonic() + SEGMENT_CHECK_INTERVAL
         self.reloads = 0
         self.errors = 0
@@ -604,7 +605,7 @@ class Registry:
         ``budget`` seconds; returns how many stores are still without an instance.
         """
         cache = self._cache
-        if cache is None or not self._fast or self._words is None or DISCARD_CACHES:
+        if cache is None or not self._fast or self._words is None or DISCARD_CACHES or self._warm is cache:
             return 0
         deadline = None if budget is None else _monotonic() + budget
         missing = 0
@@ -621,6 +622,8 @@ class Registry:
                 self._build(entry, cache.generation)
             except DatastoreError:
                 skip.add(entry.name)
+        if not missing:
+            self._warm = cache  # every tick would scan all stores again for nothing
         return missing
 
     # -- the locked paths: cache=config, cache=off, degraded ---------------------------------------

@@ -200,12 +200,7 @@ class ConfigWriter:
         try:
             _, new_digest, gen = self._write(mutate, body.get("digest"))
         except BaseException:
-            for made in reversed(created):
-                with contextlib.suppress(OSError):
-                    if made.is_dir():
-                        shutil.rmtree(made)
-                    else:
-                        made.unlink()
+            _remove_created(created)
             raise
         log.info("created datastore '%s' at %s (generation %s)", name, path, gen)
         return WriteResult(gen, new_digest, name)
@@ -230,16 +225,17 @@ class ConfigWriter:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o660)
             os.close(fd)
             created.append(lock)
-            if self.store_owner is not None:
-                uid, gid = self.store_owner
-                for p in (path, path / ".chunks", lock):
-                    os.chown(p, uid, gid)
+            self._give_to_owner(path)
         except OSError as err:
-            for made in reversed(created):
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(made) if made.is_dir() else made.unlink()
+            _remove_created(created)
             raise WriteRefused(500, f"unable to create datastore '{name}' at '{path}': {err.strerror}") from None
         return created
+
+    def _give_to_owner(self, path: Path) -> None:
+        """Hand a laid-out store to ``store_owner`` (the proxy's user opens ``.lock`` read-write)."""
+        if self.store_owner is not None:
+            for p in (path, path / ".chunks", path / ".lock"):
+                os.chown(p, *self.store_owner)
 
     # -- update ---------------------------------------------------------------------------------------
 
@@ -313,9 +309,7 @@ class ConfigWriter:
                 path.mkdir(mode=0o750, parents=True, exist_ok=True)
                 (path / ".chunks").mkdir(mode=0o750, exist_ok=True)
                 (path / ".lock").touch(mode=0o660, exist_ok=True)
-                if self.store_owner is not None:
-                    for p in (path, path / ".chunks", path / ".lock"):
-                        os.chown(p, *self.store_owner)
+                self._give_to_owner(path)
                 cfg[name] = {"path": str(path), "comment": "demo datastore"}
                 added.append(name)
 
@@ -356,6 +350,16 @@ class ConfigWriter:
             current_gen = seg.generation()
         self.state = _FileState(signature, file_digest, current_gen, error)
         return bumped
+
+
+def _remove_created(paths: list[Path]) -> None:
+    """Undo a store lay-out: remove what it created, newest first."""
+    for made in reversed(paths):
+        with contextlib.suppress(OSError):
+            if made.is_dir():
+                shutil.rmtree(made)
+            else:
+                made.unlink()
 
 
 def _maintenance(props: dict[str, Value]) -> MaintenanceMode | None:

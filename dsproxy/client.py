@@ -17,10 +17,14 @@ import asyncio
 import http.client
 import json
 import socket
-from typing import Any, NamedTuple
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlencode
 
 import httptools
+
+if TYPE_CHECKING:
+    import subprocess
 
 GENERATION_HEADER = "x-dsproxy-generation"
 
@@ -133,6 +137,26 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_for_daemon(socket_path: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> bool:
+    """Poll until the daemon on ``socket_path`` answers ``GET /api2/json/ping``.
+
+    False when ``timeout`` seconds pass first, or as soon as ``proc`` (the daemon, if the caller
+    started it) has exited -- ``proc.poll()`` then tells which.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with Client(socket_path, timeout=2.0) as c:
+                if c.get("/api2/json/ping").status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 class AsyncConnection(asyncio.Protocol):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsproxy.client import Client
+from dsproxy.client import Client, wait_for_daemon
 from dsproxy.ipc import shm
 
 
@@ -74,16 +74,10 @@ class Daemons:
         return self
 
     def wait_socket(self, path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-        def up() -> bool:
+        if not wait_for_daemon(str(path), timeout, proc):
             if proc.poll() is not None:
                 raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{self.log_text()}")
-            try:
-                with Client(str(path), timeout=2.0) as c:
-                    return c.get("/api2/json/ping").status == 200
-            except OSError:
-                return False
-
-        wait_for(up, timeout, what=f"{path} to answer")
+            raise AssertionError(f"timed out after {timeout} s waiting for {path} to answer")
 
     def client(self) -> Client:
         return Client(self.proxy_sock, timeout=30.0)

@@ -13,28 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from ..client import Client
+from ..client import wait_for_daemon
 from ..paths import Paths
 from . import systemd
 
 log = logging.getLogger("dsproxy.run")
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with Client(str(path), timeout=1.0) as c:
-                if c.get("/api2/json/ping").status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False
 
 
 def run(paths: Paths, manager_args: list[str], proxy_args: list[str], ready_timeout: float = 60.0) -> int:
@@ -58,12 +42,12 @@ def run(paths: Paths, manager_args: list[str], proxy_args: list[str], ready_time
     procs = [manager]
     proxy: subprocess.Popen[bytes] | None = None
     try:
-        if not _wait_for_socket(paths.run_dir / "manager.sock", manager, ready_timeout):
+        if not wait_for_daemon(str(paths.run_dir / "manager.sock"), ready_timeout, manager):
             log.error("the manager did not come up")
             return manager.poll() or 1
         proxy = subprocess.Popen([*base, "proxy", *proxy_args])
         procs.append(proxy)
-        if not _wait_for_socket(paths.run_dir / "proxy.sock", proxy, ready_timeout):
+        if not wait_for_daemon(str(paths.run_dir / "proxy.sock"), ready_timeout, proxy):
             log.error("the proxy did not come up")
             return proxy.poll() or 1
         print(

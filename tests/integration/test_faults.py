@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import posix_ipc
 import pytest
@@ -218,11 +219,16 @@ def small_fs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_a_full_disk_during_a_write_keeps_the_old_file_and_says_why(daemon_factory, small_fs: Path) -> None:
-    d = daemon_factory()
+def _daemons_with_config_on(fs: Path, daemon_factory: Any) -> Daemons:
+    """Running daemons whose config directory (etc/) is ``fs``."""
+    d: Daemons = daemon_factory()
     d.base.mkdir(parents=True)
-    (d.base / "etc").symlink_to(small_fs)
-    d.start()
+    (d.base / "etc").symlink_to(fs)
+    return d.start()
+
+
+def test_a_full_disk_during_a_write_keeps_the_old_file_and_says_why(daemon_factory, small_fs: Path) -> None:
+    d = _daemons_with_config_on(small_fs, daemon_factory)
     before = d.config_file.read_bytes()
     filler = small_fs / "filler"
     with contextlib.suppress(OSError), open(filler, "wb") as f:
@@ -242,10 +248,7 @@ def test_a_full_disk_during_a_write_keeps_the_old_file_and_says_why(daemon_facto
 
 
 def test_a_read_only_config_dir_refuses_the_write_clearly(daemon_factory, small_fs: Path) -> None:
-    d = daemon_factory()
-    d.base.mkdir(parents=True)
-    (d.base / "etc").symlink_to(small_fs)
-    d.start()
+    d = _daemons_with_config_on(small_fs, daemon_factory)
     before = d.config_file.read_bytes()
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     try:

@@ -291,8 +291,6 @@ class Server:
         self.on_connection_lost = on_connection_lost
         self.extra_headers = extra_headers
         self.connections: set[Connection] = set()
-        self.requests = 0
-        self.server_errors = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aserver: asyncio.AbstractServer | None = None
@@ -512,7 +510,6 @@ class Connection(asyncio.Protocol):
     def _dispatch(self) -> None:
         while self._pending and not self._busy and not self._closing:
             request = self._pending.popleft()
-            self.server.requests += 1
             try:
                 handler = request.finish or self.server.router.resolve(request)
                 reply = handler(request)
@@ -547,7 +544,6 @@ class Connection(asyncio.Protocol):
             self._dispatch()
 
     def _internal_error(self, request: Request, err: BaseException) -> Reply:
-        self.server.server_errors += 1
         log.error("%s %s failed", request.method, request.path[:200], exc_info=err)
         return error_reply(500, f"internal error: {type(err).__name__}: {err}")
 

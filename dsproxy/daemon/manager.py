@@ -123,7 +123,6 @@ class Manager:
             proxy_uids=frozenset({pwd.getpwnam(options.proxy_user).pw_uid}) if options.proxy_user else frozenset(),
         )
         self.stopping = asyncio.Event()
-        self.writes = 0
 
     # -- start ----------------------------------------------------------------------------------------
 
@@ -258,7 +257,6 @@ class Manager:
             result = await self.in_writer(fn, *args)
         except WriteRefused as err:
             raise HTTPError(err.status, err.message) from None
-        self.writes += 1
         log.debug("write by uid %d pid %d: generation %s", client.uid, client.pid, result.generation)
         return result
 

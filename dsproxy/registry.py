@@ -240,6 +240,7 @@ class Registry:
         self._next_check = _monotonic() + SEGMENT_CHECK_INTERVAL
         self.reloads = 0
         self.errors = 0
+        self._caller_errors = 0  # errors a daemon counted itself (publish_stats)
         self._closed = False
         self._attach()  # also with cache=off: the slot makes the process visible, totals need the segment
         _registries.add(self)
@@ -353,6 +354,7 @@ class Registry:
             base = self._slot_base
             words[base + shm.SLOT_REQUESTS] = requests
             words[base + shm.SLOT_CACHE_HITS] = cache_hits
+            self._caller_errors = errors
             words[base + shm.SLOT_ERRORS] = self.errors + errors
             words[base + shm.SLOT_BOOTED] = int(booted)
             words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()  # in every mode: the master watches it
@@ -511,7 +513,7 @@ class Registry:
             words[base + shm.SLOT_GENERATION] = gen
             words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
             words[base + shm.SLOT_RELOADS] = self.reloads
-            words[base + shm.SLOT_ERRORS] = self.errors
+            words[base + shm.SLOT_ERRORS] = self.errors + self._caller_errors  # as publish_stats() counts
 
     def _reattach(self) -> None:
         log.info("shared memory %s was replaced; reopening", self._seg.name if self._seg else "?")

@@ -85,9 +85,7 @@ def test_dump_of_a_pbs4_file_is_canonical_and_round_trips() -> None:
 
 def test_a_duplicate_section_is_accepted_and_the_last_wins_in_the_first_place() -> None:
     cfg = config.parse(
-        "datastore: store1\n\tpath /a\n\tcomment old\n\n"
-        "datastore: store2\n\tpath /b\n\n"
-        "datastore: store1\n\tpath /c\n"
+        "datastore: store1\n\tpath /a\n\tcomment old\n\ndatastore: store2\n\tpath /b\n\ndatastore: store1\n\tpath /c\n"
     )
     assert list(cfg) == ["store1", "store2"]
     assert cfg["store1"] == {"path": "/c"}
@@ -255,7 +253,7 @@ def test_config_check_reports_a_5000_digit_integer_as_a_line_error(tmp_path: Pat
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr + done.stdout
-    assert f'parsing "{cfg}" failed: line 3 - property \'keep-last\': number too large' in done.stderr
+    assert f"parsing \"{cfg}\" failed: line 3 - property 'keep-last': number too large" in done.stderr
 
 
 # -- the manager's writer ------------------------------------------------------------------------

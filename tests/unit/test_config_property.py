@@ -79,7 +79,9 @@ _surrogates = st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max
 _quoting = st.text(alphabet='"\\,=n abc\t', max_size=16)
 _unicode = st.text(max_size=20)
 _calendar = st.lists(
-    st.sampled_from(["mon", "fri", "..", ",", ":", "*", "/", "0", "2", "15", "24", "60", " ", "UTC", "-", "2024", "daily"]),
+    st.sampled_from(
+        ["mon", "fri", "..", ",", ":", "*", "/", "0", "2", "15", "24", "60", " ", "UTC", "-", "2024", "daily"]
+    ),
     max_size=8,
 ).map("".join)
 _sizes = st.builds(

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--maintenance",
         metavar="TYPE[:MESSAGE]",
-        help="read-only, offline, unmount or delete (with a message); 'none' clears",
+        help="read-only, offline, s3-refresh, unmount or delete (with a message); 'none' clears",
     )
     a.add_argument("--digest", help="refuse if the config changed since this digest was read")
     a.set_defaults(func=cmd_ds_update)
@@ -331,6 +331,10 @@ def cmd_ds_update(args: argparse.Namespace) -> int:
             delete.append("maintenance-mode")
         else:
             kind, sep, message = args.maintenance.partition(":")
+            if kind not in config.schema.MAINTENANCE_TYPES:
+                raise CommandError(
+                    f"--maintenance: '{kind}' is not one of {', '.join(config.schema.MAINTENANCE_TYPES)} or none"
+                )
             body["maintenance-mode"] = f"type={kind}" + (f",message={_quote_message(message)}" if sep else "")
     if delete:
         body["delete"] = delete

@@ -22,7 +22,8 @@ class NoSuchDatastore(DatastoreError):
 
 
 class MaintenanceRefused(DatastoreError):
-    """``datastore 'NAME' is in <reason>`` -- the maintenance mode forbids the operation."""
+    """``datastore 'NAME' is unavailable: <reason>`` (the maintenance mode forbids the operation) or
+    ``datastore 'NAME' is not mounted`` (a removable store whose device is absent)."""
 
     status = 409
 

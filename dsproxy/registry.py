@@ -49,6 +49,8 @@ from typing import Final
 from . import instance as instance_mod
 from ._lazylog import LazyLogger
 from .config import MaintenanceMode, Operation, ParseError, SectionConfig, Value, config_lock, digest, parse, read_raw
+from .config.maintenance import not_mounted_text, refusal_text
+from .config.schema import absolute_path
 from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore
 from .instance import Instance
 from .ipc import shm
@@ -70,7 +72,7 @@ _monotonic = time.monotonic
 class _Entry:
     """One store as the cached config describes it, with its decisions precomputed."""
 
-    __slots__ = ("counter", "evicts", "fast", "instance", "maintenance", "name", "props", "refusals")
+    __slots__ = ("counter", "evicts", "fast", "instance", "maintenance", "mount", "name", "props", "refusals")
 
     def __init__(
         self,
@@ -79,12 +81,14 @@ class _Entry:
         maintenance: MaintenanceMode | None,
         refusals: tuple[str | None, str | None, str | None],
         evicts: bool,
+        mount: str | None = None,
     ) -> None:
         self.name = name
         self.props = props
         self.maintenance = maintenance
         self.refusals = refusals  # full error text per Operation, or None
         self.evicts = evicts
+        self.mount = mount  # a removable store's mount point (checked on every lookup), or None
         self.counter = -1  # word index of this process's READ counter (WRITE is +1); -1: not resolved
         self.instance: Instance | None = None  # built under this entry's generation
         self.fast: tuple[int, int, int] = (-1, -1, -1)
@@ -92,7 +96,7 @@ class _Entry:
     def prime(self) -> None:
         """Precompute the fast path's one decision: per Operation, the counter word to increment,
         or -1 where the slow path has to answer (refused, no instance or counter yet, LOOKUP)."""
-        if self.instance is None or self.counter < 0:
+        if self.instance is None or self.counter < 0 or self.mount is not None:
             self.fast = (-1, -1, -1)
             return
         read = self.counter if self.refusals[0] is None else -1
@@ -101,14 +105,30 @@ class _Entry:
 
 
 def _make_entry(name: str, props: dict[str, Value]) -> _Entry:
+    mount = None
+    if "backing-device" in props:
+        # a removable store: its content is where PBS mounts the device, not at its (on-device) path
+        mount = absolute_path(name, props)
+        props = {**props, "path": mount}
     text = props.get("maintenance-mode")
     mode = MaintenanceMode.parse(str(text)) if text is not None else None
     if mode is None:
-        return _Entry(name, props, None, (None, None, None), False)
-    refusals = tuple(
-        None if (reason := mode.check(op)) is None else f"datastore '{name}' is in {reason}" for op in Operation
-    )
-    return _Entry(name, props, mode, (refusals[0], refusals[1], refusals[2]), mode.evicts)
+        return _Entry(name, props, None, (None, None, None), False, mount)
+    refusals = tuple(None if (reason := mode.check(op)) is None else refusal_text(name, reason) for op in Operation)
+    return _Entry(name, props, mode, (refusals[0], refusals[1], refusals[2]), mode.evicts, mount)
+
+
+def _refusal(entry: _Entry, operation: Operation) -> str | None:
+    """Why ``operation`` may not start on ``entry``'s store, or ``None``.
+
+    A removable store is "mounted" when its mount point is one (``os.path.ismount``: another
+    device than its parent directory); two ``lstat`` calls on every lookup of such a store, since
+    a device comes and goes without the config changing.
+    """
+    refusal = entry.refusals[operation]
+    if refusal is None and entry.mount is not None and not os.path.ismount(entry.mount):
+        return not_mounted_text(entry.name)
+    return refusal
 
 
 class _Cache:
@@ -396,7 +416,7 @@ class Registry:
             entry = cache.entries.get(name)
             if entry is None:
                 raise NoSuchDatastore(name)
-            refusal = entry.refusals[operation]
+            refusal = _refusal(entry, operation)
             if refusal is not None:
                 raise MaintenanceRefused(refusal)
             if operation == Operation.LOOKUP:  # registers nothing
@@ -636,7 +656,7 @@ class Registry:
         try:
             with config_lock(self._lock_file):
                 entry, gen = self._locked_entry(name)
-                refusal = entry.refusals[int(operation)]
+                refusal = _refusal(entry, operation)
                 if refusal is not None:
                     raise MaintenanceRefused(refusal)
                 if operation != Operation.LOOKUP:

@@ -7,11 +7,12 @@ Public surface (DESIGN §5.3)::
     # dsproxy.config.ConfigError: .errors is a list of (line, message), all bad lines at once
 """
 
+from . import request
 from .errors import ConfigError, DigestMismatch, LockError, ParseError, PropertyError, WriteError
-from .file import config_lock, digest, read_config, read_raw, replace_file, update_config
+from .file import config_lock, digest, read_config, read_raw, replace_file, update_config, verified_bytes
 from .maintenance import MaintenanceMode, Operation
 from .schema import SchemaError, Value, check_name, check_value
-from .section import SectionConfig, check_section, dump, parse
+from .section import SectionConfig, check_section, dump, parse, render
 
 __all__ = [
     "ConfigError",
@@ -34,6 +35,9 @@ __all__ = [
     "parse",
     "read_config",
     "read_raw",
+    "render",
     "replace_file",
+    "request",
     "update_config",
+    "verified_bytes",
 ]

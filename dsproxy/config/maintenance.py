@@ -1,17 +1,21 @@
 """Operations and maintenance modes (DESIGN §5).
 
-``maintenance-mode`` is a property string ``type=<read-only|offline|delete|unmount>[,message=..]``
-(a bare type is allowed).  :meth:`MaintenanceMode.check` answers whether an operation may start
-and, if not, with the exact text PBS uses; the caller prefixes ``datastore 'NAME' is in ``.
+``maintenance-mode`` is a property string ``type=<read-only|offline|delete|unmount|s3-refresh>
+[,message=..]`` (a bare type is allowed: ``offline,message=...`` is how PBS writes it).
+:meth:`MaintenanceMode.check` answers whether an operation may start and, if not, with the exact
+text of pbs-api-types' ``MaintenanceMode::check``; the caller wraps it as PBS's
+``lookup_datastore`` does (:func:`refusal_text`): ``datastore 'NAME' is unavailable: <reason>``.
 
-| type      | READ    | WRITE   | LOOKUP  | evict when idle |
-|-----------|---------|---------|---------|-----------------|
-| read-only | ok      | refused | ok      | no              |
-| offline   | refused | refused | ok      | yes             |
-| unmount   | refused | refused | ok      | yes             |
-| delete    | refused | refused | refused | yes             |
+| type       | READ    | WRITE   | LOOKUP  | evict when idle |
+|------------|---------|---------|---------|-----------------|
+| read-only  | ok      | refused | ok      | no              |
+| offline    | refused | refused | ok      | yes             |
+| s3-refresh | refused | refused | ok      | no              |
+| unmount    | refused | refused | ok      | yes             |
+| delete     | refused | refused | refused | yes             |
 
 The message is percent-decoded for display (PBS does the same; invalid UTF-8 becomes empty).
+A removable store whose device is not mounted is refused with :func:`not_mounted_text`.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class MaintenanceMode(NamedTuple):
             return "datastore is being unmounted"
         if self.type == "offline":
             return f"offline maintenance mode: {self.decoded_message}"
+        if self.type == "s3-refresh":
+            return f"S3 refresh maintenance mode: {self.decoded_message}"
         if self.type == "read-only" and operation == Operation.WRITE:
             return f"read-only maintenance mode: {self.decoded_message}"
         return None
@@ -80,3 +86,13 @@ class MaintenanceMode(NamedTuple):
     def allows_transition_to(self, new: MaintenanceMode | None) -> bool:
         """From ``delete`` only ``delete`` may follow; every other transition is allowed."""
         return self.type != "delete" or (new is not None and new.type == "delete")
+
+
+def refusal_text(name: str, reason: str) -> str:
+    """The full refusal of a lookup, as PBS >= 3.2.13 words it."""
+    return f"datastore '{name}' is unavailable: {reason}"
+
+
+def not_mounted_text(name: str) -> str:
+    """The refusal of a removable store whose device is not mounted."""
+    return f"datastore '{name}' is not mounted"

@@ -1,42 +1,64 @@
 """Parser and canonical writer of the section-config format of ``datastore.cfg`` (DESIGN §3.1).
 
 The grammar is proxmox-section-config's default syntax, so a file written by Proxmox Backup
-Server parses unchanged:
+Server (4.x included) parses unchanged:
 
 * ``datastore: NAME`` starts a section (type and id split at the first ``:``, both trimmed; the
   line must start with a letter);
-* property lines start with whitespace and are ``key value``, split at the first whitespace run;
+* property lines start with whitespace and are ``key value``, split at the first white space, the
+  value trimmed -- so ``\tcomment `` (key, one space, nothing) is ``comment`` with an empty value,
+  as PBS's own create writes it, while ``\tcomment`` alone is a syntax error;
 * a blank (or whitespace-only) line ends a section; so does the end of the file;
-* lines end in ``\\n`` or ``\\r\\n``; there is no comment syntax.
+* lines end in ``\n`` or ``\r\n``; there is no comment syntax;
+* a section name that appears twice is accepted and **the last one wins** (as in PBS, whose
+  parser stores sections in a map); it keeps the place of the first in the file order, which is
+  where the writer puts it.  Everything downstream sees a mapping, so names are unique there.
+
+Values go through :func:`~dsproxy.config.schema.check_value` and, once a section is complete,
+:func:`~dsproxy.config.schema.check_section_rules` (``path`` absolute, or relative for a
+removable store) -- the very checkers API writes use.
 
 Every bad line is collected and :class:`~dsproxy.config.errors.ParseError` is raised once at the
-end, so an admin sees all mistakes of an edit at once.  After a bad header the parser recovers at
-the next header, so one typo does not drown the report in follow-up errors.
+end, in line order, so an admin sees all mistakes of an edit at once.  After a bad header the
+parser recovers at the next header, so one typo does not drown the report in follow-up errors.
+Whatever the input -- text with lone surrogates, 5,000-digit numbers, deep quoting -- ``parse``
+raises nothing but ``ParseError``.
 
 The writer is canonical: sections in mapping order, keys sorted, one tab before each property, one
-blank line between sections, none at the end, an empty config as an empty file.  For every parsed
-config ``parse(dump(cfg)) == cfg``.
+blank line between sections, none at the end, an empty config as an empty file.  It validates
+every section with the same checkers and refuses any control character, so for every config it
+accepts ``parse(dump(cfg)) == cfg`` (and :func:`~dsproxy.config.file.update_config` re-parses the
+exact bytes before they replace the file, to make that a checked fact rather than a promise).
 
 Speed: a 1,000-section file (~180 KB) parses in a few milliseconds; validated values are memoised
-per parse because most stores share schedules and property strings.
+(per process, bounded) because most stores share schedules and property strings, and every
+worker re-parses the same file on each reload.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .errors import ConfigError, ParseError
+from .errors import ParseError, PropertyError
 from .schema import (
+    CONTROL_RE,
     REQUIRED_KEYS,
     SECTION_SCHEMA,
     SchemaError,
     Value,
     check_name,
+    check_section_rules,
     check_value,
     format_value,
+    show,
 )
 
 SECTION_TYPE = "datastore"
+
+# Validated values by (key, raw text), shared by every parse of this process: a reload re-parses
+# mostly the same values.  Only successes are stored; the bound keeps a hostile file from growing it.
+_MEMO: dict[tuple[str, str], Value] = {}
+_MEMO_LIMIT = 50_000
 
 
 class SectionConfig(dict[str, dict[str, Value]]):
@@ -64,15 +86,14 @@ class _Parser:
         self.filename = filename
         self.config = SectionConfig()
         self.errors: list[tuple[int, str]] = []
-        self.first_line: dict[str, int] = {}
-        self.memo: dict[tuple[str, str], Value] = {}
+        self.memo = _MEMO
         # current section: name (None when its header was bad), its properties, and whether it is
         # being skipped entirely (unknown type / unparsable header)
         self.in_section = False
         self.skipping = False
         self.name: str | None = None
         self.props: dict[str, Value] = {}
-        self.seen: set[str] = set()
+        self.seen: dict[str, int] = {}  # key -> its line
 
     def error(self, lineno: int, message: str) -> None:
         self.errors.append((lineno, message))
@@ -82,7 +103,7 @@ class _Parser:
         self.skipping = False
         self.name = None
         self.props = {}
-        self.seen = set()
+        self.seen = {}
         typ, colon, ident = line.partition(":")
         if not colon or not line[0].isalpha():
             self.error(lineno, "syntax error (expected header)")
@@ -90,7 +111,7 @@ class _Parser:
             return
         typ, ident = typ.strip(), ident.strip()
         if typ != SECTION_TYPE:
-            self.error(lineno, f"unknown section type '{typ}'")
+            self.error(lineno, f"unknown section type '{show(typ)}'")
             self.skipping = True
             return
         try:
@@ -98,11 +119,6 @@ class _Parser:
         except SchemaError as err:
             self.error(lineno, f"syntax error in section identifier: {err}")
             return
-        first = self.first_line.get(ident)
-        if first is not None:
-            self.error(lineno, f"duplicate section '{ident}' (first defined at line {first})")
-            return
-        self.first_line[ident] = lineno
         self.name = ident
 
     def check_property(self, lineno: int, key: str, raw: str) -> None:
@@ -115,7 +131,10 @@ class _Parser:
             else:
                 self.error(lineno, str(err))
             return
-        self.memo[(key, raw)] = value
+        memo = self.memo
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[(key, raw)] = value
         self.props[key] = value
 
     def end_section(self, lineno: int) -> None:
@@ -123,8 +142,12 @@ class _Parser:
             for key in REQUIRED_KEYS:
                 if key not in self.seen:
                     self.error(lineno, f"property '{key}' is missing and it is not optional.")
+            broken = check_section_rules(self.props)
+            if broken is not None:
+                key, reason = broken
+                self.error(self.seen.get(key, lineno), f"property '{key}': {reason}")
             if self.name is not None:
-                self.config[self.name] = self.props
+                self.config[self.name] = self.props  # a second section of that name replaces the first
         self.in_section = False
         self.skipping = False
         self.name = None
@@ -151,14 +174,16 @@ class _Parser:
                     continue
                 parts = line.split(None, 1)
                 if len(parts) < 2:
-                    self.error(lineno, "syntax error (expected section properties)")
-                    continue
+                    if not line[-1].isspace():
+                        self.error(lineno, "syntax error (expected section properties)")
+                        continue
+                    parts.append("")  # "key " and nothing: an empty value
                 key, raw = parts[0], parts[1].rstrip()
                 seen = self.seen
                 if key in seen:
-                    self.error(lineno, f"duplicate property '{key}'")
+                    self.error(lineno, f"duplicate property '{show(key)}'")
                     continue
-                seen.add(key)
+                seen[key] = lineno
                 value = memo.get((key, raw))
                 if value is None:
                     self.check_property(lineno, key, raw)
@@ -175,6 +200,7 @@ class _Parser:
             # the end of the file ends a section like a blank line, reported at the last line
             self.end_section(lineno)
         if self.errors:
+            self.errors.sort(key=lambda error: error[0])  # stable: a line's own order is kept
             raise ParseError(self.filename, self.errors)
         return self.config
 
@@ -187,16 +213,18 @@ def parse(text: str | bytes, filename: str = "datastore.cfg") -> SectionConfig:
     """
     if isinstance(text, bytes | bytearray | memoryview):
         text = _decode(bytes(text), filename)
+    elif not isinstance(text, str):
+        raise ParseError(filename, [(0, f"expected text or bytes, got {type(text).__name__}")])
     return _Parser(filename).feed(text)
 
 
 def check_section(name: str, props: Mapping[str, object]) -> dict[str, Value]:
-    """Validate one section (name and every property) and return its typed properties.
+    """Validate one section (name, every property, the rules across keys) and return its typed
+    properties -- with the parser's checkers, so what passes here parses back the same.
 
-    Raises :class:`~dsproxy.config.errors.PropertyError` naming the first bad key.
+    Strings are trimmed first (the file format trims values).  Raises
+    :class:`~dsproxy.config.errors.PropertyError` naming the first bad key.
     """
-    from .errors import PropertyError
-
     try:
         check_name(name)
     except SchemaError as err:
@@ -204,30 +232,46 @@ def check_section(name: str, props: Mapping[str, object]) -> dict[str, Value]:
     out: dict[str, Value] = {}
     for key, value in props.items():
         if isinstance(value, str):
-            # the file format trims values and cannot hold an empty one
             value = value.strip()
-            if not value:
-                raise PropertyError(key, "value must not be empty")
         try:
             out[key] = check_value(key, value)
         except SchemaError as err:
-            raise PropertyError(key, str(err)) from None
+            raise PropertyError(show(key), str(err)) from None
     for key in REQUIRED_KEYS:
         if key not in out:
             raise PropertyError(key, "property is missing and it is not optional")
+    broken = check_section_rules(out)
+    if broken is not None:
+        raise PropertyError(*broken)
     return out
 
 
-def dump(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.cfg") -> str:
-    """Canonical text of a config.  Every section is validated first, so a bad value can never
-    reach the file (``writing "<file>" failed: ...``)."""
+def render(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.cfg") -> tuple[str, SectionConfig]:
+    """The canonical text of ``config`` and the typed config it stands for.
+
+    Every section is validated first (:func:`check_section`) and no control character reaches
+    the text, so a bad value can never reach the file: :class:`PropertyError` names the key
+    (``writing "<file>" failed: section 'NAME': ...``).
+    """
     chunks = []
+    typed_config = SectionConfig()
     for name, props in config.items():
         try:
             typed = check_section(name, props)
-        except ConfigError as err:
-            raise ConfigError(f"writing \"{filename}\" failed: section '{name}': {err}") from None
+        except PropertyError as err:
+            reason = f"writing \"{filename}\" failed: section '{show(name)}': {err.reason}"
+            raise PropertyError(err.key, reason) from None
         lines = [f"{SECTION_TYPE}: {name}\n"]
-        lines.extend(f"\t{key} {format_value(typed[key])}\n" for key in sorted(typed))
+        for key in sorted(typed):
+            text = format_value(typed[key])
+            if CONTROL_RE.search(text) is not None:  # the checkers make this impossible; the writer still refuses
+                raise PropertyError(key, f"detected unexpected control character in section '{name}' key '{key}'")
+            lines.append(f"\t{key} {text}\n")
         chunks.append("".join(lines))
-    return "\n".join(chunks)
+        typed_config[name] = typed
+    return "\n".join(chunks), typed_config
+
+
+def dump(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.cfg") -> str:
+    """Canonical text of a config (see :func:`render`); raises ``PropertyError`` for a bad value."""
+    return render(config, filename)[0]

@@ -41,9 +41,9 @@ from ..config import (
     digest,
     parse,
     read_raw,
+    request,
     update_config,
 )
-from ..config.schema import SECTION_SCHEMA
 from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
@@ -86,19 +86,11 @@ def _stat_signature(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _text_props(body: dict[str, Any], skip: tuple[str, ...]) -> dict[str, object]:
-    """Request properties -> raw values for the schema (JSON numbers/bools accepted as such)."""
-    props: dict[str, object] = {}
-    for key, value in body.items():
-        if key in skip:
-            continue
-        if key not in SECTION_SCHEMA:
-            raise WriteRefused(400, f"parameter verification failed - '{key}': unknown property")
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        if not isinstance(value, str | int):
-            raise WriteRefused(400, f"parameter verification failed - '{key}': expected a string")
-        props[key] = str(value)
-    return props
+    """Request properties -> raw values for the schema (see :mod:`dsproxy.config.request`)."""
+    try:
+        return request.request_properties(body, skip)
+    except PropertyError as err:
+        raise WriteRefused(400, str(err)) from None
 
 
 class ConfigWriter:
@@ -175,6 +167,7 @@ class ConfigWriter:
         props = _text_props(body, ("name", "digest"))
         props.setdefault("path", str(self.paths.data_dir / name))
         try:
+            request.check_create(props)
             typed = check_section(name, props)
         except PropertyError as err:
             raise WriteRefused(400, str(err)) from None
@@ -245,14 +238,11 @@ class ConfigWriter:
             delete = [k.strip() for k in delete.split(",") if k.strip()]
         if not isinstance(delete, list) or not all(isinstance(k, str) for k in delete):
             raise WriteRefused(400, "parameter verification failed - 'delete': expected a list of property names")
-        for key in delete:
-            if key not in SECTION_SCHEMA:
-                raise WriteRefused(400, f"parameter verification failed - 'delete': unknown property '{key}'")
-            if key == "path":
-                raise WriteRefused(400, "parameter verification failed - 'delete': 'path' cannot be deleted")
         props = _text_props(body, ("name", "digest", "delete"))
-        if "path" in props:
-            raise WriteRefused(400, "parameter verification failed - 'path': the path of a datastore cannot be changed")
+        try:
+            request.check_update(props, delete)
+        except PropertyError as err:
+            raise WriteRefused(400, str(err)) from None
         outcome: dict[str, MaintenanceMode | None] = {}
 
         def mutate(cfg: SectionConfig) -> None:

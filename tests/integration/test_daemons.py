@@ -88,18 +88,18 @@ def test_maintenance_refusals_and_texts(daemons: Daemons) -> None:
         assert c.get(f"{API}/admin/datastore/demo0001/status").status_code == 200
         w = c.post(f"{API}/admin/datastore/demo0001/operation", json={"operation": "write"})
         assert w.status_code == 409
-        assert w.json()["message"] == "datastore 'demo0001' is in read-only maintenance mode: upgrade"
+        assert w.json()["message"] == "datastore 'demo0001' is unavailable: read-only maintenance mode: upgrade"
         r = c.put(f"{API}/config/datastore/demo0001", json={"maintenance-mode": "type=offline,message=disk swap"})
         assert r.json()["data"]["active-operations"] == {"read": 0, "write": 0}
         status = c.get(f"{API}/admin/datastore/demo0001/status")
         assert status.status_code == 409
-        assert status.json()["message"] == "datastore 'demo0001' is in offline maintenance mode: disk swap"
+        assert status.json()["message"] == "datastore 'demo0001' is unavailable: offline maintenance mode: disk swap"
         c.put(f"{API}/config/datastore/demo0002", json={"maintenance-mode": "delete"}).raise_for_status()
         back = c.put(f"{API}/config/datastore/demo0002", json={"delete": "maintenance-mode"})
         assert back.status_code == 400 and "being deleted" in back.json()["message"]
         deleted = c.get(f"{API}/admin/datastore/demo0002/status")
         assert deleted.status_code == 409
-        assert deleted.json()["message"] == "datastore 'demo0002' is in datastore is being deleted"
+        assert deleted.json()["message"] == "datastore 'demo0002' is unavailable: datastore is being deleted"
 
 
 def test_an_offline_transition_reports_held_leases_and_remove_refuses(daemons: Daemons) -> None:
@@ -396,7 +396,7 @@ def test_the_baseline_modes_give_the_same_answers(daemon_factory, mode: str) -> 
             f"{API}/config/datastore/demo0001", json={"maintenance-mode": "type=offline,message=m"}
         ).raise_for_status()
         assert c.get(f"{API}/admin/datastore/demo0001/status").json()["message"] == (
-            "datastore 'demo0001' is in offline maintenance mode: m"
+            "datastore 'demo0001' is unavailable: offline maintenance mode: m"
         )
         c.post(f"{API}/admin/datastore/demo0002/operation", json={"operation": "write"}).raise_for_status()
         assert c.get(f"{API}/admin/datastore/demo0002/active-operations").json()["data"] == {"read": 0, "write": 1}

@@ -93,7 +93,7 @@ def test_a_write_is_seen_by_every_other_process_on_its_very_next_lookup(inst: In
     inst.add_stores("store2")
     for r in readers:
         refused = r.call("lookup", name="store1", op="READ")
-        assert refused["message"] == "datastore 'store1' is in offline maintenance mode: swap"
+        assert refused["message"] == "datastore 'store1' is unavailable: offline maintenance mode: swap"
         ok = r.call("lookup", name="store2", op="READ")
         assert ok["ok"] and ok["generation"] == (gen or 0) + 1
 
@@ -113,11 +113,11 @@ def test_a_hand_edit_is_seen_within_the_ttl_and_bumps_the_generation_for_all(
     assert "ok" in stale or dsproxy.registry.DISCARD_CACHES
     time.sleep(0.35)
     refused = quick.call("lookup", name="store1", op="READ")
-    assert refused["message"] == "datastore 'store1' is in offline maintenance mode: "
+    assert refused["message"] == "datastore 'store1' is unavailable: offline maintenance mode: "
     assert quick.call("state")["ok"]["generation"] == gen + 1
     # the bump reaches the long-TTL process on its very next lookup
     refused = slow.call("lookup", name="store1", op="READ")
-    assert refused["message"] == "datastore 'store1' is in offline maintenance mode: "
+    assert refused["message"] == "datastore 'store1' is unavailable: offline maintenance mode: "
 
 
 def test_maintenance_transition_waits_for_every_process_and_counts_what_still_runs(

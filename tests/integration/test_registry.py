@@ -60,15 +60,15 @@ def test_unknown_store(reg: dsproxy.Registry) -> None:
         (
             "type=read-only,message=disk swap",
             Operation.WRITE,
-            "datastore 'store1' is in read-only maintenance mode: disk swap",
+            "datastore 'store1' is unavailable: read-only maintenance mode: disk swap",
         ),
         (
             "type=offline,message=disk swap",
             Operation.READ,
-            "datastore 'store1' is in offline maintenance mode: disk swap",
+            "datastore 'store1' is unavailable: offline maintenance mode: disk swap",
         ),
-        ("unmount", Operation.WRITE, "datastore 'store1' is in datastore is being unmounted"),
-        ("delete", Operation.LOOKUP, "datastore 'store1' is in datastore is being deleted"),
+        ("unmount", Operation.WRITE, "datastore 'store1' is unavailable: datastore is being unmounted"),
+        ("delete", Operation.LOOKUP, "datastore 'store1' is unavailable: datastore is being deleted"),
     ],
 )
 def test_maintenance_refusals_have_the_pbs_texts(

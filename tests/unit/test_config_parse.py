@@ -69,13 +69,13 @@ def test_every_bad_line_is_reported_with_file_and_line() -> None:
         "zfs: other\n"  # 11 unknown type
         "\tpath /y\n"
         "\n"
-        "datastore: good1\n"  # 14 duplicate section
-        "\tpath /z\n"
+        "datastore: good1\n"  # 14 a duplicate section is fine (the last wins)...
+        "\tpath z\n"  # 15 ...but this one's path is relative
     )
     with pytest.raises(ParseError) as info:
         config.parse(text, filename="/etc/dsproxy/datastore.cfg")
     err = info.value
-    assert [line for line, _ in err.errors] == [1, 2, 3, 4, 5, 9, 11, 14]
+    assert [line for line, _ in err.errors] == [1, 2, 3, 4, 5, 9, 11, 15]
     lines = str(err).splitlines()
     assert lines[0] == (
         'parsing "/etc/dsproxy/datastore.cfg" failed: line 1 - '
@@ -87,7 +87,7 @@ def test_every_bad_line_is_reported_with_file_and_line() -> None:
     assert lines[4].endswith("line 5 - duplicate property 'keep-last'")
     assert lines[5].endswith("line 9 - property 'verify-new': Unable to parse boolean option.")
     assert lines[6].endswith("line 11 - unknown section type 'zfs'")
-    assert lines[7].endswith("line 14 - duplicate section 'good1' (first defined at line 7)")
+    assert lines[7].endswith("line 15 - property 'path': expected absolute path - got \"z\"")
     assert isinstance(err, ConfigError) and err.filename == "/etc/dsproxy/datastore.cfg"
 
 

@@ -171,7 +171,10 @@ class Handle(list):  # type: ignore[type-arg]
         if words is None:
             registry._release_slow(self)
         elif words is registry._words:  # else the slot is gone (fork, close): so is the count
-            words[self[4]] -= 1
+            try:  # noqa: SIM105 -- contextlib.suppress would cost ~0.2 us on every release
+                words[self[4]] -= 1
+            except ValueError:  # somebody zeroed the word: the count is lost either way
+                pass
             name = self[1].name
             if name in registry._evict_names:
                 registry._maybe_evict(name)
@@ -278,7 +281,7 @@ class Registry:
                     log.info("shared memory is usable again: leaving degraded mode")
                     self._cache = None
             return
-        problem = seg.check()
+        problem = seg.check(contents=False)  # garbage in other slots: readers skip it, the manager repairs
         if problem is None and self._words is not None and self._words[self._slot_base + shm.SLOT_PID] != os.getpid():
             problem = shm.SegmentProblem("overwritten", f"the process slot {self._slot} of {seg.name} was taken over")
         if problem is None:
@@ -291,6 +294,15 @@ class Registry:
             seg.close()
         self._cache = None
         self._set_degraded(problem.message)
+
+    def _drop_slot(self, what: str) -> None:
+        """``what``, a word of our own slot, holds garbage that a lookup cannot count on: give the
+        slot up and run degraded until the next check claims a fresh one (zeroed counters).  The
+        operations counted in the old slot vanish with it, as with a replaced segment."""
+        reason = f"{what} in process slot {self._slot} holds garbage"
+        self._detach()
+        self._cache = None  # its entries point at the old slot's counters
+        self._set_degraded(reason)
 
     def _set_degraded(self, reason: str) -> None:
         if self.degraded != reason:
@@ -375,10 +387,13 @@ class Registry:
                 if entry is not None:
                     counter = entry.fast[operation]
                     if counter >= 0:
-                        words[counter] += 1
-                        if words[_GEN] == gen:
-                            return Handle((self, entry.instance, operation, words, counter))
-                        words[counter] -= 1
+                        try:  # free unless raised (3.11): garbage in the word makes += raise
+                            words[counter] += 1
+                            if words[_GEN] == gen:
+                                return Handle((self, entry.instance, operation, words, counter))
+                            words[counter] -= 1
+                        except ValueError:
+                            pass  # the slow path gives the slot up
             return self._lookup_slow(name, operation, words)
         if self._words is not None and self._fast:
             return self._lookup_slow(name, operation, self._words)
@@ -406,18 +421,23 @@ class Registry:
             if counter < 0:
                 counter = self._resolve_counter(entry)
             counter += operation
-            words[counter] += 1
-            if words[_GEN] == gen:
-                break
-            # a config was published between our check and our registration: undo, start over
-            words[counter] -= 1
+            try:
+                words[counter] += 1
+                if words[_GEN] == gen:
+                    break
+                # a config was published between our check and our registration: undo, start over
+                words[counter] -= 1
+            except ValueError:  # our own counter holds garbage (u64 overflow): see _drop_slot
+                self._drop_slot(f"the operation counter of '{name}'")
+                return self._lookup_locked(name, operation)
         inst = entry.instance
         if inst is None:
             try:
                 inst = self._build(entry, cache.generation)
             except BaseException:
                 if counter >= 0:
-                    words[counter] -= 1
+                    with contextlib.suppress(ValueError):
+                        words[counter] -= 1
                 raise
         if counter < 0:
             return Handle((self, inst, operation, None, -1))

@@ -469,7 +469,7 @@ class Registry:
             self._reattach()
             seg = self._seg
             gen = seg.generation() if seg is not None else gen
-        data = read_raw(self._config_file)
+        data = self._read_file()
         file_digest = digest(data)
         old = self._cache
         now = _monotonic()
@@ -499,6 +499,16 @@ class Registry:
         cache = _Cache(gen, now + self._ttl, file_digest, config, entries)
         self._install(cache)
         return cache
+
+    def _read_file(self) -> bytes:
+        """The config file's bytes; a file that cannot be read (EMFILE, EACCES) is a 503."""
+        try:
+            return read_raw(self._config_file)
+        except OSError as err:
+            self.errors += 1
+            raise ConfigUnavailable(
+                f'config unavailable: cannot read "{self._config_file}": {err.strerror or err}'
+            ) from None
 
     def _install(self, cache: _Cache) -> None:
         """Make ``cache`` current, evict what it says must go, then acknowledge its generation."""
@@ -561,8 +571,8 @@ class Registry:
             evict = name in self._evict_names
         else:  # off / degraded: the last release of a store parses the file (what the fix removed)
             try:
-                config = parse(read_raw(self._config_file), filename=self._config_file)
-            except ParseError as err:
+                config = parse(self._read_file(), filename=self._config_file)
+            except (ParseError, ConfigUnavailable) as err:
                 log.warning("release of '%s': cannot read the config, not evicting: %s", name, err)
                 return
             props = config.get(name)
@@ -686,7 +696,7 @@ class Registry:
                 raise NoSuchDatastore(name)
             return entry, cache.generation
         # cache=off / degraded: parse every time; instances are keyed by the digest
-        data = read_raw(self._config_file)
+        data = self._read_file()
         file_digest = digest(data)
         try:
             config = parse(data, filename=self._config_file)
@@ -718,8 +728,8 @@ class Registry:
             evict = entry is None or entry.evicts
         else:  # off / degraded: the last release of a store parses the file (what the fix removed)
             try:
-                config = parse(read_raw(self._config_file), filename=self._config_file)
-            except ParseError as err:
+                config = parse(self._read_file(), filename=self._config_file)
+            except (ParseError, ConfigUnavailable) as err:
                 log.warning("release of '%s': cannot read the config, not evicting: %s", handle.name, err)
                 return
             props = config.get(handle.name)
@@ -746,7 +756,7 @@ class Registry:
             if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
                 cache = self._load(gen)
             return cache.config, cache.digest
-        data = read_raw(self._config_file)
+        data = self._read_file()
         try:
             return parse(data, filename=self._config_file), digest(data)
         except ParseError as err:

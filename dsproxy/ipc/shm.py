@@ -753,6 +753,7 @@ def _byte_map(pred: Iterable[bool]) -> bytes:
 
 
 _EVEN: Final = _byte_map(b % 2 == 0 for b in range(256))
+_EVEN_SET: Final = _byte_map(b % 2 == 0 and b != 0 for b in range(256))
 _ODD: Final = _byte_map(b % 2 == 1 for b in range(256))
 _ZERO: Final = _byte_map(b == 0 for b in range(256))
 _ABOVE_ONE: Final = _byte_map(b > 1 for b in range(256))
@@ -772,7 +773,8 @@ def _names_garbage(table: bytes) -> str | None:
     odd = int.from_bytes(low.translate(_ODD), "little")
     unnamed = int.from_bytes(table[8::NAME_ENTRY_SIZE].translate(_ZERO), "little")
     b4 = int.from_bytes(table[4::NAME_ENTRY_SIZE], "little")
-    bad = col[3] | col[4] | col[5] | high | (even & (col[0] | col[1] | col[2] | b4)) | (odd & unnamed)
+    even_set = int.from_bytes(low.translate(_EVEN_SET), "little")
+    bad = col[3] | col[4] | col[5] | high | even_set | (even & (col[0] | col[1] | col[2] | b4)) | (odd & unnamed)
     if not bad:
         return None
     index = ((bad & -bad).bit_length() - 1) // 8

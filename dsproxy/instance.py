@@ -9,6 +9,21 @@ of them.  So when the config changes, the instance is rebuilt around the **same*
 (:func:`build` with ``previous``); the descriptor is closed only when the instance is evicted (or
 the store moved to another path).  This is also why a host with 1,000 stores needs 1,000+ fds per
 process and the raised ``LimitNOFILE``.
+
+The files inside a store directory belong to the store owner, not to dsproxy, so they are
+untrusted (issue 8: one bad ``.gc-status`` used to crash every worker at boot):
+
+* ``.lock`` and ``.gc-status`` are opened with ``O_NOFOLLOW | O_NONBLOCK`` (a symbolic link is
+  refused, a FIFO cannot block the opener) and must be regular files (``fstat``).
+* ``.gc-status`` is read only up to :data:`GC_STATUS_MAX_BYTES` (1 MiB; PBS writes a few hundred
+  bytes) and must be a JSON object without ``NaN``/``Infinity``, lone surrogates or nesting
+  deeper than the interpreter's recursion limit.  Anything wrong with it becomes an inline error,
+  ``gc_status == {"error": "datastore 'X': ignoring .gc-status: <why>"}``, which the verbose
+  status shows; the lookup itself goes on.
+* A ``.lock`` that cannot be used fails the lookup of that store with :class:`InstanceError`.
+* Running out of descriptors (EMFILE/ENFILE) on either file fails the lookup with
+  :class:`~dsproxy.errors.OutOfDescriptors` (503, "datastore 'X': cannot open its lock file: Too
+  many open files") -- never a raw ``OSError``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import posix_ipc
+import pytest
 
 import dsproxy
 from dsproxy.client import Client
@@ -29,7 +30,7 @@ def scribble(run_dir: Path, offset: int, data: bytes) -> None:
     """Write ``data`` at ``offset`` of whatever segment the name holds now, as an attacker would."""
     handle = posix_ipc.SharedMemory(shm.segment_name(run_dir))
     try:
-        with mmap.mmap(handle.fd, shm.OFF_NAMES) as mm:
+        with mmap.mmap(handle.fd, shm.SEGMENT_SIZE) as mm:  # sparse: only the written pages cost
             mm[offset : offset + len(data)] = data
     finally:
         handle.close_fd()
@@ -68,9 +69,14 @@ def assert_still_running(d: Daemons) -> None:
     assert d.manager is not None and d.manager.poll() is None, f"the manager died:\n{d.log_text()}"
 
 
-def test_random_bytes_over_the_slot_area_heal_without_a_restart(daemons: Daemons) -> None:
+@pytest.mark.parametrize(
+    "offset",
+    [shm.OFF_SLOTS, shm.OFF_NAMES, shm.OFF_COUNTERS],
+    ids=["slots", "store-table", "counters-of-slot-0"],
+)
+def test_random_bytes_heal_without_a_restart(daemons: Daemons, offset: int) -> None:
     workers = daemons.worker_pids()
-    scribble(daemons.run_dir, shm.OFF_SLOTS, os.urandom(4096))
+    scribble(daemons.run_dir, offset, os.urandom(4096))
     started = time.monotonic()
     seen: list[int] = []
     with Client(daemons.proxy_sock, timeout=10.0) as c:

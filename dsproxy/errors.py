@@ -38,3 +38,13 @@ class InstanceError(DatastoreError):
     """The store is configured but its directory cannot be opened."""
 
     status = 500
+
+
+class OutOfDescriptors(InstanceError):
+    """The process ran out of file descriptors (EMFILE/ENFILE) while opening a store's files.
+
+    Transient and the server's problem, not the client's: 503.  The cure is a higher
+    ``LimitNOFILE`` (DESIGN §7) or fewer stores open at once.
+    """
+
+    status = 503

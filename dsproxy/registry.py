@@ -191,7 +191,10 @@ class Handle(list):  # type: ignore[type-arg]
         if words is None:
             registry._release_slow(self)
         elif words is registry._words:  # else the slot is gone (fork, close): so is the count
-            words[self[4]] -= 1
+            try:  # noqa: SIM105 -- contextlib.suppress would cost ~0.2 us on every release
+                words[self[4]] -= 1
+            except ValueError:  # somebody zeroed the word: the count is lost either way
+                pass
             name = self[1].name
             if name in registry._evict_names:
                 registry._maybe_evict(name)
@@ -298,7 +301,7 @@ class Registry:
                     log.info("shared memory is usable again: leaving degraded mode")
                     self._cache = None
             return
-        problem = seg.check()
+        problem = seg.check(contents=False)  # garbage in other slots: readers skip it, the manager repairs
         if problem is None and self._words is not None and self._words[self._slot_base + shm.SLOT_PID] != os.getpid():
             problem = shm.SegmentProblem("overwritten", f"the process slot {self._slot} of {seg.name} was taken over")
         if problem is None:
@@ -311,6 +314,15 @@ class Registry:
             seg.close()
         self._cache = None
         self._set_degraded(problem.message)
+
+    def _drop_slot(self, what: str) -> None:
+        """``what``, a word of our own slot, holds garbage that a lookup cannot count on: give the
+        slot up and run degraded until the next check claims a fresh one (zeroed counters).  The
+        operations counted in the old slot vanish with it, as with a replaced segment."""
+        reason = f"{what} in process slot {self._slot} holds garbage"
+        self._detach()
+        self._cache = None  # its entries point at the old slot's counters
+        self._set_degraded(reason)
 
     def _set_degraded(self, reason: str) -> None:
         if self.degraded != reason:
@@ -395,10 +407,13 @@ class Registry:
                 if entry is not None:
                     counter = entry.fast[operation]
                     if counter >= 0:
-                        words[counter] += 1
-                        if words[_GEN] == gen:
-                            return Handle((self, entry.instance, operation, words, counter))
-                        words[counter] -= 1
+                        try:  # free unless raised (3.11): garbage in the word makes += raise
+                            words[counter] += 1
+                            if words[_GEN] == gen:
+                                return Handle((self, entry.instance, operation, words, counter))
+                            words[counter] -= 1
+                        except ValueError:
+                            pass  # the slow path gives the slot up
             return self._lookup_slow(name, operation, words)
         if self._words is not None and self._fast:
             return self._lookup_slow(name, operation, self._words)
@@ -426,18 +441,23 @@ class Registry:
             if counter < 0:
                 counter = self._resolve_counter(entry)
             counter += operation
-            words[counter] += 1
-            if words[_GEN] == gen:
-                break
-            # a config was published between our check and our registration: undo, start over
-            words[counter] -= 1
+            try:
+                words[counter] += 1
+                if words[_GEN] == gen:
+                    break
+                # a config was published between our check and our registration: undo, start over
+                words[counter] -= 1
+            except ValueError:  # our own counter holds garbage (u64 overflow): see _drop_slot
+                self._drop_slot(f"the operation counter of '{name}'")
+                return self._lookup_locked(name, operation)
         inst = entry.instance
         if inst is None:
             try:
                 inst = self._build(entry, cache.generation)
             except BaseException:
                 if counter >= 0:
-                    words[counter] -= 1
+                    with contextlib.suppress(ValueError):
+                        words[counter] -= 1
                 raise
         if counter < 0:
             return Handle((self, inst, operation, None, -1))
@@ -469,7 +489,7 @@ class Registry:
             self._reattach()
             seg = self._seg
             gen = seg.generation() if seg is not None else gen
-        data = read_raw(self._config_file)
+        data = self._read_file()
         file_digest = digest(data)
         old = self._cache
         now = _monotonic()
@@ -499,6 +519,16 @@ class Registry:
         cache = _Cache(gen, now + self._ttl, file_digest, config, entries)
         self._install(cache)
         return cache
+
+    def _read_file(self) -> bytes:
+        """The config file's bytes; a file that cannot be read (EMFILE, EACCES) is a 503."""
+        try:
+            return read_raw(self._config_file)
+        except OSError as err:
+            self.errors += 1
+            raise ConfigUnavailable(
+                f'config unavailable: cannot read "{self._config_file}": {err.strerror or err}'
+            ) from None
 
     def _install(self, cache: _Cache) -> None:
         """Make ``cache`` current, evict what it says must go, then acknowledge its generation."""
@@ -561,8 +591,8 @@ class Registry:
             evict = name in self._evict_names
         else:  # off / degraded: the last release of a store parses the file (what the fix removed)
             try:
-                config = parse(read_raw(self._config_file), filename=self._config_file)
-            except ParseError as err:
+                config = parse(self._read_file(), filename=self._config_file)
+            except (ParseError, ConfigUnavailable) as err:
                 log.warning("release of '%s': cannot read the config, not evicting: %s", name, err)
                 return
             props = config.get(name)
@@ -686,7 +716,7 @@ class Registry:
                 raise NoSuchDatastore(name)
             return entry, cache.generation
         # cache=off / degraded: parse every time; instances are keyed by the digest
-        data = read_raw(self._config_file)
+        data = self._read_file()
         file_digest = digest(data)
         try:
             config = parse(data, filename=self._config_file)
@@ -718,8 +748,8 @@ class Registry:
             evict = entry is None or entry.evicts
         else:  # off / degraded: the last release of a store parses the file (what the fix removed)
             try:
-                config = parse(read_raw(self._config_file), filename=self._config_file)
-            except ParseError as err:
+                config = parse(self._read_file(), filename=self._config_file)
+            except (ParseError, ConfigUnavailable) as err:
                 log.warning("release of '%s': cannot read the config, not evicting: %s", handle.name, err)
                 return
             props = config.get(handle.name)
@@ -746,7 +776,7 @@ class Registry:
             if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
                 cache = self._load(gen)
             return cache.config, cache.digest
-        data = read_raw(self._config_file)
+        data = self._read_file()
         try:
             return parse(data, filename=self._config_file), digest(data)
         except ParseError as err:

@@ -217,8 +217,12 @@ class Manager:
             log.error("cannot replace the shared memory (workers run degraded): %s", err)
             return
         finally:
-            with contextlib.suppress(Exception):
-                seg.close()
+            # Only a truncated mapping is closed at once (touching it kills).  Any other stays
+            # mapped until its last user drops it: a maintenance wait in progress keeps reading it,
+            # and sees each process acknowledge by freeing its old slot as it moves over.
+            if problem.kind == "truncated":
+                with contextlib.suppress(Exception):
+                    seg.close()
         self._adopt(new)
         log.info("shared memory %s replaced, generation %d", new.name, new.generation())
 

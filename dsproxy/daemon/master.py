@@ -316,7 +316,8 @@ class Master:
     def segment(self) -> shm.Segment | None:
         """The shared memory, checked before every use: a truncated mapping kills its toucher."""
         seg = self.seg
-        if seg is not None and seg.check() is not None:
+        # the header only: garbage in the slots is skipped by claimed_slots() and repaired by the manager
+        if seg is not None and seg.check(contents=False) is not None:
             with contextlib.suppress(Exception):
                 seg.close()
             seg = self.seg = None
@@ -354,13 +355,11 @@ class Master:
             return
         now_ns = time.monotonic_ns()
         limit = int(self.options.worker_timeout * 1e9)
-        for s in range(shm.MAX_SLOTS):
-            base = seg.slot_base(s)
-            pid = seg.words[base + shm.SLOT_PID]
-            candidate = self.workers.get(pid) if pid else None
-            if candidate is not None and candidate.ready and now_ns - seg.words[base + shm.SLOT_HEARTBEAT] > limit:
-                log.error("worker %d has not been heard of for %.0f s; killing it", pid, self.options.worker_timeout)
-                _kill(pid, signal.SIGKILL)
+        for s in seg.claimed_slots():  # range-checked: a scribbled slot is not a worker to kill
+            candidate = self.workers.get(s.pid)
+            if candidate is not None and candidate.ready and now_ns - s.heartbeat_ns > limit:
+                log.error("worker %d has not been heard of for %.0f s; killing it", s.pid, self.options.worker_timeout)
+                _kill(s.pid, signal.SIGKILL)
 
     # -- systemd --------------------------------------------------------------------------------------
 

@@ -84,6 +84,42 @@ Failure handling
   truncates a mapped segment, because touching a mapping past its new end kills with SIGBUS.
 * Generations of a new segment start at a value derived from the clock, so a process can never
   mistake a counter of a new segment for the one it cached from the old.
+
+Untrusted contents
+------------------
+The segment is writable by every process of the proxy's user and group, so a compromised or
+buggy one can write anything anywhere in it.  No word read from it is used before it is
+range-checked, and garbage never crashes a reader or turns into a 500:
+
+* A claimed slot (pid != 0) is *sound* when its pid lies in ``1..PID_MAX`` (2**22, the kernel's
+  ceiling of ``pid_max``), its start time is not later than the boot clock now (+1 h), its role
+  is a :class:`Role`, its booted flag 0 or 1, its heartbeat not later than the monotonic clock
+  now (+1 h), its statistics below 2**53 and its reserved words zero.  Generations are only
+  compared, so any value is fine there.  Readers (:meth:`Segment.claimed_slots`,
+  :meth:`~Segment.slots`, :meth:`~Segment.active_operations`, slot claims, the master's heartbeat
+  watch) treat an unsound slot as garbage: not alive, its counters ignored, free to be claimed.
+  Liveness is asked of the kernel only for a sound pid (``os.kill`` raises on a u64).
+* An operation count is sound below 2**48; a live slot with a larger one is left out of the
+  totals.  A process whose *own* counter overflows on ``+= 1`` gives its slot up and runs
+  degraded until its next check claims a fresh one (the hot path pays nothing for this: a
+  ``try`` costs nothing in 3.11 until it raises).
+* A store-table entry is sound when its tag is 0 or ``crc32(name) << 1 | 1`` with a non-empty
+  NUL-padded name.  Readers need no check: a probe compares tag and name bytes and its index is
+  reduced modulo the table size, so garbage can at worst cost a miss or a counter shared by
+  mistake, never an index outside the table.
+
+:meth:`Segment.check` with ``contents`` (the manager's, every 0.5 s) looks for such garbage
+itself and reports it as a ``garbage`` problem, which makes the manager replace the segment
+through the same retire/recreate path as a scribbled header -- the segment heals without a
+restart.  It stays cheap, ~1 ms with 65,536 names (``tests/unit/test_shm_layout.py`` bounds it):
+the slot area is one 16 KiB copy; the store table is one ``pread`` (a read does not fill tmpfs
+holes as touching the mapping would), range-checked a byte column at a time with ``bytes``
+slicing and big-integer masks, and skipped by a ``memcmp`` when unchanged since it was last
+found sound; tags are recomputed from names 256 entries per call until all were since the last
+change; one operation-counter block (1 MiB) of a claimed slot is read per call, round robin.  A
+find is confirmed under the writers' lock before it is reported, since a claim in progress can
+look torn to a reader without the lock.  Workers and the master check only the header (what
+makes their mapping unusable) and skip garbage as above until the replacement arrives.
 """
 
 from __future__ import annotations
@@ -95,13 +131,13 @@ import mmap
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
 import posix_ipc
 
 from . import flock
-from .proc import is_alive, start_time
+from .proc import PID_MAX, is_alive, start_time, start_time_limit, valid_pid
 
 MAGIC: Final = b"DSPXSHM1"
 LAYOUT_VERSION: Final = 1
@@ -150,12 +186,22 @@ SEGMENT_SIZE: Final = OFF_COUNTERS + MAX_SLOTS * COUNTER_BLOCK_SIZE
 MASK64: Final = (1 << 64) - 1
 WRITER_LOCK_TIMEOUT: Final = 10.0
 
+# bounds of the words a reader range-checks (see "Untrusted contents" in the module essay)
+STAT_LIMIT: Final = 2**53  # requests, cache hits, reloads, errors: 10**6/s for 280 years
+OPERATIONS_LIMIT: Final = 2**48  # one process's operations on one store (fds run out long before)
+CLOCK_MARGIN: Final = 3600.0  # seconds a start time or heartbeat may lie ahead of this process's clock
+COUNTER_BLOCKS_PER_CHECK: Final = 1  # operation-counter blocks :meth:`Segment.check` reads per call
+NAME_CRC_WINDOW: Final = 256  # store-table entries whose tag :meth:`Segment.check` recomputes per call
+
 
 class Role(enum.IntEnum):
     MANAGER = 1
     MASTER = 2
     WORKER = 3
     LIBRARY = 4
+
+
+_ROLES: Final = frozenset(int(r) for r in Role)
 
 
 class SegmentError(Exception):
@@ -182,13 +228,27 @@ def _name_hash(name: bytes) -> int:
 
 class SegmentProblem(NamedTuple):
     """What :meth:`Segment.check` found: ``kind`` is one of removed, replaced, truncated,
-    overwritten, retired (a truncated mapping must not be touched again); ``message`` says it."""
+    overwritten, retired (a truncated mapping must not be touched again), or garbage (the header
+    is sound but a slot, counter or store-table entry is not: readers skip it, the manager replaces
+    the segment); ``message`` says it."""
 
     kind: str
     message: str
 
     def __str__(self) -> str:
         return self.message
+
+
+class _Scan:
+    """What one :meth:`Segment.check` reads of the parts it checks in turns (repeated unchanged
+    when it confirms a find under the lock)."""
+
+    __slots__ = ("block_first", "block_next", "blocks", "crc_first", "crc_next")
+
+    def __init__(self, crc_first: int, block_first: int) -> None:
+        self.crc_first = self.crc_next = crc_first
+        self.block_first = self.block_next = block_first
+        self.blocks: list[int] | None = None
 
 
 class SlotInfo(NamedTuple):
@@ -218,14 +278,22 @@ class Segment:
         #: the whole segment as u64 words -- ``words[i]`` is one untearable 8-byte load/store
         self.words = memoryview(mm).cast("Q")
         self._name_cache: dict[str, int] = {}
+        # check()'s state: where its round robins stand, and the store table it last found sound
+        self._block_cursor = 0  # the next slot whose counter block it reads
+        self._crc_cursor = 0  # the first entry of its next tag recomputation
+        self._crc_pending = 0  # entries whose tag it has not recomputed since the table changed
+        self._sound_table = b""
 
-    def check(self) -> SegmentProblem | None:
-        """What is wrong with this segment now, or None.  Cheap (one ``shm_open`` + ``fstat``).
+    def check(self, *, contents: bool = True) -> SegmentProblem | None:
+        """What is wrong with this segment now, or None.
 
         The size is checked on a fresh descriptor *before* the mapping is read: touching a mapping
         whose object was truncated kills with SIGBUS.  Found: the name removed or pointing to
-        another object, the object truncated, the header scribbled over (magic, version, size),
-        the segment retired by the manager.
+        another object, the object truncated, the header scribbled over (magic, version, size,
+        table sizes), the segment retired by the manager -- the problems after which a process
+        must stop using its mapping.  With ``contents`` (the manager's check, every 0.5 s) also
+        garbage in the process slots, the operation counters and the store-name table (kind
+        ``garbage``; see "Untrusted contents" in the module essay): ~1 ms with a full table.
         """
         name = self.name
         try:
@@ -235,9 +303,15 @@ class Segment:
         except posix_ipc.Error as err:
             return SegmentProblem("removed", f"shared memory {name} cannot be opened: {err}")
         try:
-            st = os.fstat(handle.fd)
+            problem = self._check_header(os.fstat(handle.fd))
+            if problem is None and contents:
+                problem = self._check_contents(handle.fd)
         finally:
             handle.close_fd()
+        return problem
+
+    def _check_header(self, st: os.stat_result) -> SegmentProblem | None:
+        name = self.name
         if self.inode and st.st_ino != self.inode:
             return SegmentProblem("replaced", f"shared memory {name} was replaced by another object")
         if st.st_size < SEGMENT_SIZE:
@@ -245,18 +319,86 @@ class Segment:
         header = bytes(self.mm[:OFF_GENERATIONS])
         if header[:8] != MAGIC:
             return SegmentProblem("overwritten", f"shared memory {name} was overwritten: magic {header[:8].hex()}")
-        version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 8], "little")
-        size = int.from_bytes(header[OFF_SIZE : OFF_SIZE + 8], "little")
+        version, size, state, slots, stores = (
+            int.from_bytes(header[off : off + 8], "little")
+            for off in (OFF_VERSION, OFF_SIZE, OFF_STATE, OFF_MAX_SLOTS, OFF_MAX_STORES)
+        )
         if version != LAYOUT_VERSION or size != SEGMENT_SIZE:
             return SegmentProblem(
                 "overwritten", f"shared memory {name} was overwritten: version {version}, size {size}"
             )
-        state = int.from_bytes(header[OFF_STATE : OFF_STATE + 8], "little")
+        if slots != MAX_SLOTS or stores != MAX_STORES:
+            return SegmentProblem(
+                "overwritten", f"shared memory {name} was overwritten: {slots} slots, {stores} store entries"
+            )
         if state == STATE_RETIRED:
             return SegmentProblem("retired", f"shared memory {name} is retired")
         if state != STATE_ACTIVE:
             return SegmentProblem("overwritten", f"shared memory {name} was overwritten: state {state}")
         return None
+
+    def _check_contents(self, fd: int) -> SegmentProblem | None:
+        """Garbage in the slots, counters or store table, confirmed under the writers' lock.
+
+        The first look takes no lock; a slot claim in progress can look torn to it (pid of the
+        dead owner, role already zeroed), so whatever it finds is looked at again, the same parts,
+        while holding the writers' lock, which every claim and insert holds.  Only garbage seen
+        twice is reported; a lock that cannot be had within a second reports nothing this time.
+        """
+        scan = _Scan(self._crc_cursor, self._block_cursor)
+        found = self._scan_contents(fd, scan)
+        self._crc_cursor, self._block_cursor = scan.crc_next, scan.block_next
+        if found is None:
+            return None
+        try:
+            with self.writer_lock(timeout=1.0):
+                found = self._scan_contents(fd, scan)
+        except SegmentError:
+            return None
+        if found is None:
+            return None
+        return SegmentProblem("garbage", f"shared memory {self.name} holds garbage: {found}")
+
+    def _scan_contents(self, fd: int, scan: _Scan) -> str | None:
+        vals = self._slot_words()
+        start_limit, clock_limit = start_time_limit(CLOCK_MARGIN), _clock_limit()
+        claimed = []
+        for index in range(MAX_SLOTS):
+            v = vals[index * SLOT_WORDS : (index + 1) * SLOT_WORDS]
+            if v[SLOT_PID] == 0:
+                continue  # free: a freed slot keeps its old words, nobody reads them
+            bad = _slot_garbage(v, start_limit, clock_limit)
+            if bad is not None:
+                return f"process slot {index}: {bad}"
+            claimed.append(index)
+        table = os.pread(fd, MAX_STORES * NAME_ENTRY_SIZE, OFF_NAMES)  # a read does not fill holes
+        if table != self._sound_table:  # a memcmp: the full range check only when it changed
+            bad = _names_garbage(table)
+            if bad is not None:
+                return f"store table {bad}"
+            self._sound_table = table
+            self._crc_pending = MAX_STORES
+        if self._crc_pending > 0:  # recompute the tags of one window, until all are done since the change
+            bad = _names_crc_garbage(table, range(scan.crc_first, scan.crc_first + NAME_CRC_WINDOW))
+            if bad is not None:
+                return f"store table {bad}"
+            scan.crc_next = (scan.crc_first + NAME_CRC_WINDOW) % MAX_STORES
+            self._crc_pending -= NAME_CRC_WINDOW
+        if scan.blocks is None:  # a few blocks per call, round robin over the claimed slots
+            later = [i for i in claimed if i >= scan.block_first] + [i for i in claimed if i < scan.block_first]
+            scan.blocks = later[:COUNTER_BLOCKS_PER_CHECK]
+            scan.block_next = scan.blocks[-1] + 1 if scan.blocks else 0
+        for index in scan.blocks:
+            block = os.pread(fd, COUNTER_BLOCK_SIZE, OFF_COUNTERS + index * COUNTER_BLOCK_SIZE)
+            bad = _counters_garbage(block)
+            if bad is not None:
+                return f"operation counters of process slot {index}: {bad}"
+        return None
+
+    def _slot_words(self) -> list[int]:
+        """Every word of the slot area, read once (one aligned load per word)."""
+        words: list[int] = self.words[OFF_SLOTS // 8 : OFF_NAMES // 8].tolist()
+        return words
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -428,34 +570,25 @@ class Segment:
         except (OSError, AttributeError, ValueError):
             self.mm[start : start + COUNTER_BLOCK_SIZE] = bytes(COUNTER_BLOCK_SIZE)
 
-    def slots(self) -> list[SlotInfo]:
-        """Snapshots of the slots whose process is alive (checks liveness: a slow call)."""
+    def claimed_slots(self) -> list[SlotInfo]:
+        """Snapshots of the claimed slots whose words pass the range checks (liveness unchecked).
+
+        A slot that fails them is garbage: not alive, its counters ignored (``check()`` reports it
+        and the manager replaces the segment).  ~30 us: no system call.
+        """
+        vals = self._slot_words()
+        start_limit, clock_limit = start_time_limit(CLOCK_MARGIN), _clock_limit()
         out = []
-        w = self.words
         for index in range(MAX_SLOTS):
-            base = self.slot_base(index)
-            pid = w[base + SLOT_PID]
-            if pid == 0:
+            v = vals[index * SLOT_WORDS : (index + 1) * SLOT_WORDS]
+            if v[SLOT_PID] == 0 or _slot_garbage(v, start_limit, clock_limit) is not None:
                 continue
-            start = w[base + SLOT_START]
-            if not is_alive(pid, start):
-                continue
-            out.append(
-                SlotInfo(
-                    slot=index,
-                    pid=pid,
-                    start=start,
-                    role=w[base + SLOT_ROLE],
-                    booted=bool(w[base + SLOT_BOOTED]),
-                    heartbeat_ns=w[base + SLOT_HEARTBEAT],
-                    generation=w[base + SLOT_GENERATION],
-                    requests=w[base + SLOT_REQUESTS],
-                    cache_hits=w[base + SLOT_CACHE_HITS],
-                    reloads=w[base + SLOT_RELOADS],
-                    errors=w[base + SLOT_ERRORS],
-                )
-            )
+            out.append(SlotInfo(index, v[0], v[1], v[2], bool(v[3]), v[4], v[5], v[6], v[7], v[8], v[9]))
         return out
+
+    def slots(self) -> list[SlotInfo]:
+        """Snapshots of the sound slots whose process is alive (checks liveness: a slow call)."""
+        return [s for s in self.claimed_slots() if is_alive(s.pid, s.start)]
 
     def wait_for_generation(
         self, generation: int, timeout: float, exclude: frozenset[int] = frozenset()
@@ -550,20 +683,18 @@ class Segment:
         return (OFF_COUNTERS + slot * COUNTER_BLOCK_SIZE + store * 16) // 8
 
     def active_operations(self, name: str) -> tuple[int, int]:
-        """``(read, write)`` summed over live slots."""
+        """``(read, write)`` summed over live, sound slots; a count out of range is ignored."""
         store = self.store_index(name)
         if store is None:
             return 0, 0
         read = write = 0
         w = self.words
-        for index in range(MAX_SLOTS):
-            base = self.slot_base(index)
-            pid = w[base + SLOT_PID]
-            if pid == 0 or not is_alive(pid, w[base + SLOT_START]):
-                continue
-            i = self.counter_index(index, store)
-            read += w[i]
-            write += w[i + 1]
+        for s in self.slots():
+            i = self.counter_index(s.slot, store)
+            r, wr = w[i], w[i + 1]
+            if r < OPERATIONS_LIMIT and wr < OPERATIONS_LIMIT:  # else garbage: check() reports it
+                read += r
+                write += wr
         return read, write
 
     # -- replacement ---------------------------------------------------------------------------------
@@ -575,6 +706,109 @@ class Segment:
             w[OFF_STATE // 8] = STATE_RETIRED
             for i in range(NUM_GENERATIONS):
                 w[OFF_GENERATIONS // 8 + i] = (w[OFF_GENERATIONS // 8 + i] + 1) & MASK64
+
+
+# -- range checks of untrusted contents (see "Untrusted contents" in the module essay) -----------------
+
+_SLOT_STATS: Final = {
+    SLOT_REQUESTS: "requests",
+    SLOT_CACHE_HITS: "cache hits",
+    SLOT_RELOADS: "reloads",
+    SLOT_ERRORS: "errors",
+}
+_SLOT_RESERVED: Final = slice(SLOT_ERRORS + 1, SLOT_WORDS)
+
+
+def _clock_limit() -> int:
+    return time.monotonic_ns() + int(CLOCK_MARGIN * 1e9)
+
+
+def _slot_garbage(v: Sequence[int], start_limit: int, clock_limit: int) -> str | None:
+    """What is wrong with the words ``v`` of a claimed slot (pid != 0), or None.
+
+    Generations are compared for equality only, so any value is fine there.
+    """
+    pid = v[SLOT_PID]
+    if not valid_pid(pid):
+        return f"pid {pid} is out of range (1..{PID_MAX})"
+    if v[SLOT_START] > start_limit:
+        return f"pid {pid}: start time {v[SLOT_START]} lies in the future"
+    if v[SLOT_ROLE] not in _ROLES:
+        return f"pid {pid}: unknown role {v[SLOT_ROLE]}"
+    if v[SLOT_BOOTED] > 1:
+        return f"pid {pid}: booted flag {v[SLOT_BOOTED]}"
+    if v[SLOT_HEARTBEAT] > clock_limit:
+        return f"pid {pid}: heartbeat {v[SLOT_HEARTBEAT]} lies in the future"
+    for k, what in _SLOT_STATS.items():
+        if v[k] >= STAT_LIMIT:
+            return f"pid {pid}: {what} {v[k]} out of range"
+    if any(v[_SLOT_RESERVED]):
+        return f"pid {pid}: reserved words are not zero"
+    return None
+
+
+def _byte_map(pred: Iterable[bool]) -> bytes:
+    """A ``bytes.translate`` table: 0xff where ``pred`` holds for the byte value, else 0."""
+    return bytes(255 if p else 0 for p in pred)
+
+
+_EVEN: Final = _byte_map(b % 2 == 0 for b in range(256))
+_EVEN_SET: Final = _byte_map(b % 2 == 0 and b != 0 for b in range(256))
+_ODD: Final = _byte_map(b % 2 == 1 for b in range(256))
+_ZERO: Final = _byte_map(b == 0 for b in range(256))
+_ABOVE_ONE: Final = _byte_map(b > 1 for b in range(256))
+
+
+def _names_garbage(table: bytes) -> str | None:
+    """Range-check every tag of the store table at once; ~0.6 ms for 65,536 entries.
+
+    A tag is 0 (empty) or ``crc32(name) << 1 | 1``: odd, below 2**33, with a non-empty name.
+    The check works a byte column at a time (``table[k::48]``: byte ``k`` of every entry) and
+    combines the columns as big integers, one byte per entry, so no Python loop runs per entry.
+    """
+    col = [int.from_bytes(table[k::NAME_ENTRY_SIZE], "little") for k in (1, 2, 3, 5, 6, 7)]
+    low = table[0::NAME_ENTRY_SIZE]
+    high = int.from_bytes(table[4::NAME_ENTRY_SIZE].translate(_ABOVE_ONE), "little")
+    even = int.from_bytes(low.translate(_EVEN), "little")
+    odd = int.from_bytes(low.translate(_ODD), "little")
+    unnamed = int.from_bytes(table[8::NAME_ENTRY_SIZE].translate(_ZERO), "little")
+    b4 = int.from_bytes(table[4::NAME_ENTRY_SIZE], "little")
+    even_set = int.from_bytes(low.translate(_EVEN_SET), "little")
+    bad = col[3] | col[4] | col[5] | high | even_set | (even & (col[0] | col[1] | col[2] | b4)) | (odd & unnamed)
+    if not bad:
+        return None
+    index = ((bad & -bad).bit_length() - 1) // 8
+    tag = int.from_bytes(table[index * NAME_ENTRY_SIZE : index * NAME_ENTRY_SIZE + 8], "little")
+    return f"entry {index}: tag {tag:#x} is not a tag"
+
+
+def _names_crc_garbage(table: bytes, indexes: Iterable[int]) -> str | None:
+    """Recompute the tags of the entries ``indexes`` from their names (a window per check)."""
+    for index in indexes:
+        off = (index % MAX_STORES) * NAME_ENTRY_SIZE
+        tag = int.from_bytes(table[off : off + 8], "little")
+        if tag == 0:
+            continue
+        raw = table[off + 8 : off + 8 + NAME_BYTES]
+        name = raw.rstrip(b"\0")
+        if not name or b"\0" in name or tag != (_name_hash(name) << 1) | 1:
+            return f"entry {index % MAX_STORES}: tag {tag:#x} does not match the name {name[:NAME_BYTES]!r}"
+    return None
+
+
+_ZERO_COLUMN: Final = bytes(COUNTER_BLOCK_SIZE // 8)
+_OPERATIONS_BYTES: Final = (OPERATIONS_LIMIT.bit_length() - 1) // 8  # the low bytes a count may use
+
+
+def _counters_garbage(block: bytes) -> str | None:
+    """Every counter of one block below :data:`OPERATIONS_LIMIT` (its high bytes all zero)."""
+    for k in range(_OPERATIONS_BYTES, 8):
+        if block[k::8] != _ZERO_COLUMN:
+            counters = memoryview(block).cast("Q")
+            index, value = next((i, c) for i, c in enumerate(counters) if c >= OPERATIONS_LIMIT)
+            kind = "write" if index % 2 else "read"
+            return f"{kind} count {value} of store entry {index // 2} out of range"
+    return None
 
 
 def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> Segment:
@@ -590,7 +824,7 @@ def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> 
     name = segment_name(run_dir)
     lock_file = lock_path(run_dir)
     old = mapped
-    if old is not None and (problem := old.check()) is not None and problem.kind == "truncated":
+    if old is not None and (problem := old.check(contents=False)) is not None and problem.kind == "truncated":
         old = None
     if old is None:
         try:

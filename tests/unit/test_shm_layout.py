@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mmap
+import os
+import time
 from pathlib import Path
 
 import posix_ipc
@@ -111,3 +113,110 @@ def test_store_names_get_stable_indexes(run_dir: Path) -> None:
     finally:
         seg.close()
         other.close()
+
+
+# -- untrusted contents: every word is range-checked, garbage is found by check() -------------------
+
+
+@pytest.fixture
+def seg(run_dir: Path):
+    segment = shm.Segment.open(run_dir, create=True)
+    yield segment
+    segment.close()
+
+
+def _slot_word(seg: shm.Segment, slot: int, field: int) -> int:
+    return seg.slot_base(slot) + field
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "found"),
+    [
+        (shm.SLOT_PID, 2**64 - 1, "pid 18446744073709551615 is out of range"),
+        (shm.SLOT_PID, 2**22 + 1, "out of range"),
+        (shm.SLOT_START, 2**63, "start time"),
+        (shm.SLOT_ROLE, 99, "unknown role 99"),
+        (shm.SLOT_BOOTED, 7, "booted flag 7"),
+        (shm.SLOT_HEARTBEAT, 2**64 - 1, "heartbeat"),
+        (shm.SLOT_REQUESTS, 2**60, "requests"),
+        (12, 1, "reserved words"),
+    ],
+)
+def test_a_scribbled_slot_word_is_garbage_to_readers_and_found_by_check(
+    seg: shm.Segment, field: int, value: int, found: str
+) -> None:
+    mine = seg.claim_slot(shm.Role.LIBRARY)
+    other = seg.claim_slot(shm.Role.WORKER)  # this process twice: a live slot to scribble on
+    index = seg.store_index("store1", create=True)
+    assert index is not None
+    seg.words[seg.counter_index(mine, index) + 1] = 1
+    seg.words[seg.counter_index(other, index) + 1] = 5
+    assert seg.check() is None
+    seg.words[_slot_word(seg, other, field)] = value
+    problem = seg.check()
+    assert problem is not None and problem.kind == "garbage"
+    assert f"process slot {other}" in problem.message and found in problem.message
+    # readers: not alive, its counters ignored -- and nothing raises
+    assert [s.slot for s in seg.slots()] == [mine]
+    assert seg.active_operations("store1") == (0, 1)
+    assert seg.lagging(seg.generation()) == seg.lagging(seg.generation(), exclude=frozenset({other}))
+    assert seg.check(contents=False) is None  # the header is sound: workers keep their mapping
+
+
+def test_random_bytes_over_the_slot_area_do_not_stop_a_claim(seg: shm.Segment) -> None:
+    seg.mm[shm.OFF_SLOTS : shm.OFF_SLOTS + 4096] = os.urandom(4096)
+    problem = seg.check()
+    assert problem is not None and problem.kind == "garbage"
+    assert seg.slots() == [] and seg.active_operations("store1") == (0, 0)
+    slot = seg.claim_slot(shm.Role.WORKER)  # a garbage slot is free to be claimed
+    assert [s.slot for s in seg.slots()] == [slot]
+
+
+def test_an_operation_count_out_of_range_is_ignored_and_found(seg: shm.Segment) -> None:
+    a, b = seg.claim_slot(shm.Role.LIBRARY), seg.claim_slot(shm.Role.WORKER)
+    index = seg.store_index("store1", create=True)
+    assert index is not None
+    seg.words[seg.counter_index(a, index)] = 2
+    seg.words[seg.counter_index(b, index) + 1] = 2**64 - 1
+    assert seg.active_operations("store1") == (2, 0)
+    problems = {str(seg.check()) for _ in range(shm.MAX_SLOTS)}  # one block per call, round robin
+    assert any(f"operation counters of process slot {b}: write count {2**64 - 1}" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("tag", "name", "found"),
+    [
+        (2, b"store1", "is not a tag"),  # even
+        (2**40 | 1, b"store1", "is not a tag"),  # above 2**33
+        (1, b"", "is not a tag"),  # no name
+        ((12345 << 1) | 1, b"store1", "does not match the name"),  # a valid-looking tag of another name
+    ],
+)
+def test_a_scribbled_store_table_entry_is_found(seg: shm.Segment, tag: int, name: bytes, found: str) -> None:
+    seg.register_stores(["store1", "store2"])
+    assert seg.check() is None
+    index = 777
+    off = shm.OFF_NAMES + index * shm.NAME_ENTRY_SIZE
+    seg.mm[off + 8 : off + 8 + shm.NAME_BYTES] = name.ljust(shm.NAME_BYTES, b"\0")
+    seg.words[off // 8] = tag
+    problems = [seg.check() for _ in range(shm.MAX_STORES // shm.NAME_CRC_WINDOW + 1)]
+    assert any(p is not None and f"entry {index}" in p.message and found in p.message for p in problems)
+    assert seg.store_index("store2") is not None  # probes still work
+
+
+def test_check_of_a_full_store_table_stays_cheap(seg: shm.Segment) -> None:
+    """The manager runs check() every 0.5 s: with all 65,536 names it must stay far below that."""
+    names = [f"store{i:06d}" for i in range(shm.MAX_STORES)]
+    seg.register_stores(names)
+    slots = [seg.claim_slot(shm.Role.WORKER) for _ in range(8)]
+    for slot in slots:
+        for name in names[::7]:
+            seg.words[seg.counter_index(slot, seg.store_index(name) or 0)] = 1
+    assert seg.check() is None
+    timings = []
+    for _ in range(40):
+        start = time.perf_counter()
+        assert seg.check() is None
+        timings.append(time.perf_counter() - start)
+    # ~1 ms on the project machine; the bound leaves room for a busy CI box
+    assert sorted(timings)[len(timings) // 2] < 0.010, timings

@@ -60,7 +60,9 @@ def _refuse_link(name: str, dir_fd: int | None, shown: str, expect_dir: bool) ->
         return UnsafePath(shown, "changed while it was opened")
     if stat.S_ISLNK(st.st_mode):
         return UnsafePath(shown, "is a symbolic link (refused: links are not followed here)")
-    return UnsafePath(shown, "is not a directory" if expect_dir else "is not a regular file", errno.ENOTDIR)
+    if expect_dir:
+        return UnsafePath(shown, "is not a directory", errno.ENOTDIR)
+    return UnsafePath(shown, "is not a regular file", errno.EINVAL)
 
 
 def open_dir(name: str | os.PathLike[str], *, dir_fd: int | None = None, dir_path: str | None = None) -> int:
@@ -113,7 +115,8 @@ def open_file(
     try:
         fd = os.open(name, flags | FILE_FLAGS, mode, dir_fd=dir_fd)
     except OSError as err:
-        if err.errno != errno.ELOOP:
+        # ELOOP: a link; ENXIO: a FIFO without a reader (O_NONBLOCK) or a socket
+        if err.errno not in (errno.ELOOP, errno.ENXIO):
             raise
         raise _refuse_link(name, dir_fd, shown, False) from None
     try:

@@ -241,7 +241,10 @@ class ConfigWriter:
         if top is None:  # an existing directory: check it before anything is recorded
             layout.chain = walk(layout.path)
             self._check_existing(layout.chain.fd, layout.path)
-        layout.journal_id = self.journal.begin(layout.name, layout.path, top)
+        try:
+            layout.journal_id = self.journal.begin(layout.name, layout.path, top)
+        except OSError as err:
+            raise WriteRefused(500, f"unable to create datastore '{layout.name}': cannot record it in {err}") from None
         if layout.chain is None:
             layout.chain = walk(layout.path, create_mode=0o750)
             layout.top = layout.chain.created_from

@@ -95,6 +95,38 @@ class Paths(NamedTuple):
         return self.config_dir / LOCK_NAME
 
     def ensure(self) -> None:
-        """Create the config and run directories if missing (0750)."""
-        for d in (self.config_dir, self.run_dir):
-            d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        """Create the config and run directories if missing (0750, parents too) and check them.
+
+        Raises :class:`~dsproxy.fsutil.UnsafePath` (an ``OSError``) for one that is not a directory
+        or is reached through a final symbolic link owned by anyone but root and this process's user,
+        and for a config dir owned by another user (who could swap ``datastore.cfg``).  The run dir
+        is shared on purpose (group ``dsproxy`` writes it; under systemd the proxy's unit may own
+        it), so its owner is not checked: everything in it is opened without following links.
+        """
+        _ensure_dir(os.fspath(self.config_dir), check_owner=True)
+        _ensure_dir(os.fspath(self.run_dir), check_owner=False)
+
+
+def _ensure_dir(path: str, check_owner: bool) -> None:
+    import contextlib
+    import stat
+
+    from .fsutil import UnsafePath
+
+    trusted = {0, os.geteuid()}
+    missing = []
+    head = path
+    while head and not os.path.lexists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o750)
+    link = os.lstat(path)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        raise UnsafePath(path, f"is a symbolic link owned by uid {link.st_uid} (refused)")
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(path, "is not a directory")
+    if check_owner and st.st_uid not in trusted:
+        raise UnsafePath(path, f"is owned by uid {st.st_uid}, who could replace the files in it (refused)")

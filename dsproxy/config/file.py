@@ -28,6 +28,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 
+from ..fsutil import UnsafePath, create_temp, write_all
 from ..ipc import flock
 from .errors import DigestMismatch, LockError, ParseError, PropertyError, WriteError
 from .section import SectionConfig, parse, render
@@ -61,51 +62,72 @@ def read_config(path: str | os.PathLike[str]) -> tuple[SectionConfig, str]:
 def config_lock(lock_path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT) -> Iterator[int]:
     """Hold the exclusive ``flock`` on ``lock_path`` (``.datastore.lck``) for the ``with`` block.
 
-    The kernel drops the lock when the holder dies, so a killed writer never wedges anyone.
+    The kernel drops the lock when the holder dies, so a killed writer never wedges anyone.  The
+    file is opened without following a link and must be a plain file owned by root, this process's
+    user or the config dir's owner (:mod:`dsproxy.fsutil`); anything else is a :class:`LockError`.
     """
     try:
-        with flock.exclusive(lock_path, timeout, LOCK_MODE) as fd:
+        owners = _trusted_owners(os.path.dirname(os.fspath(lock_path)) or ".")
+        with flock.exclusive(lock_path, timeout, LOCK_MODE, owners=owners) as fd:
             yield fd
     except flock.LockTimeout as err:
         raise LockError(err.path, f"timed out after {timeout:g} s") from None
+    except UnsafePath as err:
+        raise LockError(os.fspath(lock_path), f"refusing the lock file: {err}") from None
     except OSError as err:
         if err.filename is None:
             raise
         raise LockError(os.fspath(lock_path), f"cannot open lock file: {err.strerror}") from None
 
 
-def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None) -> None:
-    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync)."""
-    import tempfile  # manager only: keeps `import dsproxy` light for workers
+def _trusted_owners(directory: str) -> set[int]:
+    owners = {0, os.geteuid()}
+    with contextlib.suppress(OSError):
+        owners.add(os.stat(directory).st_uid)
+    return owners
 
+
+def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync).
+
+    Every step works from one fd of the directory: the temp file is new (``O_EXCL|O_NOFOLLOW``,
+    an unpredictable name), its mode and group are set on its fd, and the rename and the fsync
+    are of that same directory even if its path is swapped meanwhile.
+    """
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."
+    name = os.path.basename(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp_", dir=directory)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        raise WriteError(f'writing "{target}" failed: cannot open its directory: {err.strerror}') from None
+    try:
+        _replace_in(dir_fd, name, data, mode, group, target)
+    finally:
+        os.close(dir_fd)
+
+
+def _replace_in(dir_fd: int, name: str, data: bytes, mode: int, group: int | None, target: str) -> None:
+    try:
+        fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o600)
     except OSError as err:
         raise WriteError(f'writing "{target}" failed: cannot create temp file: {err.strerror}') from None
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fchmod(fd, mode)
             if group is not None:
                 os.fchown(fd, -1, group)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, target)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as err:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        os.fsync(dir_fd)
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.EROFS):
             raise WriteError(f'writing "{target}" failed: fsync of directory: {err.strerror}') from None

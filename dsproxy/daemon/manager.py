@@ -5,6 +5,8 @@ One process, one asyncio loop, one writer thread.  It
 * creates the shared-memory segment at start (or recreates it when it is foreign, truncated or of
   another layout -- DESIGN §10) and bumps the generation once, so that edits made while no manager
   ran are published;
+* removes, before it serves, what creates interrupted by a crash laid out and no section names --
+  only what the create journal says this manager was making (:mod:`dsproxy.daemon.journal`);
 * serves config writes on ``<run>/manager.sock`` (mode 0660): ``POST /api2/json/config/datastore``,
   ``PUT|DELETE /api2/json/config/datastore/{name}``; :mod:`dsproxy.daemon.writer` does the work in
   the writer thread, so a slow write (the 10 s config lock) never stalls the loop;
@@ -147,13 +149,18 @@ class Manager:
         seg.words[seg.slot_base(self.slot) + shm.SLOT_BOOTED] = 1
 
     async def run(self) -> int:
-        self.paths.ensure()
+        try:
+            self.paths.ensure()
+        except OSError as err:
+            log.error("cannot use the config or run directory: %s", err)
+            return EXIT_BOOT_FAILURE
         try:
             sock = bind_unix_socket(str(self.paths.run_dir / "manager.sock"), self.options.socket_mode)
         except OSError as err:
             log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
             return EXIT_BOOT_FAILURE
         self.open_segment()
+        await self.in_writer(self.writer.recover_interrupted_creates)
         if self.options.demo_stores:
             try:
                 added = await self.in_writer(self.writer.ensure_demo_stores, self.options.demo_stores)

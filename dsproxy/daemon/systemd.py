@@ -113,9 +113,40 @@ def setup_logging(name: str, verbose: bool = False) -> None:
     root.addHandler(handler)
 
 
-def write_pid_file(path: os.PathLike[str]) -> None:
-    """``path`` holds this process's pid (replaced atomically)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+def write_pid_file(path: os.PathLike[str]) -> bool:
+    """``path`` holds this process's pid (replaced atomically); False (logged) if it cannot be written.
+
+    The run dir is group-writable under systemd, so the temp file is new (``O_EXCL|O_NOFOLLOW``,
+    an unpredictable name) and renamed over ``path`` -- a rename replaces a link planted there, it
+    never writes through it.  A pid file is informational (systemd tracks the main pid itself), so
+    a failure is a warning, not a reason to stop.  (The run dir's own path is the admin's choice and
+    is followed; only what is inside it is not trusted.)
+
+    >>> write_pid_file(Path("/run/dsproxy/manager.pid"))
+    True
+    """
+    from ..fsutil import create_temp, write_all
+
+    target = os.fspath(path)
+    name = os.path.basename(target)
+    try:
+        dir_fd = os.open(os.path.dirname(target) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o644)
+            try:
+                try:
+                    write_all(fd, f"{os.getpid()}\n".encode())
+                    os.fchmod(fd, 0o644)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        logging.getLogger("dsproxy.systemd").warning("cannot write the pid file %s: %s", target, err)
+        return False
+    return True

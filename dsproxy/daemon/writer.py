@@ -10,7 +10,18 @@ Decisions the spec leaves open (recorded here, enforced below):
 
 * ``path`` is fixed at create (default ``<data_dir>/<name>``): moving a store is not an update.
 * Create lays the store out (§3.2) *before* the config names it, and removes what it created if
-  the config write then fails, so a listed store always has its ``.chunks`` and ``.lock``.
+  the config write then fails, so a listed store always has its ``.chunks`` and ``.lock``.  What it
+  is about to create is written to the create journal first (:mod:`dsproxy.daemon.journal`), and
+  a manager killed in between removes the leftovers on its next start.
+* The lay-out never follows a link (:mod:`dsproxy.fsutil`): the store path is walked from ``/``
+  one directory fd at a time with ``O_NOFOLLOW`` (``mkdirat`` for missing parents), so a path
+  with a symbolic link anywhere in it is refused (400, naming the link) -- the store owner owns
+  the data dir and could otherwise point root anywhere.  ``.chunks`` and ``.lock`` are created
+  inside the store's fd (``mkdirat``, ``O_CREAT|O_EXCL|O_NOFOLLOW``) and handed to the store owner
+  with ``fchown`` on their fds, the store directory last: swapping a name meanwhile changes
+  nothing root does.  A path must be canonical (no ``.``, ``..``, ``//``) and the nesting check
+  compares components, so ``//srv/a/sub`` is ``/srv/a/sub``, inside ``/srv/a``.  An existing
+  empty directory is accepted if root, the manager's user or the store owner owns it.
 * Remove only drops the section; the data stays on disk (as with PBS without ``destroy-data``).
 * Remove checks the active operations while holding the config lock.  Under ``cache=config|off``
   registrations take that lock too, so the check is exact; under ``cache=on`` a lookup that raced
@@ -22,9 +33,10 @@ Decisions the spec leaves open (recorded here, enforced below):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +50,23 @@ from ..config import (
     SectionConfig,
     Value,
     check_section,
+    config_lock,
     digest,
     parse,
     read_raw,
     request,
     update_config,
 )
+from ..fsutil import DirChain, UnsafePath, components, first_missing, is_within, normalise, open_dir, open_file, walk
 from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
+from .journal import CreateJournal, PendingCreate
 
 log = logging.getLogger("dsproxy.manager")
+
+#: a store's ``.lock``: must not exist, never through a link
+NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class WriteRefused(Exception):
@@ -110,6 +128,7 @@ class ConfigWriter:
         self.files = FileCounters(paths.run_dir)
         self.state = _FileState()
         self.group = os.getegid()
+        self.journal = CreateJournal(paths.config_dir)
 
     # -- publishing ---------------------------------------------------------------------------------
 
@@ -172,63 +191,150 @@ class ConfigWriter:
         except PropertyError as err:
             raise WriteRefused(400, str(err)) from None
         path = str(typed["path"])
-        if os.path.normpath(path) != path:
-            raise WriteRefused(
-                400, f"parameter verification failed - 'path': '{path}' is not a normalised absolute path"
-            )
-        created: list[Path] = []
+        _check_store_path(path)
+        layout = _Layout(name, path)
 
         def mutate(cfg: SectionConfig) -> None:
             if name in cfg:
                 raise WriteRefused(409, f"datastore '{name}' already exists.")
-            for other, other_props in cfg.items():
-                other_path = str(other_props.get("path", ""))
-                if path == other_path or path.startswith(other_path.rstrip("/") + "/"):
-                    raise WriteRefused(400, f"datastore path '{path}' is inside datastore '{other}' ('{other_path}')")
-                if other_path.startswith(path.rstrip("/") + "/"):
-                    raise WriteRefused(400, f"datastore path '{path}' contains datastore '{other}' ('{other_path}')")
-            created.extend(self._lay_out(name, Path(path)))
+            _check_not_nested(path, cfg)
+            self._lay_out(layout)
             cfg[name] = typed
 
         try:
             _, new_digest, gen = self._write(mutate, body.get("digest"))
         except BaseException:
-            _remove_created(created)
+            _remove_created(layout)
             raise
+        finally:
+            self._finish(layout)
         log.info("created datastore '%s' at %s (generation %s)", name, path, gen)
         return WriteResult(gen, new_digest, name)
 
-    def _lay_out(self, name: str, path: Path) -> list[Path]:
-        """Create ``path`` (must be missing or an empty directory), ``.chunks`` and ``.lock``."""
-        created: list[Path] = []
-        try:
-            if path.exists():
-                if not path.is_dir():
-                    raise WriteRefused(400, f"datastore path '{path}' exists and is not a directory")
-                if any(path.iterdir()):
-                    raise WriteRefused(400, f"datastore path '{path}' is not empty")
-            else:
-                missing = [p for p in (path, *path.parents) if not p.exists()]
-                path.mkdir(mode=0o750, parents=True)
-                created.append(missing[-1])
-            for sub in (path / ".chunks",):
-                sub.mkdir(mode=0o750)
-                created.append(sub)
-            lock = path / ".lock"
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o660)
-            os.close(fd)
-            created.append(lock)
-            self._give_to_owner(path)
-        except OSError as err:
-            _remove_created(created)
-            raise WriteRefused(500, f"unable to create datastore '{name}' at '{path}': {err.strerror}") from None
-        return created
+    def _lay_out(self, layout: _Layout) -> None:
+        """Create the store directory (missing, or an existing empty one), ``.chunks`` and ``.lock``.
 
-    def _give_to_owner(self, path: Path) -> None:
-        """Hand a laid-out store to ``store_owner`` (the proxy's user opens ``.lock`` read-write)."""
+        Journalled first, walked without following links; see the module docstring.
+        """
+        try:
+            self._open_store_dir(layout)
+            self._make_inside(layout)
+        except UnsafePath as err:
+            raise WriteRefused(400, f"datastore path '{layout.path}' refused: {err}") from None
+        except FileExistsError:  # something appeared in the directory meanwhile
+            raise WriteRefused(400, f"datastore path '{layout.path}' is not empty") from None
+        except OSError as err:
+            raise WriteRefused(
+                500, f"unable to create datastore '{layout.name}' at '{layout.path}': {err.strerror}"
+            ) from None
+
+    def _open_store_dir(self, layout: _Layout) -> None:
+        """``layout.chain`` down to the store directory, made if missing -- after the journal entry."""
+        top = first_missing(layout.path)
+        if top is None:  # an existing directory: check it before anything is recorded
+            layout.chain = walk(layout.path)
+            self._check_existing(layout.chain.fd, layout.path)
+        try:
+            layout.journal_id = self.journal.begin(layout.name, layout.path, top)
+        except OSError as err:
+            raise WriteRefused(500, f"unable to create datastore '{layout.name}': cannot record it in {err}") from None
+        if layout.chain is None:
+            layout.chain = walk(layout.path, create_mode=0o750)
+            layout.top = layout.chain.created_from
+
+    def _make_inside(self, layout: _Layout) -> None:
+        assert layout.chain is not None
+        store = layout.chain.fd
+        os.mkdir(".chunks", 0o750, dir_fd=store)
+        layout.made_chunks = True
+        chunks = open_dir(".chunks", dir_fd=store, dir_path=layout.path)
+        try:
+            lock = os.open(".lock", NEW_FILE, 0o660, dir_fd=store)
+            layout.made_lock = True
+            try:
+                self._give_to_owner(lock, chunks, store)
+            finally:
+                os.close(lock)
+        finally:
+            os.close(chunks)
+
+    def _check_existing(self, fd: int, path: str) -> None:
+        st = os.fstat(fd)
+        owners = {0, os.geteuid()} | ({self.store_owner[0]} if self.store_owner else set())
+        if st.st_uid not in owners:
+            raise WriteRefused(400, f"datastore path '{path}' is owned by uid {st.st_uid}; refusing to take it over")
+        if os.listdir(fd):
+            raise WriteRefused(400, f"datastore path '{path}' is not empty")
+
+    def _give_to_owner(self, *fds: int) -> None:
+        """Hand a laid-out store to ``store_owner`` (the proxy's user opens ``.lock`` read-write).
+
+        By fd, so a name swapped for a link meanwhile changes nothing; the store directory (the
+        last fd) last, so its owner cannot touch the lay-out before it is complete.
+        """
         if self.store_owner is not None:
-            for p in (path, path / ".chunks", path / ".lock"):
-                os.chown(p, *self.store_owner)
+            for fd in fds:
+                os.fchown(fd, *self.store_owner)
+
+    def _finish(self, layout: _Layout) -> None:
+        if layout.journal_id is not None:
+            try:
+                self.journal.end(layout.journal_id)
+            except OSError as err:  # the next start finds the store configured and drops the entry
+                log.warning("cannot close the create journal entry of '%s': %s", layout.name, err)
+        if layout.chain is not None:
+            layout.chain.close()
+
+    # -- clean-up of interrupted creates --------------------------------------------------------------
+
+    def recover_interrupted_creates(self) -> list[str]:
+        """Remove what creates interrupted by a crash laid out (see :mod:`dsproxy.daemon.journal`).
+
+        Returns the store paths cleaned up.  Never raises: a problem is logged and start goes on.
+        """
+        try:
+            pending = self.journal.pending()
+        except OSError as err:
+            log.error("not cleaning up interrupted creates: cannot read %s: %s", self.journal.path, err)
+            return []
+        if not pending:
+            return []
+        try:
+            with config_lock(self.lock_file):
+                return self._recover_locked(pending)
+        except ConfigError as err:
+            log.error("not cleaning up interrupted creates yet: %s", err)
+            return []
+
+    def _recover_locked(self, pending: list[PendingCreate]) -> list[str]:
+        try:
+            cfg = parse(read_raw(self.config_file), filename=str(self.config_file))
+        except ParseError as err:
+            log.error("not cleaning up interrupted creates while datastore.cfg does not parse: %s", err)
+            self.journal.keep(pending)
+            return []
+        configured = {components(str(props.get("path", ""))) for props in cfg.values()}
+        cleaned: list[str] = []
+        for entry in pending:
+            if components(entry.path) in configured:
+                continue  # killed after the rename: the create is complete
+            top = entry.top if entry.top is not None and is_within(entry.path, entry.top) else None
+            try:
+                chain = walk(entry.path)
+            except FileNotFoundError:
+                continue  # killed before anything was made, or already gone
+            except OSError as err:
+                log.warning("interrupted create of '%s': leaving %s alone: %s", entry.name, entry.path, err)
+                continue
+            with chain:
+                left = _unlay(chain, len(components(top)) if top else None, lock=True, chunks=True)
+            if left:
+                log.warning("interrupted create of '%s': %s", entry.name, left)
+            else:
+                log.info("removed the lay-out of the interrupted create of '%s' at %s", entry.name, entry.path)
+                cleaned.append(entry.path)
+        self.journal.keep([])
+        return cleaned
 
     # -- update ---------------------------------------------------------------------------------------
 
@@ -296,16 +402,33 @@ class ConfigWriter:
                 if name in cfg:
                     continue
                 path = self.paths.data_dir / name
-                path.mkdir(mode=0o750, parents=True, exist_ok=True)
-                (path / ".chunks").mkdir(mode=0o750, exist_ok=True)
-                (path / ".lock").touch(mode=0o660, exist_ok=True)
-                self._give_to_owner(path)
+                self._lay_out_demo(str(path))
                 cfg[name] = {"path": str(path), "comment": "demo datastore"}
                 added.append(name)
 
         if not all(_configured(self.config_file, wanted)):
             self._write(mutate, None)
         return len(added)
+
+    def _lay_out_demo(self, path: str) -> None:
+        """A demo store's lay-out, reusing what an earlier run made (no journal: nothing blocks)."""
+        try:
+            with walk(path, create_mode=0o750) as chain:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(".chunks", 0o750, dir_fd=chain.fd)
+                chunks = open_dir(".chunks", dir_fd=chain.fd, dir_path=path)
+                try:
+                    lock = open_file(".lock", os.O_CREAT | os.O_WRONLY, 0o660, dir_fd=chain.fd, dir_path=path)
+                    try:
+                        self._give_to_owner(lock, chunks, chain.fd)
+                    finally:
+                        os.close(lock)
+                finally:
+                    os.close(chunks)
+        except UnsafePath as err:
+            raise WriteRefused(400, f"datastore path '{path}' refused: {err}") from None
+        except OSError as err:
+            raise WriteRefused(500, f"unable to create datastore at '{path}': {err.strerror}") from None
 
     # -- the manual-edit watch ------------------------------------------------------------------------
 
@@ -342,14 +465,64 @@ class ConfigWriter:
         return bumped
 
 
-def _remove_created(paths: list[Path]) -> None:
-    """Undo a store lay-out: remove what it created, newest first."""
-    for made in reversed(paths):
-        with contextlib.suppress(OSError):
-            if made.is_dir():
-                shutil.rmtree(made)
-            else:
-                made.unlink()
+@dataclass
+class _Layout:
+    """What one create has laid out so far (for the undo and the journal)."""
+
+    name: str
+    path: str
+    chain: DirChain | None = None  # every directory down to the store, opened without links
+    top: int | None = None  # index in ``chain.fds`` of the first directory this create made
+    made_chunks: bool = False
+    made_lock: bool = False
+    journal_id: str | None = None
+
+
+def _remove_created(layout: _Layout) -> None:
+    """Undo a store lay-out: remove what it created, newest first (by fd, empty things only)."""
+    if layout.chain is not None and layout.chain.fds:
+        left = _unlay(layout.chain, layout.top, lock=layout.made_lock, chunks=layout.made_chunks)
+        if left:
+            log.warning("undoing the lay-out of '%s': %s", layout.name, left)
+
+
+def _unlay(chain: DirChain, top: int | None, *, lock: bool, chunks: bool) -> str | None:
+    """Remove ``.lock`` (a plain file), ``.chunks`` and the directories ``chain.fds[top:]`` -- each
+    only if empty, from the fds of ``chain`` (no link followed).  Returns what was left and why."""
+    store = chain.fd
+    try:
+        if lock:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISREG(os.lstat(".lock", dir_fd=store).st_mode):
+                    os.unlink(".lock", dir_fd=store)
+        if chunks:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(".chunks", dir_fd=store)
+        if top is not None:
+            for i in range(len(chain.fds) - 1, max(top, 1) - 1, -1):
+                os.rmdir(chain.names[i - 1], dir_fd=chain.fds[i - 1])
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            return f"left {chain.path()} in place: something else is in it now ({err.strerror})"
+        return f"left {chain.path()} in place: {err.strerror}"
+    return None
+
+
+def _check_store_path(path: str) -> None:
+    if normalise(path) != path:
+        raise WriteRefused(400, f"parameter verification failed - 'path': '{path}' is not a normalised absolute path")
+
+
+def _check_not_nested(path: str, cfg: SectionConfig) -> None:
+    """Refuse a store inside another's path or containing one, compared by path components."""
+    for other, other_props in cfg.items():
+        other_path = str(other_props.get("path", ""))
+        if not other_path:
+            continue
+        if is_within(path, other_path):
+            raise WriteRefused(400, f"datastore path '{path}' is inside datastore '{other}' ('{other_path}')")
+        if is_within(other_path, path):
+            raise WriteRefused(400, f"datastore path '{path}' contains datastore '{other}' ('{other_path}')")
 
 
 def _maintenance(props: dict[str, Value]) -> MaintenanceMode | None:

@@ -855,7 +855,7 @@ def _map(name: str) -> tuple[mmap.mmap, int]:
 @contextlib.contextmanager
 def _flock(path: str, timeout: float) -> Iterator[None]:
     try:
-        with flock.exclusive(path, timeout):
+        with flock.exclusive(path, timeout, replace_unsafe=True):  # the run dir is group-writable
             yield
     except flock.LockTimeout as err:
         raise SegmentError(f"the writers' lock: {err}") from None

@@ -92,14 +92,15 @@ def connect_unix(socket_path: str, timeout: float | None, retry: float = 0.0) ->
             sock.connect(socket_path)
         except _RETRY_CONNECT:
             sock.close()
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise
         except OSError:
             sock.close()
             raise
         else:
             return sock
-        time.sleep(delay)
+        time.sleep(min(delay, left))
         delay = min(delay * 2, 0.2)
 
 

@@ -17,19 +17,46 @@ scope/receive/send machinery (dict building, two awaits): 7 us per request, seve
 lookup+release it exists to serve.  The parser is not hand written: ``httptools`` wraps llhttp,
 the parser of Node.js.  Responses are assembled here (status line, two headers, body).
 
-What the protocol guarantees (DESIGN §10: bad input gets a 4xx, the worker stays up):
+What the protocol guarantees (DESIGN §10: bad input gets a 4xx, the worker stays up, and no client
+can make it hold much memory):
 
 * malformed requests -> ``400`` and the connection is closed; the parser's reason is in the message;
-* request target longer than :attr:`Limits.max_url` -> ``414``; more header bytes than
-  :attr:`Limits.max_header_bytes` or more than :attr:`Limits.max_headers` fields -> ``431``;
-  a body larger than :attr:`Limits.max_body` -> ``413`` (checked against ``Content-Length`` before
-  reading it, and while reading a chunked one);
+* request target longer than :attr:`Limits.max_url` (8 KiB) -> ``414``; more than
+  :attr:`Limits.max_header_bytes` (16 KiB) of request line and headers, or more than
+  :attr:`Limits.max_headers` (100) fields -> ``431``, closed.  The header cap holds *while the
+  bytes arrive*: a read is fed to the parser in pieces of at most the cap, and a head is refused
+  as soon as the bytes counted for it pass the cap (the parser never holds more than twice the
+  cap; a 64 MB header value without CRLF used to be buffered until the request timeout: 8 of
+  them took a worker to 447 MB);
+* a body larger than :attr:`Limits.max_body` (1 MiB) -> ``413``: checked against
+  ``Content-Length`` before reading it, and chunk by chunk while reading a chunked one;
+* write flow control: when the transport's write buffer passes :attr:`Limits.write_high`
+  (64 KiB) the connection stops reading and parsing -- a client pipelining requests without
+  reading the answers finds its own sends blocked -- and resumes below :attr:`Limits.write_low`
+  (16 KiB).  Parsing also stops while an asynchronous handler runs: at most one piece of
+  pipelined requests (16 KiB) waits parsed, the rest of a read waits as bytes;
 * slow clients: a request must be complete :attr:`Limits.request_timeout` seconds after its first
-  byte (``408``, closed); an idle keep-alive connection is closed after :attr:`Limits.keepalive`
-  seconds.  One sweeper per server checks every connection once a second, so the per-request cost
-  of the timeouts is one clock read;
-* pipelined requests are answered in order; while an asynchronous handler runs, reading pauses;
-* a handler that raises anything but :class:`HTTPError` is logged and answered ``500``.
+  byte (``408``, closed); an idle keep-alive connection -- or one whose client does not read its
+  answers -- is closed after :attr:`Limits.keepalive` (75 s).  A connection the application
+  *pins* (:attr:`Connection.pinned`: it holds operation leases) is never closed as idle.  One
+  sweeper per server checks every connection once a second, so the per-request cost of the
+  timeouts is one clock read;
+* pipelined requests are answered in order;
+* JSON bodies (:func:`parse_json_object`): an object, nested at most :attr:`Limits.max_json_depth`
+  (32) levels (checked before ``json.loads`` recurses), integers of at most 4300 digits, strings
+  that are valid Unicode (no lone surrogate) -- else ``400`` naming the problem; form bodies
+  (``application/x-www-form-urlencoded``, curl's ``-d``) are accepted as PBS does;
+* a path segment with an invalid percent escape (``%zz``), one that is not UTF-8 decoded
+  (``%ff``) or decodes to a control character (``%00``) -> ``400``;
+* a handler that raises anything but :class:`HTTPError` is logged and answered ``500``;
+* accepting (:meth:`Server.serve`): the listen queue is the kernel's ``somaxconn``; pre-forked
+  workers balance a burst of keep-alive connections, and accept in batches when the queue stays
+  deep (a connect flood: ~13,000 accepts/s for two workers instead of ~1,000).
+
+Limits the proxy's API adds (:mod:`dsproxy.daemon.api`): at most ``MAX_LEASES_PER_CONNECTION``
+(64) operation leases per connection (``429`` beyond), and a forwarded config write that the
+manager has not answered after ``FORWARD_TIMEOUT`` (30 s, ``dsproxy proxy --forward-timeout``)
+is answered ``504``.
 
 A handler gets a :class:`Request` and returns a :class:`Reply` (or an awaitable of one).
 """

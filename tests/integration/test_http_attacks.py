@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.daemons import Daemons
@@ -136,7 +136,7 @@ def test_a_connect_flood_is_accepted_and_the_cli_still_works(proxy: Daemons) -> 
             result = subprocess.run(proxy.command("datastore", "list"), capture_output=True, timeout=30)
             cli_codes.append(result.returncode)
 
-    socks = []
+    socks: list[socket.socket] = []
     with PeakRSS(pids) as rss:
         started = time.monotonic()
         runner = threading.Thread(target=cli)

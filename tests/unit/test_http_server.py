@@ -41,7 +41,7 @@ BIG = b"x" * 2000  # a reply body: 20,000 of them are 40 MB if nothing holds the
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    return uvloop.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+    return uvloop.run(asyncio.wait_for(coro, 30))
 
 
 def echo_router() -> Router:
@@ -132,7 +132,10 @@ def get(path: str) -> bytes:
 
 
 def post(path: str, body: bytes, ctype: str = "application/json") -> bytes:
-    return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
 
 # -- header and body caps ---------------------------------------------------------------------------
@@ -484,7 +487,10 @@ def test_a_form_body_is_forwarded_with_one_content_type(tmp_path: Path) -> None:
                 status, _, body = await c.response()
                 assert status == 200, body
                 data = json.loads(body)["data"]
-                assert data == {"content-type": "application/x-www-form-urlencoded", "body": {"name": "store1", "path": "/srv"}}
+                assert data == {
+                    "content-type": "application/x-www-form-urlencoded",
+                    "body": {"name": "store1", "path": "/srv"},
+                }
                 await c.send(post("/api2/json/config/datastore", b'{"name": "s2"}'))
                 data = json.loads((await c.response())[2])["data"]
                 assert data == {"content-type": "application/json", "body": {"name": "s2"}}
@@ -556,7 +562,9 @@ def test_a_connection_holding_a_lease_is_not_closed_as_idle(tmp_path: Path, regi
             await asyncio.sleep(2.3)  # the sweep runs once a second
             assert len(server.connections) == 1  # the idle one is gone, the holder is not
             assert registry.active_operations("store1")["read"] == 1
-            await holder.send(f"DELETE /api2/json/admin/datastore/store1/operation?lease={lease_id} HTTP/1.1\r\n\r\n".encode())
+            await holder.send(
+                f"DELETE /api2/json/admin/datastore/store1/operation?lease={lease_id} HTTP/1.1\r\n\r\n".encode()
+            )
             assert json.loads((await holder.response())[2])["data"] == {"released": 1}
             await asyncio.sleep(2.3)  # released: idle again, closed
             assert not server.connections
@@ -580,7 +588,9 @@ def test_leases_per_connection_are_capped_with_429(tmp_path: Path, registry: Reg
             other = await Raw.open(path)  # the cap is per connection
             await other.send(lease())
             assert (await other.response())[0] == 200
-            await c.send(b"DELETE /api2/json/admin/datastore/store1/operation?lease=" + b"9" * 5000 + b" HTTP/1.1\r\n\r\n")
+            await c.send(
+                b"DELETE /api2/json/admin/datastore/store1/operation?lease=" + b"9" * 5000 + b" HTTP/1.1\r\n\r\n"
+            )
             assert (await c.response())[0] == 404
             c.close()
             other.close()

@@ -577,6 +577,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._unparsed:  # not expected while reading is paused; never reorder the stream
+            data, self._unparsed = self._unparsed + data, b""
         try:
             if self._in_head or len(data) > self.limits.max_header_bytes or self._busy or self._write_paused:
                 self._feed_pieces(data)

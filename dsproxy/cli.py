@@ -157,6 +157,9 @@ def _proxy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=_positive(float), default=60.0, metavar="S", help="config cache TTL (60)")
     p.add_argument("--graceful-timeout", type=_positive(float), default=10.0, metavar="S", help="drain time (10)")
     p.add_argument(
+        "--forward-timeout", type=_positive(float), default=30.0, metavar="S", help="wait for the manager (30)"
+    )
+    p.add_argument(
         "--crash-limit", type=_positive(int), default=10, metavar="N", help="crashes per minute before giving up"
     )
     p.add_argument(
@@ -200,6 +203,7 @@ def _proxy_spec(args: argparse.Namespace) -> Any:
         ttl=args.ttl,
         limits=Limits(),
         graceful_timeout=args.graceful_timeout,
+        forward_timeout=args.forward_timeout,
         master_pid=os.getpid(),
         prewarm=args.prewarm,
     )
@@ -220,7 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     manager_args = ["--demo-stores", str(args.demo_stores)] if args.demo_stores else []
     proxy_args = [
         "--workers", str(args.workers), "--cache", args.cache, "--ttl", str(args.ttl),
-        "--graceful-timeout", str(args.graceful_timeout), "--crash-limit", str(args.crash_limit),
+        "--graceful-timeout", str(args.graceful_timeout), "--forward-timeout", str(args.forward_timeout),
+        "--crash-limit", str(args.crash_limit),
         "--worker-timeout", str(args.worker_timeout), *([] if args.prewarm else ["--no-prewarm"]),
     ]  # fmt: skip
     return run(_paths(args), manager_args, proxy_args)
@@ -234,10 +239,10 @@ class CommandError(Exception):
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import Client
+    from .client import CLI_CONNECT_RETRY, Client
 
     path = args.socket or str(_paths(args).run_dir / "proxy.sock")
-    return Client(path)
+    return Client(path, connect_retry=CLI_CONNECT_RETRY)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
@@ -251,6 +256,9 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     except (FileNotFoundError, ConnectionRefusedError):
         sock = args.socket or str(_paths(args).run_dir / "proxy.sock")
         raise CommandError(f"cannot connect to {sock}: is the proxy running? (dsproxy run)") from None
+    except BlockingIOError:
+        sock = args.socket or str(_paths(args).run_dir / "proxy.sock")
+        raise CommandError(f"cannot connect to {sock}: its listen queue stayed full (overloaded)") from None
     except OSError as err:
         raise CommandError(f"talking to the proxy failed: {err}") from None
 

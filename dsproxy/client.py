@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import subprocess
 
 GENERATION_HEADER = "x-dsproxy-generation"
+#: how long the command line retries a refused / queue-full connect before it gives up
+CLI_CONNECT_RETRY = 2.0
 
 
 class ApiError(Exception):
@@ -73,28 +75,62 @@ def path_for(*parts: str, query: dict[str, Any] | None = None) -> str:
     return path
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
+#: errors of a connect that a moment later may succeed: nobody listening yet (a restart) and a full
+#: listen queue (a burst of connects; a socket with a timeout gets EAGAIN instead of waiting)
+_RETRY_CONNECT = (ConnectionRefusedError, BlockingIOError, InterruptedError)
 
-    def connect(self) -> None:
+
+def connect_unix(socket_path: str, timeout: float | None, retry: float = 0.0) -> socket.socket:
+    """A connected ``AF_UNIX`` stream socket; a refused or ``EAGAIN`` connect is retried for up
+    to ``retry`` seconds (backing off from 5 ms to 200 ms), then its error is raised."""
+    deadline = time.monotonic() + retry
+    delay = 0.005
+    while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(timeout)
         try:
-            sock.connect(self.socket_path)
+            sock.connect(socket_path)
+        except _RETRY_CONNECT:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
         except OSError:
             sock.close()
             raise
-        self.sock = sock
+        else:
+            return sock
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.2)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float, connect_retry: float = 0.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+        self.connect_retry = connect_retry
+
+    def connect(self) -> None:
+        self.sock = connect_unix(self.socket_path, self.timeout, self.connect_retry)
 
 
 class Client:
-    """Synchronous client of one dsproxy socket."""
+    """Synchronous client of one dsproxy socket.
 
-    def __init__(self, socket_path: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
+    ``connect_retry``: seconds to keep retrying a connect that is refused or finds the listen
+    queue full (the command line uses :data:`CLI_CONNECT_RETRY`); 0 fails at once.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        timeout: float = 60.0,
+        headers: dict[str, str] | None = None,
+        connect_retry: float = 0.0,
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.connect_retry = connect_retry
         self.headers = dict(headers or {})
         self._conn: _UnixHTTPConnection | None = None
 
@@ -104,7 +140,7 @@ class Client:
         if payload is not None:
             hdrs["content-type"] = "application/json"
         for attempt in (0, 1):
-            conn = self._conn or _UnixHTTPConnection(self.socket_path, self.timeout)
+            conn = self._conn or _UnixHTTPConnection(self.socket_path, self.timeout, self.connect_retry)
             self._conn = conn
             try:
                 conn.request(method, path, body=payload, headers=hdrs)
@@ -216,13 +252,17 @@ class AsyncConnection(asyncio.Protocol):
     async def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> Response:
+        """Send one request and wait for its answer; a ``body`` is JSON unless ``headers`` name
+        another ``content-type`` (a forwarded form body keeps its own)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
         head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
         for key, value in (headers or {}).items():
             head.append(f"{key}: {value}\r\n")
         if body is not None:
-            head.append(f"content-type: application/json\r\ncontent-length: {len(body)}\r\n")
+            if not any(key.lower() == "content-type" for key in headers or ()):
+                head.append("content-type: application/json\r\n")
+            head.append(f"content-length: {len(body)}\r\n")
         head.append("\r\n")
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write("".join(head).encode() + (body or b""))

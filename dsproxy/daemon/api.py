@@ -12,11 +12,16 @@ part in maintenance.  Sent with a chunked body, the lease lives exactly as long 
 taken when the headers arrive (or refused at once), released when the body ends or the connection
 drops.  Sent whole, it belongs to the connection: held until ``DELETE .../{store}/operation`` on that
 connection (``?lease=ID`` for one, else all of that store) or until the connection closes -- a job
-that dies loses its connection and with it its operations.
+that dies loses its connection and with it its operations.  A connection that holds a lease is never
+closed as idle, and holds at most :data:`MAX_LEASES_PER_CONNECTION` at once (``429`` beyond).
+
+A forwarded write the manager has not answered after :data:`FORWARD_TIMEOUT` seconds (a stopped
+manager) is answered ``504``; whether it was applied then is unknown -- read the config to see.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -37,6 +42,10 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 _BACKUP_TYPES = ("vm", "ct", "host")
 _lease_ids = itertools.count(1)
+#: leases one connection may hold at once (whole and streamed together)
+MAX_LEASES_PER_CONNECTION = 64
+#: seconds a forwarded config write waits for the manager's answer (``--forward-timeout``)
+FORWARD_TIMEOUT = 30.0
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -56,9 +65,16 @@ def _flag(request: Request, name: str) -> bool:
 class WorkerApp:
     """Routes and handlers of one worker process."""
 
-    def __init__(self, registry: Registry, manager_socket: str, started: float | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        manager_socket: str,
+        started: float | None = None,
+        forward_timeout: float = FORWARD_TIMEOUT,
+    ) -> None:
         self.registry = registry
         self.manager_socket = manager_socket
+        self.forward_timeout = forward_timeout
         self.started = started or time.time()
         self.lookups = 0
         self.cache_hits = 0
@@ -163,10 +179,17 @@ class WorkerApp:
         operation = {"read": Operation.READ, "write": Operation.WRITE}.get(op_name)
         if operation is None:
             raise HTTPError(400, f"parameter verification failed - 'operation': '{op_name[:20]}' is not read or write")
+        leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
+        if len(leases) >= MAX_LEASES_PER_CONNECTION:
+            raise HTTPError(
+                429,
+                f"too many operation leases on this connection: at most {MAX_LEASES_PER_CONNECTION} are held at "
+                "once; release one (DELETE .../operation?lease=ID) or use another connection",
+            )
         handle = self._lookup(name, operation)
         lease = next(_lease_ids)
-        leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
         leases[lease] = handle
+        request.connection.pinned = True  # a lease holder is not idle: the keep-alive sweep spares it
         return lease, op_name
 
     def take_lease(self, request: Request) -> Reply:
@@ -184,9 +207,11 @@ class WorkerApp:
 
     def end_stream_lease(self, request: Request) -> Reply:
         lease, started = request.connection.state.pop("stream-lease")
-        handle = request.connection.state.get("leases", {}).pop(lease, None)
+        leases: dict[int, Handle] = request.connection.state.get("leases", {})
+        handle = leases.pop(lease, None)
         if handle is not None:
             handle.release()
+        request.connection.pinned = bool(leases)
         return data_reply(
             {"lease": lease, "store": request.params["store"], "held": round(time.monotonic() - started, 3)}
         )
@@ -196,13 +221,15 @@ class WorkerApp:
         leases: dict[int, Handle] = request.connection.state.get("leases", {})
         wanted = request.query().get("lease")
         if wanted is not None:
-            if not wanted.isdigit() or int(wanted) not in leases or leases[int(wanted)].name != name:
+            lease = int(wanted) if wanted.isascii() and wanted.isdigit() and len(wanted) < 19 else -1
+            if lease not in leases or leases[lease].name != name:
                 raise HTTPError(404, f"no lease {wanted[:20]} on datastore '{name}' on this connection")
-            ids = [int(wanted)]
+            ids = [lease]
         else:
             ids = [i for i, h in leases.items() if h.name == name]
         for i in ids:
             leases.pop(i).release()
+        request.connection.pinned = bool(leases)
         return data_reply({"released": len(ids)})
 
     @staticmethod
@@ -250,18 +277,31 @@ class WorkerApp:
         if ctype:
             headers["content-type"] = ctype
         try:
+            async with asyncio.timeout(self.forward_timeout):
+                resp = await self._ask_manager(request.method, target, request.body or None, headers)
+        except TimeoutError:
+            raise HTTPError(
+                504,
+                f"the manager did not answer within {self.forward_timeout:g} s ({self.manager_socket}); "
+                "the change may or may not have been made: read the configuration to see",
+            ) from None
+        # no refresh here: the write was published (bumped) before the manager answered, so this
+        # worker's next lookup sees the new generation anyway -- and the client need not wait for it
+        return Reply(resp.status, resp.body, resp.headers.get("content-type", "application/json").encode())
+
+    async def _ask_manager(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
+    ) -> client_mod.Response:
+        try:
             conn = await client_mod.AsyncConnection.open(self.manager_socket)
         except OSError as err:
             raise HTTPError(503, f"the manager is not running ({self.manager_socket}: {err.strerror})") from None
         try:
-            resp = await conn.request(request.method, target, request.body or None, headers)
+            return await conn.request(method, target, body, headers)
         except OSError as err:
             raise HTTPError(503, f"the manager closed the connection: {err}") from None
         finally:
             conn.close()
-        # no refresh here: the write was published (bumped) before the manager answered, so this
-        # worker's next lookup sees the new generation anyway -- and the client need not wait for it
-        return Reply(resp.status, resp.body, resp.headers.get("content-type", "application/json").encode())
 
     # -- status and metrics ---------------------------------------------------------------------------
 

@@ -17,19 +17,46 @@ scope/receive/send machinery (dict building, two awaits): 7 us per request, seve
 lookup+release it exists to serve.  The parser is not hand written: ``httptools`` wraps llhttp,
 the parser of Node.js.  Responses are assembled here (status line, two headers, body).
 
-What the protocol guarantees (DESIGN §10: bad input gets a 4xx, the worker stays up):
+What the protocol guarantees (DESIGN §10: bad input gets a 4xx, the worker stays up, and no client
+can make it hold much memory):
 
 * malformed requests -> ``400`` and the connection is closed; the parser's reason is in the message;
-* request target longer than :attr:`Limits.max_url` -> ``414``; more header bytes than
-  :attr:`Limits.max_header_bytes` or more than :attr:`Limits.max_headers` fields -> ``431``;
-  a body larger than :attr:`Limits.max_body` -> ``413`` (checked against ``Content-Length`` before
-  reading it, and while reading a chunked one);
+* request target longer than :attr:`Limits.max_url` (8 KiB) -> ``414``; more than
+  :attr:`Limits.max_header_bytes` (16 KiB) of request line and headers, or more than
+  :attr:`Limits.max_headers` (100) fields -> ``431``, closed.  The header cap holds *while the
+  bytes arrive*: a read is fed to the parser in pieces of at most the cap, and a head is refused
+  as soon as the bytes counted for it pass the cap (the parser never holds more than twice the
+  cap; a 64 MB header value without CRLF used to be buffered until the request timeout: 8 of
+  them took a worker to 447 MB);
+* a body larger than :attr:`Limits.max_body` (1 MiB) -> ``413``: checked against
+  ``Content-Length`` before reading it, and chunk by chunk while reading a chunked one;
+* write flow control: when the transport's write buffer passes :attr:`Limits.write_high`
+  (64 KiB) the connection stops reading and parsing -- a client pipelining requests without
+  reading the answers finds its own sends blocked -- and resumes below :attr:`Limits.write_low`
+  (16 KiB).  Parsing also stops while an asynchronous handler runs: at most one piece of
+  pipelined requests (16 KiB) waits parsed, the rest of a read waits as bytes;
 * slow clients: a request must be complete :attr:`Limits.request_timeout` seconds after its first
-  byte (``408``, closed); an idle keep-alive connection is closed after :attr:`Limits.keepalive`
-  seconds.  One sweeper per server checks every connection once a second, so the per-request cost
-  of the timeouts is one clock read;
-* pipelined requests are answered in order; while an asynchronous handler runs, reading pauses;
-* a handler that raises anything but :class:`HTTPError` is logged and answered ``500``.
+  byte (``408``, closed); an idle keep-alive connection -- or one whose client does not read its
+  answers -- is closed after :attr:`Limits.keepalive` (75 s).  A connection the application
+  *pins* (:attr:`Connection.pinned`: it holds operation leases) is never closed as idle.  One
+  sweeper per server checks every connection once a second, so the per-request cost of the
+  timeouts is one clock read;
+* pipelined requests are answered in order;
+* JSON bodies (:func:`parse_json_object`): an object, nested at most :attr:`Limits.max_json_depth`
+  (32) levels (checked before ``json.loads`` recurses), integers of at most 4300 digits, strings
+  that are valid Unicode (no lone surrogate) -- else ``400`` naming the problem; form bodies
+  (``application/x-www-form-urlencoded``, curl's ``-d``) are accepted as PBS does;
+* a path segment with an invalid percent escape (``%zz``), one that is not UTF-8 decoded
+  (``%ff``) or decodes to a control character (``%00``) -> ``400``;
+* a handler that raises anything but :class:`HTTPError` is logged and answered ``500``;
+* accepting (:meth:`Server.serve`): the listen queue is the kernel's ``somaxconn``; pre-forked
+  workers balance a burst of keep-alive connections, and accept in batches when the queue stays
+  deep (a connect flood: ~13,000 accepts/s for two workers instead of ~1,000).
+
+Limits the proxy's API adds (:mod:`dsproxy.daemon.api`): at most ``MAX_LEASES_PER_CONNECTION``
+(64) operation leases per connection (``429`` beyond), and a forwarded config write that the
+manager has not answered after ``FORWARD_TIMEOUT`` (30 s, ``dsproxy proxy --forward-timeout``)
+is answered ``504``.
 
 A handler gets a :class:`Request` and returns a :class:`Reply` (or an awaitable of one).
 """
@@ -43,6 +70,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -58,17 +86,34 @@ log = logging.getLogger("dsproxy.http")
 
 
 class Limits(NamedTuple):
+    """Per-connection limits; the module docstring says what each one does."""
+
     max_url: int = 8192
     max_header_bytes: int = 16384
     max_headers: int = 100
     max_body: int = 1 << 20
     request_timeout: float = 10.0
     keepalive: float = 75.0
+    write_high: int = 64 * 1024
+    write_low: int = 16 * 1024
+    max_json_depth: int = 32
 
 
 DEFAULT_LIMITS = Limits()
 ACCEPT_DELAY = 0.0002
 ACCEPT_DELAY_MAX = 0.002
+ACCEPT_DEEP = 128
+ACCEPT_BATCH_MAX = 64
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def listen_backlog() -> int:
+    """The kernel's ``somaxconn`` (what ``listen()`` is capped at anyway); 4096 if unreadable."""
+    try:
+        with open(_SOMAXCONN, "rb") as f:
+            return max(128, int(f.read().strip() or 0))
+    except (OSError, ValueError):
+        return 4096
 
 
 class HTTPError(Exception):
@@ -143,8 +188,8 @@ class Request:
         if not self.query_string:
             return {}
         try:
-            return dict(parse_qsl(self.query_string, keep_blank_values=True, strict_parsing=True))
-        except ValueError:
+            return dict(parse_qsl(self.query_string, keep_blank_values=True, strict_parsing=True, errors="strict"))
+        except ValueError:  # UnicodeDecodeError included
             raise HTTPError(400, f"malformed query string '{self.query_string[:100]}'") from None
 
     def json(self) -> dict[str, Any]:
@@ -154,20 +199,82 @@ class Request:
         ctype = self.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype == "application/x-www-form-urlencoded":
             try:
-                return dict(parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=True))
-            except (ValueError, UnicodeDecodeError):
-                raise HTTPError(400, "malformed form body") from None
-        try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise HTTPError(400, f"request body is not valid JSON: {err}") from None
-        if not isinstance(value, dict):
-            raise HTTPError(400, "request body must be a JSON object")
-        return value
+                form = parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict")
+            except ValueError:  # UnicodeDecodeError included
+                raise HTTPError(400, "malformed form body (application/x-www-form-urlencoded)") from None
+            return dict(form)
+        return parse_json_object(self.body, self.connection.limits.max_json_depth)
 
     @property
     def peer(self) -> PeerCredentials | None:
         return self.connection.peer
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+_JSON_TYPES[type(None)] = "null"
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``body`` (brackets inside strings ignored)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", body)):
+        if bracket in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_json_object(body: bytes, max_depth: int) -> dict[str, Any]:
+    """``body`` as a JSON object, or ``400`` naming what is wrong.
+
+    Checked before or around :func:`json.loads`: nesting deeper than ``max_depth`` (counted
+    without recursion, so ``'[' * 500000`` costs one regex pass, not a RecursionError), integers
+    longer than Python's 4300 digits, and strings that are not valid Unicode (a lone surrogate
+    such as ``"\\ud800"`` decodes, but cannot be written anywhere).
+    """
+    if body.count(b"[") + body.count(b"{") > max_depth and json_depth(body) > max_depth:
+        raise HTTPError(400, f"request body is nested deeper than {max_depth} levels")
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise HTTPError(400, f"request body is nested deeper than {max_depth} levels") from None
+    except ValueError as err:  # UnicodeDecodeError included
+        if "integer string conversion" in str(err):
+            raise HTTPError(400, "request body has an integer of more than 4300 digits") from None
+        raise HTTPError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, f"request body must be a JSON object, not {_JSON_TYPES.get(type(value), 'a value')}")
+    bad = _bad_string(value)
+    if bad is not None:
+        where = bad.encode("utf-8", "backslashreplace").decode() or "body"
+        raise HTTPError(400, f"invalid string in '{where[:100]}': not valid Unicode (a lone surrogate)")
+    return value
+
+
+def _bad_string(value: Any) -> str | None:
+    """The field (``a.b[2]``) of the first key or string in ``value`` that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ""
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (bad := _bad_string(key)) is not None or (bad := _bad_string(item)) is not None:
+                return _field(key, bad)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (bad := _bad_string(item)) is not None:
+                return _field(f"[{i}]", bad)
+    return None
+
+
+def _field(outer: str, inner: str) -> str:
+    return outer + ("" if not inner or inner.startswith("[") else ".") + inner
 
 
 Handler = Callable[[Request], "Reply | Awaitable[Reply]"]
@@ -245,9 +352,23 @@ def _match(parts: tuple[str, ...], segments: list[str]) -> dict[str, str] | None
     return params
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _decode_segment(seg: str) -> str:
-    value = unquote(seg, errors="strict") if "%" in seg else seg
-    if not value or "/" in value or "\x00" in value or value in (".", ".."):
+    if "%" in seg:
+        if _BAD_ESCAPE.search(seg):
+            raise HTTPError(400, f"invalid percent escape in path component '{seg[:100]}'")
+        try:
+            value = unquote(seg, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPError(400, f"path component '{seg[:100]}' is not UTF-8 after percent-decoding") from None
+        if _CONTROL.search(value):
+            raise HTTPError(400, f"invalid path component '{seg[:100]}': control character")
+    else:
+        value = seg  # raw control bytes never get here: the parser refuses them
+    if not value or "/" in value or value in (".", ".."):
         raise HTTPError(400, f"invalid path component '{seg[:100]}'")
     return value
 
@@ -303,38 +424,62 @@ class Server:
     async def serve(self, sock: socket.socket, balance: bool = False) -> None:
         """Start accepting on the bound, listening ``sock``.
 
-        With ``balance`` (pre-forked workers sharing one socket) connections are accepted one per
-        wake-up, and a worker that already holds connections waits a little before its next
-        accept (``ACCEPT_DELAY`` per connection, at most ``ACCEPT_DELAY_MAX``): an idle sibling
-        then wins the race.  Without it, the first worker to wake takes a whole burst of
-        keep-alive connections (seen here: 85 % of the load on one of two workers).
+        With ``balance`` (pre-forked workers sharing one socket) a worker that already holds
+        connections waits a little between accepts (``ACCEPT_DELAY`` per connection, at most
+        ``ACCEPT_DELAY_MAX``): an idle sibling then wins the race.  Without it, the first worker
+        to wake takes a whole burst of keep-alive connections (seen here: 85 % of the load on
+        one of two workers).  When the listen queue stays deep -- ``ACCEPT_DEEP`` accepts in a
+        row found a connection already waiting: a connect flood, not a client's pool -- the wait
+        is per batch of ``ACCEPT_BATCH_MAX`` instead, so the flood is accepted as fast as it
+        arrives (one connection per wait held two workers at ~1,000 accepts/s and filled the
+        backlog; batched: ~18,000/s).
         """
         self._loop = asyncio.get_running_loop()
         if balance:
             self._accepter = asyncio.ensure_future(self._accept_loop(sock))
         else:
-            self._aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=1024)
+            self._aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=listen_backlog())
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        streak = 0  # accepts in a row that found a connection already waiting
         while not self.draining:
+            batch = ACCEPT_BATCH_MAX if streak >= ACCEPT_DEEP else 1
+            taken = 0
             try:
-                conn, _ = await loop.sock_accept(sock)
+                while taken < batch:
+                    conn, _ = sock.accept()
+                    await self._adopt(loop, conn)
+                    taken += 1
             except (BlockingIOError, InterruptedError):
-                continue
+                pass
             except OSError as err:  # EMFILE and friends: back off instead of spinning
                 log.error("accept failed: %s", err)
                 await asyncio.sleep(0.1)
-                continue
-            try:
-                await loop.connect_accepted_socket(self.protocol, conn)
-            except OSError as err:
-                log.warning("dropping an accepted connection: %s", err)
-                conn.close()
-                continue
+            if taken:
+                streak += taken
+            else:  # the queue is empty: wait for the next connection
+                streak = 0
+                try:
+                    conn, _ = await loop.sock_accept(sock)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as err:
+                    log.error("accept failed: %s", err)
+                    await asyncio.sleep(0.1)
+                    continue
+                await self._adopt(loop, conn)
             if self.connections:
                 await asyncio.sleep(min(ACCEPT_DELAY * len(self.connections), ACCEPT_DELAY_MAX))
+
+    async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            await loop.connect_accepted_socket(self.protocol, conn)
+        except OSError as err:
+            log.warning("dropping an accepted connection: %s", err)
+            conn.close()
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -366,38 +511,54 @@ class Server:
 
 
 class Connection(asyncio.Protocol):
-    """One client connection.  httptools calls the ``on_*`` methods from :meth:`data_received`."""
+    """One client connection.  httptools calls the ``on_*`` methods from :meth:`data_received`.
+
+    Reading is paused while the connection is *blocked*: an asynchronous handler runs, or the
+    transport's write buffer is above :attr:`Limits.write_high` (the client does not read its
+    answers).  Bytes already read stay unparsed (:attr:`_unparsed`) until it is unblocked, so at
+    most one piece (:attr:`Limits.max_header_bytes`) of pipelined requests waits parsed.
+    """
 
     def __init__(self, server: Server) -> None:
+        # per connection
         self.server = server
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: PeerCredentials | None = None
         self.state: dict[str, Any] = {}  # per-connection state of the application (leases)
+        self.pinned = False  # set by the application: never closed as idle (it holds leases)
+        self._pending: collections.deque[Request] = collections.deque()
+        self._busy = False  # an asynchronous handler runs
+        self._write_paused = False  # the write buffer is above the high-water mark
+        self._read_paused = False
+        self._unparsed = b""  # read while blocked; parsed when unblocked
+        self._closing = False
+        self._callback_error: HTTPError | None = None
+        self._since = time.monotonic()
+        # per request
+        self._in_request = False
+        self._in_head = False  # request line and headers not complete yet
+        self._head_bytes = 0  # bytes of the incomplete head seen so far (a lower bound)
+        self._messages = 0
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
-        self._header_name = b""
         self._body: list[bytes] = []
         self._body_size = 0
-        self._pending: collections.deque[Request] = collections.deque()
-        self._busy = False
-        self._closing = False
-        self._in_request = False
-        self._callback_error: HTTPError | None = None
         self._stream: Request | None = None
-        self._since = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        transport.set_write_buffer_limits(high=self.limits.write_high, low=self.limits.write_low)  # type: ignore[attr-defined]
         self.peer = peer_credentials(transport.get_extra_info("socket"))
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._unparsed = b""
         self.server.connections.discard(self)
         if self.server.on_connection_lost is not None:
             try:
@@ -405,11 +566,24 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("cleaning up a closed connection failed")
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._unblocked()
+
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._unparsed:  # not expected while reading is paused; never reorder the stream
+            data, self._unparsed = self._unparsed + data, b""
         try:
-            self.parser.feed_data(data)
+            if self._in_head or len(data) > self.limits.max_header_bytes or self._busy or self._write_paused:
+                self._feed_pieces(data)
+            else:  # the hot path: a whole small request (or a few) in one read
+                self.parser.feed_data(data)  # a head left incomplete here has at most cap bytes
         except HTTPError as err:
             self._fail(err.status, err.message)
         except httptools.HttpParserCallbackError:
@@ -421,18 +595,49 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as err:
             self._fail(400, f"malformed HTTP request: {err}")
 
+    def _feed_pieces(self, data: bytes) -> None:
+        """Feed ``data`` in pieces of at most :attr:`Limits.max_header_bytes`, so that
+
+        * the header cap holds while a head arrives: httptools joins the pieces of a header
+          value it is given, and is never given more than the cap before we count (a 64 MB
+          header without CRLF is refused after 16 KB, not buffered quadratically);
+        * parsing stops as soon as the connection is blocked: the rest waits in ``_unparsed``.
+        """
+        cap = self.limits.max_header_bytes
+        view = memoryview(data)
+        start, end = 0, len(data)
+        while start < end and not self._closing:
+            if self._busy or self._write_paused:
+                self._unparsed = bytes(view[start:])
+                self._update_reading()
+                return
+            continued, begun = self._in_head, self._messages
+            size = cap + 1 - self._head_bytes if continued else cap
+            self.parser.feed_data(view[start : start + size])
+            if self._in_head:
+                if continued and self._messages == begun:
+                    self._head_bytes += min(size, end - start)  # all of the piece was head
+                else:  # a head began inside the piece: count what we know of it
+                    self._head_bytes = len(self._url) + self._header_bytes
+                if self._head_bytes > cap:
+                    raise HTTPError(431, f"request headers larger than {cap} bytes")
+            start += size
+
     def eof_received(self) -> bool | None:
         # a half-closed client still gets the answers to what it sent
-        return bool(self._busy or self._pending)
+        return bool(self._busy or self._pending or self._unparsed)
 
     # -- httptools callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_request = True
+        self._in_head = True
+        self._messages += 1
         self._since = time.monotonic()
         self._url = b""
         self._headers = {}
         self._header_bytes = 0
+        self._head_bytes = 0
         self._body = []
         self._body_size = 0
 
@@ -456,6 +661,7 @@ class Connection(asyncio.Protocol):
         self._headers[key] = self._headers[key] + ", " + text if key in self._headers else text
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject(413, f"request body larger than {self.limits.max_body} bytes")
@@ -508,7 +714,7 @@ class Connection(asyncio.Protocol):
     # -- dispatch -----------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self._pending and not self._busy and not self._closing:
+        while self._pending and not self._busy and not self._write_paused and not self._closing:
             request = self._pending.popleft()
             try:
                 handler = request.finish or self.server.router.resolve(request)
@@ -521,8 +727,7 @@ class Connection(asyncio.Protocol):
                 self._respond(request, reply)
             else:
                 self._busy = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self._update_reading()
                 task = asyncio.ensure_future(reply)
                 task.add_done_callback(lambda t, r=request: self._finished(r, t))  # type: ignore[misc]
 
@@ -539,9 +744,27 @@ class Connection(asyncio.Protocol):
             else:
                 reply = self._internal_error(request, err)
         self._respond(request, reply)
-        if not self._closing and self.transport is not None:
-            self.transport.resume_reading()
-            self._dispatch()
+        self._unblocked()
+
+    def _unblocked(self) -> None:
+        """Answer what waits, parse what was read meanwhile, and read again -- unless that
+        blocked the connection once more."""
+        if self._closing:
+            return
+        self._dispatch()
+        if self._unparsed and not (self._busy or self._write_paused or self._pending):
+            data, self._unparsed = self._unparsed, b""
+            self.data_received(data)
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        paused = self._busy or self._write_paused or bool(self._unparsed)
+        if paused != self._read_paused and self.transport is not None and not self._closing:
+            self._read_paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def _internal_error(self, request: Request, err: BaseException) -> Reply:
         log.error("%s %s failed", request.method, request.path[:200], exc_info=err)
@@ -572,23 +795,35 @@ class Connection(asyncio.Protocol):
     def check_timeouts(self, now: float, limits: Limits) -> None:
         if self._stream is not None:
             return  # a streamed request lasts as long as its client wants (a lease)
-        if self._in_request:
+        if self._write_paused or self._unparsed:
+            # the client does not read its answers: it gets as long as an idle one, then the
+            # buffered answers are dropped (a plain close would wait for them to be read)
+            if now - self._since > limits.keepalive:
+                self.close(abort=True)
+        elif self._in_request:
             if now - self._since > limits.request_timeout:
                 self._fail(408, f"request not complete after {limits.request_timeout:g} s")
-        elif not self._busy and not self._pending and now - self._since > limits.keepalive:
+        elif not self._busy and not self._pending and not self.pinned and now - self._since > limits.keepalive:
             self.close()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self._closing:
             return
         self._closing = True
+        self._unparsed = b""
         if self.transport is not None:
             with contextlib.suppress(Exception):
-                self.transport.close()
+                if abort:
+                    self.transport.abort()
+                else:
+                    self.transport.close()
 
 
-def bind_unix_socket(path: str, mode: int = 0o660, backlog: int = 1024) -> socket.socket:
+def bind_unix_socket(path: str, mode: int = 0o660, backlog: int | None = None) -> socket.socket:
     """Bind and listen on ``path`` with ``mode``; a stale socket file (nobody listening) is replaced.
+
+    The listen queue is ``backlog`` long, by default the kernel's maximum (``somaxconn``): a burst
+    of connects waits there instead of failing with ``EAGAIN``.
 
     Raises ``OSError(EADDRINUSE)`` if a live server already listens there, and ``OSError(EEXIST)``
     if something that is not a socket is in the way (it is never removed).
@@ -618,6 +853,6 @@ def bind_unix_socket(path: str, mode: int = 0o660, backlog: int = 1024) -> socke
     finally:
         os.umask(old)
     os.chmod(path, mode)
-    sock.listen(backlog)
+    sock.listen(listen_backlog() if backlog is None else backlog)
     sock.setblocking(False)
     return sock

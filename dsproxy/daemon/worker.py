@@ -34,7 +34,7 @@ from ..ipc import shm
 from ..paths import Paths
 from ..registry import Registry
 from . import systemd
-from .api import WorkerApp
+from .api import FORWARD_TIMEOUT, WorkerApp
 from .http import Limits, Server
 
 log = logging.getLogger("dsproxy.worker")
@@ -53,6 +53,7 @@ class WorkerSpec:
     graceful_timeout: float
     master_pid: int
     prewarm: bool = True
+    forward_timeout: float = FORWARD_TIMEOUT
 
 
 def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
@@ -98,7 +99,7 @@ def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
 
 
 async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int) -> int:
-    app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"))
+    app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"), forward_timeout=spec.forward_timeout)
     server = Server(
         app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.generation_header
     )

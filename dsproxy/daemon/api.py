@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import resource
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..config import Operation
 from ..errors import DatastoreError, NoSuchDatastore
 from ..ipc import shm
 from ..registry import Handle, Registry
+from . import limits
 from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
 from .manager import CLIENT_HEADER
 
@@ -267,7 +267,6 @@ class WorkerApp:
 
     def node_status(self, request: Request) -> Reply:
         reg = self.registry
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         seg = reg.segment
         workers = []
         processes = 0
@@ -302,7 +301,7 @@ class WorkerApp:
             "instances": len(reg.instances),
             "workers": workers,
             "processes": processes,
-            "rlimit-nofile": {"soft": soft, "hard": hard},
+            "rlimit-nofile": limits.of_registry(reg).as_dict(),
         }
         return data_reply(data)
 

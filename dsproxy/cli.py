@@ -403,6 +403,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"nofile {n['rlimit-nofile']['soft']}/{n['rlimit-nofile']['hard']}"
         + (f", DEGRADED: {n['degraded']}" if n["degraded"] else "")
     )
+    fds = n["rlimit-nofile"]
+    if not fds.get("enough", True):
+        print(
+            f"FD LIMIT: {fds['needed']} fds needed for {fds['stores']} datastores, the limit is {fds['soft']}: "
+            f"at most {fds['budget']} can be open at once per worker (raise LimitNOFILE; see the README)"
+        )
     if n["config-error"]:
         print(f"CONFIG ERROR (serving the last good config): {n['config-error']}")
     _table(

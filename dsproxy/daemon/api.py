@@ -25,7 +25,6 @@ import asyncio
 import itertools
 import os
 import re
-import resource
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ from ..config import Operation
 from ..errors import DatastoreError, NoSuchDatastore
 from ..ipc import shm
 from ..registry import Handle, Registry
+from . import limits
 from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
 from .manager import CLIENT_HEADER
 
@@ -307,7 +307,6 @@ class WorkerApp:
 
     def node_status(self, request: Request) -> Reply:
         reg = self.registry
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         seg = reg.segment
         workers = []
         processes = 0
@@ -342,7 +341,7 @@ class WorkerApp:
             "instances": len(reg.instances),
             "workers": workers,
             "processes": processes,
-            "rlimit-nofile": {"soft": soft, "hard": hard},
+            "rlimit-nofile": limits.of_registry(reg).as_dict(),
         }
         return data_reply(data)
 

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from ..ipc import shm
 from ..paths import Paths
-from . import systemd
+from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
 from .writer import ConfigWriter, WriteRefused, WriteResult
 
@@ -202,8 +202,11 @@ class Manager:
             os.unlink(self.paths.run_dir / "manager.pid")
         if self.seg is not None:
             self.seg.free_slot(self.slot)
+            last = not self.seg.slots()  # nobody attached: a clean stop leaves nothing in /dev/shm
             self.seg.close()
             self.seg = None
+            if last:
+                shm.unlink(self.paths.run_dir)
 
     def check_segment(self) -> None:
         """Detect a segment that was removed, replaced, truncated or scribbled over, and replace it
@@ -320,6 +323,7 @@ class Manager:
 
 def main(options: ManagerOptions) -> int:
     systemd.setup_logging("dsproxy-manager")
+    limits.raise_soft_limit()  # a create lays out stores; the proxy master reports the store need
     try:
         import uvloop
 

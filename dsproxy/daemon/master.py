@@ -18,7 +18,7 @@ the status line up to date.
   old ones are drained; then ``READY=1``.  The socket never closes, so no request fails.
 * **SIGTERM/SIGINT**: ``STOPPING=1``; workers drain (``graceful_timeout``), stragglers are killed.
 * **RLIMIT_NOFILE**: the soft limit is raised to the hard one (children inherit it); a warning
-  says so when the hard limit is below what the configured stores need.
+  with the numbers when it is below what the configured stores need (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import selectors
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 
-from ..config import ParseError, read_config
 from ..ipc import shm
-from . import systemd, worker
+from . import limits, systemd, worker
 from .http import bind_unix_socket
 
 log = logging.getLogger("dsproxy.master")
@@ -46,8 +44,6 @@ EXIT_CRASH_LOOP = 1
 EXIT_BOOT_FAILURE = 3
 BOOT_FAILURE_LIMIT = 3
 EARLY_DEATH = 1.0  # seconds: a worker dying younger than this counts towards the restart backoff
-FDS_PER_STORE = 1
-FD_MARGIN = 256
 
 
 @dataclass
@@ -103,7 +99,7 @@ class Master:
     def setup(self) -> int | None:
         """Socket, pipes, signals, limits.  Returns an exit code if the proxy cannot start."""
         self.spec.paths.ensure()
-        raise_nofile(self.spec.paths.config_file)
+        limits.check_at_start(self.spec.paths.config_file, log)
         inherited = systemd.listen_fds()
         if inherited:
             self.sock = inherited[0]
@@ -386,26 +382,6 @@ class Master:
             os.unlink(self.spec.paths.run_dir / "proxy.pid")
         if self.seg is not None:
             self.seg.close()
-
-
-def raise_nofile(config_file: os.PathLike[str]) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("raised the soft RLIMIT_NOFILE from %d to %d", soft, hard)
-    try:
-        stores = len(read_config(config_file)[0])
-    except (ParseError, OSError):
-        return
-    need = stores * FDS_PER_STORE + FD_MARGIN
-    if hard < need:
-        log.warning(
-            "RLIMIT_NOFILE hard limit %d is below the %d a worker needs for %d datastores; "
-            "install the LimitNOFILE drop-in (scripts/install-systemd)",
-            hard,
-            need,
-            stores,
-        )
 
 
 def _kill(pid: int, sig: int) -> None:

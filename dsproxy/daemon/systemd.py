@@ -6,8 +6,10 @@
   namespace).  Only the proxy master and the manager notify (``NotifyAccess=main``).
 * :func:`listen_fds` returns the sockets systemd passed (``LISTEN_PID``/``LISTEN_FDS``, fds from 3)
   and unsets the variables so that children do not take them for their own.
-* :func:`setup_logging` logs to journald (``systemd.journal.JournalHandler``) when stderr *is* the
-  journal (``$JOURNAL_STREAM`` names stderr's device:inode), else to stderr with timestamps.
+* :func:`setup_logging` logs to journald (:class:`JournalFieldsHandler`: priority, identifier and
+  structured ``DSPROXY_*`` fields such as the role, worker pid and loaded generation) when stderr
+  *is* the journal (``$JOURNAL_STREAM`` names stderr's device:inode), else to stderr with
+  timestamps.
 """
 
 from __future__ import annotations
@@ -90,24 +92,107 @@ def stderr_is_journal() -> bool:
     return st.st_dev == dev and st.st_ino == ino
 
 
+#: the journal's priorities (syslog levels) for the logging levels
+_PRIORITIES = ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3))
+#: role of each process, by its log identifier: a journal field, so ``journalctl DSPROXY_ROLE=worker``
+_ROLES = {"dsproxy-proxy": "master", "dsproxy-worker": "worker", "dsproxy-manager": "manager", "dsproxy-run": "run"}
+_log_fields: dict[str, object] = {}
+
+
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (``WARNING`` -> 4)."""
+    for level, priority in _PRIORITIES:
+        if levelno <= level:
+            return priority
+    return 2
+
+
+def set_log_fields(**fields: object) -> None:
+    """Journal fields for every later record of this process; a callable is called per record.
+
+    >>> set_log_fields(DSPROXY_GENERATION=lambda: registry.loaded_generation)
+    """
+    _log_fields.update(fields)
+
+
+class JournalFieldsHandler(logging.Handler):
+    """Records to journald as structured entries.
+
+    Fields: ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER``, ``LOGGER``, ``CODE_FILE/LINE/FUNC``,
+    this process's :func:`set_log_fields` (``DSPROXY_ROLE``, ``DSPROXY_WORKER_PID``,
+    ``DSPROXY_GENERATION``, ...) and the upper-case keys of a record's ``extra`` (``log.warning(...,
+    extra={"DSPROXY_STORES": n})``).  Unlike ``systemd.journal.JournalHandler`` it does not send
+    every attribute of the record (lower-case names, which journald drops anyway).  ``sender``
+    is ``systemd.journal.send`` unless a test injects one.
+    """
+
+    def __init__(self, identifier: str, sender: Any = None) -> None:
+        super().__init__()
+        if sender is None:
+            from systemd.journal import send
+
+            sender = send
+        self.identifier = identifier
+        self.sender = sender
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "PRIORITY": str(journal_priority(record.levelno)),
+            "SYSLOG_IDENTIFIER": self.identifier,
+            "LOGGER": record.name,
+            "CODE_FILE": record.pathname,
+            "CODE_LINE": record.lineno,
+            "CODE_FUNC": record.funcName,
+        }
+        for key, value in _log_fields.items():
+            with contextlib.suppress(Exception):  # a field must never cost the record
+                value = value() if callable(value) else value
+                if value is not None:
+                    fields[key] = str(value)
+        fields.update((k, str(v)) for k, v in record.__dict__.items() if k.isupper())
+        return fields
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sender(self.format(record), **self.fields(record))
+        except Exception:
+            self.handleError(record)
+
+
+class _PriorityPrefixFormatter(logging.Formatter):
+    """``<4>dsproxy.master: ...``: journald reads the priority from the prefix of a stderr line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{journal_priority(record.levelno)}>{super().format(record)}"
+
+
 def setup_logging(name: str, verbose: bool = False) -> None:
-    """Configure the root logger once per process (journald or stderr)."""
+    """Configure the root logger once per process (journald or stderr).
+
+    Under systemd (stderr is the journal) records go to journald with structured fields
+    (:class:`JournalFieldsHandler`); without systemd-python, to stderr with a ``<priority>``
+    prefix, which journald understands.  Elsewhere: stderr with timestamps.
+    """
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.setLevel(level)
+    _log_fields.clear()
+    role = _ROLES.get(name)
+    if role is not None:
+        _log_fields["DSPROXY_ROLE"] = role
+    if role == "worker":
+        _log_fields["DSPROXY_WORKER_PID"] = os.getpid()
+    handler: logging.Handler
     if stderr_is_journal():
         try:
-            from systemd.journal import JournalHandler
-
-            root.addHandler(JournalHandler(SYSLOG_IDENTIFIER=name))
-            return
+            handler = JournalFieldsHandler(name)
         except ImportError:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            root.addHandler(handler)
-            return
+            handler.setFormatter(_PriorityPrefixFormatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"))
     root.addHandler(handler)

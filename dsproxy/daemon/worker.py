@@ -104,6 +104,7 @@ async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready
         app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.generation_header
     )
     registry.refresh()  # load the config before the first request
+    systemd.set_log_fields(DSPROXY_GENERATION=lambda: registry.loaded_generation)
     if spec.prewarm:
         registry.prewarm()  # every instance before we say ready: a reload hands over warm workers
     await server.serve(sock, balance=True)
@@ -112,6 +113,7 @@ async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready
     app.publish()
     os.write(ready_fd, os.getpid().to_bytes(4, "little"))
     os.close(ready_fd)
+    log.info("ready: generation %s, %d stores open", registry.loaded_generation, len(registry.instances))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), TICK)

@@ -39,6 +39,7 @@ from ..config import ParseError, read_config
 from ..ipc import shm
 from . import systemd, worker
 from .http import bind_unix_socket
+from .options import ProxyOptions
 
 log = logging.getLogger("dsproxy.master")
 
@@ -48,17 +49,6 @@ BOOT_FAILURE_LIMIT = 3
 EARLY_DEATH = 1.0  # seconds: a worker dying younger than this counts towards the restart backoff
 FDS_PER_STORE = 1
 FD_MARGIN = 256
-
-
-@dataclass
-class ProxyOptions:
-    spec: worker.WorkerSpec
-    workers: int
-    crash_limit: int = 10
-    crash_window: float = 60.0
-    worker_timeout: float = 30.0
-    boot_timeout: float = 60.0
-    socket_mode: int = 0o660
 
 
 @dataclass

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import config
+from .daemon import options
 from .paths import Paths
 
 
@@ -47,19 +47,6 @@ def _paths(args: argparse.Namespace) -> Paths:
     return Paths.resolve(args.base_dir, args.config_dir, args.run_dir, args.data_dir)
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
-    def check(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-
-    return check
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsproxy", description="datastore lookup daemon and its tools")
     _add_dirs(parser, top=True)
@@ -71,16 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     m = command("manager", "run the manager: the only writer of datastore.cfg")
-    _manager_options(m)
+    options.add_arguments(m, "manager")
     m.set_defaults(func=cmd_manager)
 
     p = command("proxy", "run the proxy: a master and N workers serving the API on proxy.sock")
-    _proxy_options(p)
+    options.add_arguments(p, "proxy")
     p.set_defaults(func=cmd_proxy)
 
     r = command("run", "run manager and proxy in the foreground (local use; Ctrl-C stops both)")
-    r.add_argument("--demo-stores", type=int, default=0, metavar="N", help="make sure N demo datastores exist")
-    _proxy_options(r)
+    options.add_arguments(r, "run")
     r.set_defaults(func=cmd_run)
 
     ds = command("datastore", "list, show, create, update or remove datastores (via proxy.sock)")
@@ -138,97 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _manager_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--demo-stores", type=int, default=0, metavar="N", help="make sure N demo datastores exist")
-    p.add_argument("--watch-interval", type=_positive(float), default=0.5, metavar="S", help="manual-edit poll (0.5)")
-    p.add_argument(
-        "--maintenance-timeout", type=_positive(float), default=10.0, metavar="S", help="wait for workers (10)"
-    )
-    p.add_argument("--admin-group", metavar="GROUP", help="members may change the configuration")
-    p.add_argument("--proxy-user", metavar="USER", help="user the proxy runs as (its forwarded client ids are trusted)")
-    p.add_argument("--store-owner", metavar="USER", help="owner of created datastore directories")
-
-
-def _proxy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workers", type=_positive(int), default=os.cpu_count() or 1, metavar="N", help="worker processes (CPU count)"
-    )
-    p.add_argument("--cache", choices=("on", "config", "off"), default="on", help="lookup cache mode (on)")
-    p.add_argument("--ttl", type=_positive(float), default=60.0, metavar="S", help="config cache TTL (60)")
-    p.add_argument("--graceful-timeout", type=_positive(float), default=10.0, metavar="S", help="drain time (10)")
-    p.add_argument(
-        "--forward-timeout", type=_positive(float), default=30.0, metavar="S", help="wait for the manager (30)"
-    )
-    p.add_argument(
-        "--crash-limit", type=_positive(int), default=10, metavar="N", help="crashes per minute before giving up"
-    )
-    p.add_argument(
-        "--worker-timeout", type=float, default=30.0, metavar="S", help="kill a silent worker (30; 0 = never)"
-    )
-    p.add_argument(
-        "--no-prewarm",
-        dest="prewarm",
-        action="store_false",
-        help="open each store's instance on its first request instead of ahead, in idle time",
-    )
-
-
 # -- daemons ------------------------------------------------------------------------------------------
 
 
 def cmd_manager(args: argparse.Namespace) -> int:
-    from .daemon.manager import ManagerOptions, main
+    from .daemon.manager import main
 
-    return main(
-        ManagerOptions(
-            paths=_paths(args),
-            watch_interval=args.watch_interval,
-            maintenance_timeout=args.maintenance_timeout,
-            admin_group=args.admin_group,
-            proxy_user=args.proxy_user,
-            store_owner=args.store_owner,
-            demo_stores=args.demo_stores,
-        )
-    )
-
-
-def _proxy_spec(args: argparse.Namespace) -> Any:
-    from .daemon.http import Limits
-    from .daemon.master import ProxyOptions
-    from .daemon.worker import WorkerSpec
-
-    spec = WorkerSpec(
-        paths=_paths(args),
-        cache=args.cache,
-        ttl=args.ttl,
-        limits=Limits(),
-        graceful_timeout=args.graceful_timeout,
-        forward_timeout=args.forward_timeout,
-        master_pid=os.getpid(),
-        prewarm=args.prewarm,
-    )
-    return ProxyOptions(
-        spec=spec, workers=args.workers, crash_limit=args.crash_limit, worker_timeout=args.worker_timeout
-    )
+    return main(options.manager_options(args, _paths(args)))
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from .daemon.master import main
 
-    return main(_proxy_spec(args))
+    return main(options.proxy_options(args, _paths(args)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon.run import run
 
-    manager_args = ["--demo-stores", str(args.demo_stores)] if args.demo_stores else []
-    proxy_args = [
-        "--workers", str(args.workers), "--cache", args.cache, "--ttl", str(args.ttl),
-        "--graceful-timeout", str(args.graceful_timeout), "--forward-timeout", str(args.forward_timeout),
-        "--crash-limit", str(args.crash_limit),
-        "--worker-timeout", str(args.worker_timeout), *([] if args.prewarm else ["--no-prewarm"]),
-    ]  # fmt: skip
-    return run(_paths(args), manager_args, proxy_args)
+    return run(_paths(args), options.argv(args, "manager"), options.argv(args, "proxy"))
 
 
 # -- clients ------------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
 _MAX_INT_CHARS: Final = 20  # "-9223372036854775808"
 
-_TRUE: Final = frozenset({"1", "on", "yes", "true"})
-_FALSE: Final = frozenset({"0", "off", "no", "false"})
+#: the words a boolean may be spelt with (lower case; config values and API query parameters alike)
+TRUE: Final = frozenset({"1", "on", "yes", "true"})
+FALSE: Final = frozenset({"0", "off", "no", "false"})
 
 #: where PBS mounts a removable datastore (pbs-api-types ``DATASTORE_MOUNT_DIR``)
 DATASTORE_MOUNT_DIR: Final = "/mnt/datastore"
@@ -106,9 +107,14 @@ def check_name(name: object) -> str:
         raise SchemaError("value must be at least 3 characters long")
     if len(name) > 32:
         raise SchemaError("value may only be 32 characters long")
-    if NAME_RE.fullmatch(name) is None:
+    if not is_name(name):
         raise SchemaError("value does not match the regex pattern")
     return name
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` is a valid datastore name (what :func:`check_name` accepts)."""
+    return 3 <= len(name) <= 32 and NAME_RE.fullmatch(name) is not None
 
 
 def _string(min_len: int = 1, max_len: int = 4096, pattern: re.Pattern[str] | None = None) -> Callable[[object], str]:
@@ -173,9 +179,9 @@ def check_bool(value: object) -> bool:
         return value
     if isinstance(value, str):
         low = value.lower()
-        if low in _TRUE:
+        if low in TRUE:
             return True
-        if low in _FALSE:
+        if low in FALSE:
             return False
     raise SchemaError("Unable to parse boolean option.")
 

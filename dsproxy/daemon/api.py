@@ -24,12 +24,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import re
 import time
 from typing import Any
 
 from .. import client as client_mod
-from ..config import Operation
+from ..config import Operation, schema
 from ..errors import DatastoreError, NoSuchDatastore
 from ..ipc import shm
 from ..registry import Handle, Registry
@@ -37,9 +36,7 @@ from . import limits
 from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
 from .manager import CLIENT_HEADER
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{2,31}\Z")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = schema.FALSE | {""}  # a bare ``?verbose=`` is false
 _BACKUP_TYPES = ("vm", "ct", "host")
 _lease_ids = itertools.count(1)
 #: leases one connection may hold at once (whole and streamed together)
@@ -55,7 +52,7 @@ def _flag(request: Request, name: str) -> bool:
     if value is None:
         return False
     value = value.lower()
-    if value in _TRUE:
+    if value in schema.TRUE:
         return True
     if value in _FALSE:
         return False
@@ -115,7 +112,7 @@ class WorkerApp:
         try:
             handle = self.registry.lookup(name, operation)
         except NoSuchDatastore:
-            if not _NAME_RE.match(name):
+            if not schema.is_name(name):
                 raise HTTPError(
                     400, f"parameter verification failed - 'store': invalid datastore name '{name[:64]}'"
                 ) from None

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..ipc import shm
-from ..paths import Paths
 from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
+from .options import ManagerOptions as ManagerOptions  # re-exported: it used to live here
 from .writer import ConfigWriter, WriteRefused, WriteResult
 
 log = logging.getLogger("dsproxy.manager")
@@ -93,18 +93,6 @@ def _groups_of(uid: int, gid: int) -> set[int]:
         return set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
     except KeyError:
         return {gid}
-
-
-@dataclass
-class ManagerOptions:
-    paths: Paths
-    watch_interval: float = 0.5
-    maintenance_timeout: float = 10.0
-    admin_group: str | None = None
-    proxy_user: str | None = None
-    store_owner: str | None = None
-    demo_stores: int = 0
-    socket_mode: int = 0o660
 
 
 class Manager:

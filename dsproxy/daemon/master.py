@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from ..ipc import shm
 from . import limits, systemd, worker
 from .http import bind_unix_socket
+from .options import ProxyOptions
 
 log = logging.getLogger("dsproxy.master")
 
@@ -44,17 +45,6 @@ EXIT_CRASH_LOOP = 1
 EXIT_BOOT_FAILURE = 3
 BOOT_FAILURE_LIMIT = 3
 EARLY_DEATH = 1.0  # seconds: a worker dying younger than this counts towards the restart backoff
-
-
-@dataclass
-class ProxyOptions:
-    spec: worker.WorkerSpec
-    workers: int
-    crash_limit: int = 10
-    crash_window: float = 60.0
-    worker_timeout: float = 30.0
-    boot_timeout: float = 60.0
-    socket_mode: int = 0o660
 
 
 @dataclass

@@ -11,13 +11,14 @@ import pytest
 from dsproxy.daemon import master as master_mod
 from dsproxy.daemon.http import Limits
 from dsproxy.daemon.master import Master, ProxyOptions, _Worker
-from dsproxy.daemon.worker import EXIT_BOOT_FAILURE, WorkerSpec
+from dsproxy.daemon.protocol import EXIT_BOOT_FAILURE
+from dsproxy.daemon.worker import WorkerSpec
 from dsproxy.paths import Paths
 
 
 @pytest.fixture
 def master(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Master:
-    spec = WorkerSpec(Paths.from_base(tmp_path), "on", 60.0, Limits(), 1.0, 1)
+    spec = WorkerSpec(Paths.resolve(tmp_path), "on", 60.0, Limits(), 1.0, 1)
     m = Master(ProxyOptions(spec=spec, workers=2, crash_limit=3, crash_window=60.0))
     killed: list[tuple[int, int]] = []
     monkeypatch.setattr(master_mod, "_kill", lambda pid, sig: killed.append((pid, sig)))
@@ -59,7 +60,7 @@ def test_a_crash_loop_stops_the_master_with_exit_1(master: Master) -> None:
 def test_workers_that_never_boot_end_the_master_with_exit_3(master: Master) -> None:
     for pid in range(300, 303):
         crash(master, pid, ready=False, code=EXIT_BOOT_FAILURE)
-    assert master.stopping and master.exit_code == master_mod.EXIT_BOOT_FAILURE
+    assert master.stopping and master.exit_code == EXIT_BOOT_FAILURE
 
 
 def test_sighup_replaces_the_workers_only_once_the_new_ones_are_ready(master: Master) -> None:

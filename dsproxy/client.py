@@ -23,10 +23,11 @@ from urllib.parse import quote, urlencode
 
 import httptools
 
+from .daemon.protocol import GENERATION_HEADER
+
 if TYPE_CHECKING:
     import subprocess
 
-GENERATION_HEADER = "x-dsproxy-generation"
 #: how long the command line retries a refused / queue-full connect before it gives up
 CLI_CONNECT_RETRY = 2.0
 
@@ -272,15 +273,3 @@ class AsyncConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-
-
-async def request_once(
-    socket_path: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-) -> Response:
-    """One request on a fresh connection (the workers' path to the manager)."""
-    conn = await AsyncConnection.open(socket_path)
-    try:
-        payload = None if body is None else json.dumps(body).encode()
-        return await conn.request(method, path, payload, headers)
-    finally:
-        conn.close()

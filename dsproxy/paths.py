@@ -9,7 +9,7 @@ it) and the default parent of datastores created without an explicit path.
 * Without any argument: ``$DSPROXY_BASE_DIR`` if set, else ``$XDG_STATE_HOME/dsproxy`` (default
   ``~/.local/state/dsproxy``).
 * Under systemd the units pass ``--config-dir /etc/dsproxy --run-dir /run/dsproxy
-  --data-dir /var/lib/dsproxy`` (see :data:`SYSTEM_DIRS`, :meth:`Paths.system`).
+  --data-dir /var/lib/dsproxy`` (see the units in ``systemd/``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "datastore.cfg"
 LOCK_NAME = ".datastore.lck"
-SYSTEM_DIRS = ("/etc/dsproxy", "/run/dsproxy", "/var/lib/dsproxy")
 
 
 def default_base_dir() -> str:
@@ -62,10 +61,6 @@ class Paths(NamedTuple):
     data_dir: Path
 
     @classmethod
-    def from_base(cls, base_dir: str | os.PathLike[str]) -> Paths:
-        return cls.resolve(base_dir)
-
-    @classmethod
     def resolve(
         cls,
         base_dir: str | os.PathLike[str] | None = None,
@@ -78,13 +73,6 @@ class Paths(NamedTuple):
 
         c, r, d = resolve_dirs(base_dir, config_dir, run_dir, data_dir)
         return cls(Path(c), Path(r), Path(d))
-
-    @classmethod
-    def system(cls) -> Paths:
-        """The directories of a systemd installation (see the units in systemd/)."""
-        from pathlib import Path
-
-        return cls(*(Path(d) for d in SYSTEM_DIRS))
 
     @property
     def config_file(self) -> Path:

@@ -254,7 +254,6 @@ class Registry:
         self._words: memoryview | None = None
         self._fast_words: memoryview | None = None  # = _words when cache="on": one check on the hot path
         self._slot = -1
-        self._slot_base = -1
         self.degraded: str | None = None  #: why shared memory is not used, or None
         self.config_error: str | None = None  #: the last parse error of the file, while it lasts
         self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
@@ -262,8 +261,7 @@ class Registry:
         self._warm: _Cache | None = None  # the cache prewarm() last completed
         self._next_check = _monotonic() + SEGMENT_CHECK_INTERVAL
         self.reloads = 0
-        self.errors = 0
-        self._caller_errors = 0  # errors a daemon counted itself (publish_stats)
+        self.errors = 0  #: config errors: the file could not be read or parsed (SLOT_CONFIG_ERRORS)
         self._closed = False
         self._attach()  # also with cache=off: the slot makes the process visible, totals need the segment
         _registries.add(self)
@@ -279,7 +277,6 @@ class Registry:
             return
         self._seg, self._words, self._slot = seg, seg.words, slot
         self._fast_words = seg.words if self._fast else None
-        self._slot_base = seg.slot_base(slot)
         self.degraded = None
 
     def _check_segment(self) -> None:
@@ -302,11 +299,13 @@ class Registry:
                     self._cache = None
             return
         problem = seg.check(contents=False)  # garbage in other slots: readers skip it, the manager repairs
-        if problem is None and self._words is not None and self._words[self._slot_base + shm.SLOT_PID] != os.getpid():
-            problem = shm.SegmentProblem("overwritten", f"the process slot {self._slot} of {seg.name} was taken over")
+        if problem is None and self._words is not None and seg.slot_pid(self._slot) != os.getpid():
+            problem = shm.SegmentProblem(
+                shm.ProblemKind.OVERWRITTEN, f"the process slot {self._slot} of {seg.name} was taken over"
+            )
         if problem is None:
             return
-        if problem.kind == "retired":
+        if problem.kind is shm.ProblemKind.RETIRED:
             self._reattach()
             return
         self._seg = None
@@ -329,7 +328,7 @@ class Registry:
             log.warning("running degraded (no caching, every lookup reads the config): %s", reason)
         self.degraded = reason
         self._seg = self._words = self._fast_words = None
-        self._slot = self._slot_base = -1
+        self._slot = -1
 
     def _detach(self) -> None:
         seg = self._seg
@@ -339,7 +338,7 @@ class Registry:
             self._words = self._fast_words = None
             seg.close()
         self._seg = None
-        self._slot = self._slot_base = -1
+        self._slot = -1
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's slot, counters and lock fds are not ours."""
@@ -351,7 +350,7 @@ class Registry:
             self._words = self._fast_words = None
             self._seg.close()
             self._seg = None
-            self._slot = self._slot_base = -1
+            self._slot = -1
             self._attach()
 
     @property
@@ -378,18 +377,19 @@ class Registry:
         """The shared-memory segment (None when degraded); for status pages."""
         return self._seg
 
-    def publish_stats(self, requests: int, cache_hits: int, errors: int = 0, booted: bool = True) -> None:
-        """Daemon workers: copy their request statistics into this process's slot and beat the
-        heartbeat the master uses to find hung workers."""
-        words = self._words
-        if words is not None:
-            base = self._slot_base
-            words[base + shm.SLOT_REQUESTS] = requests
-            words[base + shm.SLOT_CACHE_HITS] = cache_hits
-            self._caller_errors = errors
-            words[base + shm.SLOT_ERRORS] = self.errors + errors
-            words[base + shm.SLOT_BOOTED] = int(booted)
-            words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()  # in every mode: the master watches it
+    def publish_stats(self, lookups: int, cache_hits: int, lookup_errors: int = 0, booted: bool = True) -> None:
+        """Daemon workers: copy their lookup statistics (and this registry's config errors) into
+        this process's slot and beat the heartbeat the master uses to find hung workers."""
+        seg = self._seg
+        if seg is not None and self._words is not None:  # in every mode: the master watches the heartbeat
+            seg.publish_stats(
+                self._slot,
+                lookups=lookups,
+                cache_hits=cache_hits,
+                lookup_errors=lookup_errors,
+                config_errors=self.errors,
+                booted=booted,
+            )
 
     # -- lookup ---------------------------------------------------------------------------------------
 
@@ -557,13 +557,9 @@ class Registry:
 
     def _acknowledge(self, gen: int) -> None:
         """Publish, in this process's slot, that it now serves ``gen`` (after it loaded it)."""
-        words = self._words
-        if words is not None:
-            base = self._slot_base
-            words[base + shm.SLOT_GENERATION] = gen
-            words[base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
-            words[base + shm.SLOT_RELOADS] = self.reloads
-            words[base + shm.SLOT_ERRORS] = self.errors + self._caller_errors  # as publish_stats() counts
+        seg = self._seg
+        if seg is not None and self._words is not None:
+            seg.acknowledge(self._slot, gen, reloads=self.reloads, config_errors=self.errors)
 
     def _reattach(self) -> None:
         log.info("shared memory %s was replaced; reopening", self._seg.name if self._seg else "?")
@@ -637,7 +633,8 @@ class Registry:
         cache = self._cache
         gen = words[_GEN]
         if cache is not None and cache.generation == gen and _monotonic() < cache.expires:
-            words[self._slot_base + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+            assert self._seg is not None  # _words is the segment's
+            self._seg.beat(self._slot)
             for name in self._evict_names:  # an operation may have ended since the last check
                 self._maybe_evict(name)
             return False
@@ -734,38 +731,11 @@ class Registry:
             raise NoSuchDatastore(name)
         return _make_entry(name, props), int(file_digest[:15], 16)
 
-    def _release_locked(self, handle: Handle) -> None:
-        try:
-            read, write = self._files.update(handle.name, int(handle.operation), -1)
-        except OpFileError as err:
-            log.error("release of '%s': %s", handle.name, err)
-            return
-        if read or write or handle.name not in self._instances:
-            return
-        if self._words is not None and self.mode == "config":
-            cache = self._cache
-            entry = None if cache is None else cache.entries.get(handle.name)
-            evict = entry is None or entry.evicts
-        else:  # off / degraded: the last release of a store parses the file (what the fix removed)
-            try:
-                config = parse(self._read_file(), filename=self._config_file)
-            except (ParseError, ConfigUnavailable) as err:
-                log.warning("release of '%s': cannot read the config, not evicting: %s", handle.name, err)
-                return
-            props = config.get(handle.name)
-            evict = props is None or _make_entry(handle.name, props).evicts
-        if evict:
-            self._instances.pop(handle.name).close()
-
     # -- queries ----------------------------------------------------------------------------------------
 
     def active_operations(self, name: str) -> dict[str, int]:
         """``{"read": N, "write": M}`` over every live process (shared memory and counter files)."""
-        read, write = self._files.totals(name)
-        seg = self._seg
-        if seg is not None:
-            r, w = seg.active_operations(name)
-            read, write = read + r, write + w
+        read, write = shm.total_operations(name, self._seg, self._files)
         return {"read": read, "write": write}
 
     def config(self) -> tuple[SectionConfig, str]:

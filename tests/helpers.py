@@ -22,7 +22,7 @@ class Instance:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.paths = Paths.from_base(base)
+        self.paths = Paths.resolve(base)
         self.paths.ensure()
         self.paths.data_dir.mkdir(parents=True, exist_ok=True)
 

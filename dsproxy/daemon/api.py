@@ -1,7 +1,8 @@
 """The HTTP API a proxy worker serves (DESIGN §6), on the worker's own :class:`~dsproxy.Registry`.
 
 Every answer carries ``x-dsproxy-generation``: the generation of the config the worker served it
-under (the stress script checks that it never goes behind an acknowledged write).
+under (the stress script checks that it never goes behind an acknowledged write), and
+``x-dsproxy-worker``: the worker's pid.
 
 Reads are answered in the worker.  Config writes are forwarded to the manager over
 ``manager.sock`` with the end client's ``SO_PEERCRED`` in ``x-dsproxy-client``; the manager decides
@@ -34,7 +35,7 @@ from ..ipc import shm
 from ..registry import Handle, Registry
 from . import limits
 from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
-from .manager import CLIENT_HEADER
+from .protocol import CLIENT_HEADER, GENERATION_HEADER, WORKER_HEADER
 
 _FALSE = schema.FALSE | {""}  # a bare ``?verbose=`` is false
 _BACKUP_TYPES = ("vm", "ct", "host")
@@ -73,9 +74,12 @@ class WorkerApp:
         self.manager_socket = manager_socket
         self.forward_timeout = forward_timeout
         self.started = started or time.time()
+        # this worker's figures, published into its process slot (same names in status and metrics)
         self.lookups = 0
         self.cache_hits = 0
-        self.failures = 0
+        self.lookup_errors = 0
+        self._worker_header = f"{WORKER_HEADER}: {os.getpid()}\r\n".encode()
+        self._generation_header = f"{GENERATION_HEADER}: %d\r\n".encode()
 
     def router(self) -> Router:
         r = Router()
@@ -99,10 +103,11 @@ class WorkerApp:
         r.add("GET", "/metrics", self.metrics)
         return r
 
-    def generation_header(self) -> bytes:
-        """``x-dsproxy-generation`` of every answer: the generation this worker serves."""
+    def response_headers(self) -> bytes:
+        """The headers of every answer: ``x-dsproxy-worker`` (this pid) and ``x-dsproxy-generation``
+        (the generation this worker serves, once it has loaded one)."""
         gen = self.registry.loaded_generation
-        return b"" if gen is None else b"x-dsproxy-generation: %d\r\n" % gen
+        return self._worker_header if gen is None else self._worker_header + self._generation_header % gen
 
     # -- lookups --------------------------------------------------------------------------------------
 
@@ -118,7 +123,7 @@ class WorkerApp:
                 ) from None
             raise HTTPError(404, f"no such datastore '{name}'") from None
         except DatastoreError as err:
-            self.failures += 1
+            self.lookup_errors += 1
             raise HTTPError(err.status, err.message) from None
         if self.registry.reloads == reloads:
             self.cache_hits += 1
@@ -319,10 +324,13 @@ class WorkerApp:
                         "slot": s.slot,
                         "booted": s.booted,
                         "generation": s.generation,
-                        "requests": s.requests,
+                        "lookups": s.lookups,
+                        "requests": s.lookups,  # the name before "lookups", kept for older clients
                         "cache-hits": s.cache_hits,
                         "reloads": s.reloads,
                         "errors": s.errors,
+                        "config-errors": s.config_errors,
+                        "lookup-errors": s.lookup_errors,
                         "heartbeat-age": round(max(0, now - s.heartbeat_ns) / 1e9, 3),
                     }
                 )
@@ -345,12 +353,12 @@ class WorkerApp:
     def metrics(self, request: Request) -> Reply:
         from .metrics import render
 
-        body, content_type = render(self)
+        body, content_type = render(self.registry)
         return Reply(200, body, content_type)
 
     def publish(self) -> None:
         """Copy this worker's statistics into its process slot (called from the worker's tick)."""
-        self.registry.publish_stats(self.lookups, self.cache_hits, self.failures)
+        self.registry.publish_stats(self.lookups, self.cache_hits, self.lookup_errors)
 
 
 _USAGE_BODY = b'{"data":{"total":%d,"used":%d,"avail":%d}}'

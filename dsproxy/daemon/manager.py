@@ -37,16 +37,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import uvloop
+
 from ..ipc import shm
 from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
 from .options import ManagerOptions as ManagerOptions  # re-exported: it used to live here
+from .protocol import CLIENT_HEADER, EXIT_BOOT_FAILURE
 from .writer import ConfigWriter, WriteRefused, WriteResult
 
 log = logging.getLogger("dsproxy.manager")
 
-EXIT_BOOT_FAILURE = 3
-CLIENT_HEADER = "x-dsproxy-client"
 #: the processes a maintenance transition waits for: those that serve lookups
 SERVING_ROLES = frozenset({shm.Role.WORKER, shm.Role.LIBRARY})
 T = TypeVar("T")
@@ -134,7 +135,7 @@ class Manager:
         """Make ``seg`` the manager's segment: a slot of its own, marked booted."""
         self.seg = seg
         self.slot = seg.claim_slot(shm.Role.MANAGER)
-        seg.words[seg.slot_base(self.slot) + shm.SLOT_BOOTED] = 1
+        seg.set_booted(self.slot)
 
     async def run(self) -> int:
         try:
@@ -205,7 +206,7 @@ class Manager:
             return
         problem = seg.check()
         if problem is None:
-            seg.words[seg.slot_base(self.slot) + shm.SLOT_HEARTBEAT] = time.monotonic_ns()
+            seg.beat(self.slot)
             return
         log.error("%s: replacing it", problem)
         self.seg = None
@@ -218,7 +219,7 @@ class Manager:
             # Only a truncated mapping is closed at once (touching it kills).  Any other stays
             # mapped until its last user drops it: a maintenance wait in progress keeps reading it,
             # and sees each process acknowledge by freeing its old slot as it moves over.
-            if problem.kind == "truncated":
+            if problem.kind is shm.ProblemKind.TRUNCATED:
                 with contextlib.suppress(Exception):
                     seg.close()
         self._adopt(new)
@@ -285,14 +286,7 @@ class Manager:
     async def complete_transition(self, name: str, generation: int) -> dict[str, Any]:
         """Wait until every serving process has loaded ``generation`` (§5.1)."""
         seg = self.seg
-        lagging: list[shm.SlotInfo] = []
-        if seg is not None:
-            deadline = time.monotonic() + self.options.maintenance_timeout
-            while True:  # shm.Segment.wait_for_generation, without blocking the loop
-                lagging = seg.lagging(generation, roles=SERVING_ROLES)
-                if not lagging or time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.005)
+        lagging = [] if seg is None else await wait_for_generation(seg, generation, self.options.maintenance_timeout)
         read, write = await self.in_writer(self.writer.active_operations, name)
         if lagging:
             log.warning(
@@ -309,22 +303,31 @@ class Manager:
         }
 
 
+async def wait_for_generation(
+    seg: shm.Segment, generation: int, timeout: float, roles: frozenset[int] = SERVING_ROLES
+) -> list[shm.SlotInfo]:
+    """Wait, without blocking the loop, until every live process of ``roles`` serves ``generation``.
+
+    Returns the slots that still had not acknowledged when ``timeout`` passed (empty on success).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        lagging = seg.lagging(generation, roles=roles)
+        if not lagging or time.monotonic() >= deadline:
+            return lagging
+        await asyncio.sleep(0.005)
+
+
 def main(options: ManagerOptions) -> int:
     systemd.setup_logging("dsproxy-manager")
     limits.raise_soft_limit()  # a create lays out stores; the proxy master reports the store need
-    try:
-        import uvloop
-
-        runner: Callable[..., int] = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
     try:
         manager = Manager(options)
     except KeyError as err:
         log.error("unknown user or group: %s", err)
         return EXIT_BOOT_FAILURE
     try:
-        return runner(manager.run())
+        return uvloop.run(manager.run())
     except Exception:
         log.exception("the manager failed")
         manager.close()

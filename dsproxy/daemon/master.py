@@ -38,11 +38,11 @@ from ..ipc import shm
 from . import limits, systemd, worker
 from .http import bind_unix_socket
 from .options import ProxyOptions
+from .protocol import EXIT_BOOT_FAILURE
 
 log = logging.getLogger("dsproxy.master")
 
 EXIT_CRASH_LOOP = 1
-EXIT_BOOT_FAILURE = 3
 BOOT_FAILURE_LIMIT = 3
 EARLY_DEATH = 1.0  # seconds: a worker dying younger than this counts towards the restart backoff
 
@@ -260,7 +260,7 @@ class Master:
         log.warning("worker %d %s after %.1f s", w.pid, how, time.monotonic() - w.started)
         if self.stopping:
             return
-        if code == worker.EXIT_BOOT_FAILURE and not w.ready:
+        if code == EXIT_BOOT_FAILURE and not w.ready:
             self.boot_failures += 1
             if not self.booted_once and self.boot_failures >= BOOT_FAILURE_LIMIT:
                 log.error("workers fail to boot (%d in a row); giving up", self.boot_failures)
@@ -315,11 +315,8 @@ class Master:
     def free_slot(self, pid: int) -> None:
         """Clear a dead worker's process slot now (its operations vanish from the totals at once)."""
         seg = self.segment()
-        if seg is None:
-            return
-        for s in range(shm.MAX_SLOTS):
-            if seg.words[seg.slot_base(s) + shm.SLOT_PID] == pid:
-                seg.free_slot(s, pid)
+        if seg is not None:
+            seg.free_slots_of(pid)
 
     def check_workers(self) -> None:
         now = time.monotonic()
@@ -341,11 +338,11 @@ class Master:
             return
         now_ns = time.monotonic_ns()
         limit = int(self.options.worker_timeout * 1e9)
-        for s in seg.claimed_slots():  # range-checked: a scribbled slot is not a worker to kill
-            candidate = self.workers.get(s.pid)
-            if candidate is not None and candidate.ready and now_ns - s.heartbeat_ns > limit:
-                log.error("worker %d has not been heard of for %.0f s; killing it", s.pid, self.options.worker_timeout)
-                _kill(s.pid, signal.SIGKILL)
+        for pid, heartbeat in seg.heartbeats().items():  # range-checked: a scribbled slot is not a worker to kill
+            candidate = self.workers.get(pid)
+            if candidate is not None and candidate.ready and now_ns - heartbeat > limit:
+                log.error("worker %d has not been heard of for %.0f s; killing it", pid, self.options.worker_timeout)
+                _kill(pid, signal.SIGKILL)
 
     # -- systemd --------------------------------------------------------------------------------------
 

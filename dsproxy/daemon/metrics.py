@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,17 +16,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from ..ipc import shm
-
-if TYPE_CHECKING:
-    from .api import WorkerApp
+from ..registry import Registry
 
 
 class _SlotCollector(Collector):
-    def __init__(self, app: WorkerApp) -> None:
-        self.app = app
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        reg = self.app.registry
+        reg = self.registry
         gen = GaugeMetricFamily("dsproxy_generation", "Shared datastore config generation (low 53 bits)")
         gen.add_metric([], float((reg.generation or 0) & ((1 << 53) - 1)))
         yield gen
@@ -41,10 +38,16 @@ class _SlotCollector(Collector):
         nofile = GaugeMetricFamily("dsproxy_rlimit_nofile", "Soft RLIMIT_NOFILE of the answering worker")
         nofile.add_metric([], float(soft))
         yield nofile
-        requests = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
+        lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])
         errors = CounterMetricFamily("dsproxy_worker_errors", "Failed lookups and config errors", labels=["pid"])
+        config_errors = CounterMetricFamily(
+            "dsproxy_worker_config_errors", "Reads of datastore.cfg that failed or did not parse", labels=["pid"]
+        )
+        lookup_errors = CounterMetricFamily(
+            "dsproxy_worker_lookup_errors", "Lookups answered with an error", labels=["pid"]
+        )
         lag = GaugeMetricFamily(
             "dsproxy_worker_behind", "1 if the worker has not loaded the current generation", labels=["pid"]
         )
@@ -58,16 +61,19 @@ class _SlotCollector(Collector):
                     continue
                 count += 1
                 pid = str(s.pid)
-                requests.add_metric([pid], float(s.requests))
+                lookups.add_metric([pid], float(s.lookups))
                 hits.add_metric([pid], float(s.cache_hits))
                 reloads.add_metric([pid], float(s.reloads))
                 errors.add_metric([pid], float(s.errors))
+                config_errors.add_metric([pid], float(s.config_errors))
+                lookup_errors.add_metric([pid], float(s.lookup_errors))
                 lag.add_metric([pid], 0.0 if s.generation == current else 1.0)
         workers.add_metric([], float(count))
-        yield from (workers, requests, hits, reloads, errors, lag)
+        yield from (workers, lookups, hits, reloads, errors, config_errors, lookup_errors, lag)
 
 
-def render(app: WorkerApp) -> tuple[bytes, bytes]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SlotCollector(app))
-    return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
+def render(registry: Registry) -> tuple[bytes, bytes]:
+    """The exposition of ``registry``'s view of the proxy: ``(body, content type)``."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(_SlotCollector(registry))
+    return generate_latest(collectors), CONTENT_TYPE_LATEST.encode()

@@ -36,10 +36,10 @@ from ..registry import Registry
 from . import systemd
 from .api import FORWARD_TIMEOUT, WorkerApp
 from .http import Limits, Server
+from .protocol import EXIT_BOOT_FAILURE
 
 log = logging.getLogger("dsproxy.worker")
 
-EXIT_BOOT_FAILURE = 3
 TICK = 0.1
 PREWARM_BUDGET = 0.005  # seconds of instance building per tick: at most 5 % of a core
 
@@ -88,12 +88,10 @@ def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
     except Exception as err:
         log.error("cannot open the registry: %s", err)
         return EXIT_BOOT_FAILURE
-    try:
-        import uvloop
+    import uvloop  # here: the master imports this module and has no event loop
 
+    try:
         return uvloop.run(_main(spec, registry, sock, ready_fd))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(_main(spec, registry, sock, ready_fd))
     finally:
         registry.close()
 
@@ -101,7 +99,7 @@ def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
 async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int) -> int:
     app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"), forward_timeout=spec.forward_timeout)
     server = Server(
-        app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.generation_header
+        app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.response_headers
     )
     registry.refresh()  # load the config before the first request
     systemd.set_log_fields(DSPROXY_GENERATION=lambda: registry.loaded_generation)

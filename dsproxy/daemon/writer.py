@@ -38,17 +38,20 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..config import (
     ConfigError,
+    DigestMismatch,
+    LockError,
     MaintenanceMode,
     ParseError,
     PropertyError,
     SectionConfig,
     Value,
+    WriteError,
     check_section,
     config_lock,
     digest,
@@ -63,7 +66,7 @@ from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
 
-log = logging.getLogger("dsproxy.manager")
+log = logging.getLogger("dsproxy.writer")
 
 #: a store's ``.lock``: must not exist, never through a link
 NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -84,7 +87,6 @@ class WriteResult:
     digest: str
     name: str
     maintenance: MaintenanceMode | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,28 +154,13 @@ class ConfigWriter:
             raise WriteRefused(
                 503, f"refusing to write: the configuration on disk does not parse (fix it first): {err}"
             ) from None
-        except WriteRefused:
-            raise
         except ConfigError as err:
-            from ..config import DigestMismatch, LockError, WriteError
-
-            if isinstance(err, DigestMismatch):
-                raise WriteRefused(409, str(err)) from None
-            if isinstance(err, LockError):
-                raise WriteRefused(503, str(err)) from None
-            if isinstance(err, WriteError):
-                raise WriteRefused(500, str(err)) from None
-            raise WriteRefused(400, str(err)) from None
+            raise WriteRefused(_status_of(err), str(err)) from None
         self.state = _FileState(_stat_signature(self.config_file), new_digest, gen, None)
         return config, new_digest, gen
 
     def active_operations(self, name: str) -> tuple[int, int]:
-        read, write = self.files.totals(name)
-        seg = self._segment()
-        if seg is not None:
-            r, w = seg.active_operations(name)
-            read, write = read + r, write + w
-        return read, write
+        return shm.total_operations(name, self._segment(), self.files)
 
     # -- create ---------------------------------------------------------------------------------------
 
@@ -349,9 +336,10 @@ class ConfigWriter:
             request.check_update(props, delete)
         except PropertyError as err:
             raise WriteRefused(400, str(err)) from None
-        outcome: dict[str, MaintenanceMode | None] = {}
+        maintenance: MaintenanceMode | None = None  # the new mode, once written
 
         def mutate(cfg: SectionConfig) -> None:
+            nonlocal maintenance
             current = cfg.get(name)
             if current is None:
                 raise WriteRefused(404, f"no such datastore '{name}'")
@@ -365,12 +353,12 @@ class ConfigWriter:
             new = _maintenance(typed)
             if old is not None and not old.allows_transition_to(new):
                 raise WriteRefused(400, f"datastore '{name}' is being deleted: its maintenance mode cannot change")
-            outcome["old"], outcome["new"] = old, new
+            maintenance = new
             cfg[name] = typed
 
         _, new_digest, gen = self._write(mutate, body.get("digest"))
         log.info("updated datastore '%s' (generation %s)", name, gen)
-        return WriteResult(gen, new_digest, name, maintenance=outcome.get("new"))
+        return WriteResult(gen, new_digest, name, maintenance=maintenance)
 
     # -- remove ---------------------------------------------------------------------------------------
 
@@ -463,6 +451,14 @@ class ConfigWriter:
             current_gen = seg.generation()
         self.state = _FileState(signature, file_digest, current_gen, error)
         return bumped
+
+
+#: the HTTP status of a config error a write meets (any other -- a bad property -- is the client's: 400)
+_STATUS: Final[dict[type[ConfigError], int]] = {DigestMismatch: 409, LockError: 503, WriteError: 500}
+
+
+def _status_of(err: ConfigError) -> int:
+    return next((_STATUS[kind] for kind in type(err).__mro__ if kind in _STATUS), 400)
 
 
 @dataclass

@@ -8,12 +8,12 @@ POSIX shared-memory segment.  Its name derives from the instance's run directory
 (``/dsproxy.<sha256(realpath(run_dir))[:24]>``), so two instances -- and parallel tests -- never
 share one.  Next to it, ``<run_dir>/shm.lock`` is the *writers' lock* (see "Locks" below).
 
-Layout (version 1; little-endian; every field a u64 unless noted; offsets in bytes; a unit test
+Layout (version 2; little-endian; every field a u64 unless noted; offsets in bytes; a unit test
 pins all of them)::
 
     0         header, one page
       0         magic, 8 bytes  b"DSPXSHM1"
-      8         layout version (1)
+      8         layout version (2)
       16        segment size in bytes
       24        state: 1 = active, 2 = retired (a newer segment replaced this one; reopen)
       32        number of process slots (128)
@@ -24,7 +24,8 @@ pins all of them)::
     4096      process slots, 128 x 128 bytes, word index within a slot:
       0 pid (0 = free)   1 start time (ticks, /proc field 22)   2 role   3 booted
       4 heartbeat (CLOCK_MONOTONIC ns)   5 generation of the config this process serves
-      6 requests   7 cache hits   8 slow-path reloads   9 errors   10..15 reserved
+      6 lookups   7 cache hits   8 slow-path reloads   9 config errors (the registry's)
+      10 lookup errors (the daemon's)   11..15 reserved
     20480     store-name table, 65536 x 48 bytes: u64 tag (0 = empty), 40-byte NUL-padded name
     3166208   operation counters, one 1 MiB block per slot: 65536 stores x (read u64, write u64)
     137383936 end (the segment is sparse on tmpfs: only touched pages cost memory)
@@ -39,7 +40,11 @@ Who writes what
   is reclaimed by whoever notices; claiming zeroes the slot's counter block (hole punch).
 * A slot's status words (booted, heartbeat, served generation, statistics) and its operation
   counters are written **only by the owning process**, without a lock: one writer per word.
-  Totals are sums over live slots, so a dead process's operations vanish with it.
+  Totals are sums over live slots, so a dead process's operations vanish with it.  Only this
+  module indexes slot words: owners write them through :meth:`Segment.acknowledge`,
+  :meth:`~Segment.publish_stats`, :meth:`~Segment.beat` and :meth:`~Segment.set_booted`, and
+  everyone reads them as :class:`SlotInfo` snapshots (:meth:`~Segment.slots`,
+  :meth:`~Segment.heartbeats`).
 * The store-name table maps a datastore name to the index of its counters in every block.  Entries
   are added under the writers' lock (name bytes first, tag last) and never removed, so readers probe
   it without a lock.
@@ -132,15 +137,18 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import posix_ipc
 
 from . import flock
 from .proc import PID_MAX, is_alive, start_time, start_time_limit, valid_pid
 
+if TYPE_CHECKING:
+    from .opfile import FileCounters
+
 MAGIC: Final = b"DSPXSHM1"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2  # 2: the daemon's lookup errors got a word of their own (10)
 STATE_ACTIVE: Final = 1
 STATE_RETIRED: Final = 2
 
@@ -169,10 +177,11 @@ SLOT_ROLE: Final = 2
 SLOT_BOOTED: Final = 3
 SLOT_HEARTBEAT: Final = 4
 SLOT_GENERATION: Final = 5
-SLOT_REQUESTS: Final = 6
-SLOT_CACHE_HITS: Final = 7
-SLOT_RELOADS: Final = 8
-SLOT_ERRORS: Final = 9
+SLOT_LOOKUPS: Final = 6  # lookups served (a daemon worker's; the same figure in status and metrics)
+SLOT_CACHE_HITS: Final = 7  # lookups answered without a reload
+SLOT_RELOADS: Final = 8  # slow-path loads of the config (the registry's)
+SLOT_CONFIG_ERRORS: Final = 9  # the registry's: the config file could not be read or parsed
+SLOT_LOOKUP_ERRORS: Final = 10  # the daemon's: lookups answered with an error
 SLOT_WORDS: Final = SLOT_SIZE // 8
 
 MAX_STORES: Final = 65536
@@ -187,16 +196,16 @@ MASK64: Final = (1 << 64) - 1
 WRITER_LOCK_TIMEOUT: Final = 10.0
 
 # bounds of the words a reader range-checks (see "Untrusted contents" in the module essay)
-STAT_LIMIT: Final = 2**53  # requests, cache hits, reloads, errors: 10**6/s for 280 years
+STAT_LIMIT: Final = 2**53  # lookups, cache hits, reloads, errors: 10**6/s for 280 years
 OPERATIONS_LIMIT: Final = 2**48  # one process's operations on one store (fds run out long before)
 CLOCK_MARGIN: Final = 3600.0  # seconds a start time or heartbeat may lie ahead of this process's clock
-COUNTER_BLOCKS_PER_CHECK: Final = 1  # operation-counter blocks :meth:`Segment.check` reads per call
 NAME_CRC_WINDOW: Final = 256  # store-table entries whose tag :meth:`Segment.check` recomputes per call
 
 
 class Role(enum.IntEnum):
+    """What a slot's process is (a layout value: 2, once the master's, is never claimed)."""
+
     MANAGER = 1
-    MASTER = 2
     WORKER = 3
     LIBRARY = 4
 
@@ -226,13 +235,22 @@ def _name_hash(name: bytes) -> int:
     return zlib.crc32(name)
 
 
-class SegmentProblem(NamedTuple):
-    """What :meth:`Segment.check` found: ``kind`` is one of removed, replaced, truncated,
-    overwritten, retired (a truncated mapping must not be touched again), or garbage (the header
-    is sound but a slot, counter or store-table entry is not: readers skip it, the manager replaces
-    the segment); ``message`` says it."""
+class ProblemKind(enum.StrEnum):
+    """What is wrong with a segment (:class:`SegmentProblem`)."""
 
-    kind: str
+    REMOVED = "removed"  # the name is gone (or cannot be opened)
+    REPLACED = "replaced"  # the name points to another object
+    TRUNCATED = "truncated"  # smaller than the layout: a mapping of it must not be touched again
+    OVERWRITTEN = "overwritten"  # the header (magic, version, sizes, state) is not ours
+    RETIRED = "retired"  # the manager replaced it: reopen
+    GARBAGE = "garbage"  # the header is sound, a slot, counter or store-table entry is not
+
+
+class SegmentProblem(NamedTuple):
+    """What :meth:`Segment.check` found; ``message`` says it.  Readers skip garbage, the manager
+    replaces the segment on any kind but ``RETIRED``."""
+
+    kind: ProblemKind
     message: str
 
     def __str__(self) -> str:
@@ -243,12 +261,12 @@ class _Scan:
     """What one :meth:`Segment.check` reads of the parts it checks in turns (repeated unchanged
     when it confirms a find under the lock)."""
 
-    __slots__ = ("block_first", "block_next", "blocks", "crc_first", "crc_next")
+    __slots__ = ("block", "block_first", "block_next", "crc_first", "crc_next")
 
     def __init__(self, crc_first: int, block_first: int) -> None:
         self.crc_first = self.crc_next = crc_first
         self.block_first = self.block_next = block_first
-        self.blocks: list[int] | None = None
+        self.block: int | None = None  # the slot whose counter block it reads; -1: no slot is claimed
 
 
 class SlotInfo(NamedTuple):
@@ -261,10 +279,16 @@ class SlotInfo(NamedTuple):
     booted: bool
     heartbeat_ns: int
     generation: int
-    requests: int
+    lookups: int
     cache_hits: int
     reloads: int
-    errors: int
+    config_errors: int
+    lookup_errors: int
+
+    @property
+    def errors(self) -> int:
+        """Config errors and lookup errors together (the ``errors`` of status and metrics)."""
+        return self.config_errors + self.lookup_errors
 
 
 class Segment:
@@ -299,43 +323,21 @@ class Segment:
         try:
             handle = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
-            return SegmentProblem("removed", f"shared memory {name} was removed")
+            return SegmentProblem(ProblemKind.REMOVED, f"shared memory {name} was removed")
         except posix_ipc.Error as err:
-            return SegmentProblem("removed", f"shared memory {name} cannot be opened: {err}")
+            return SegmentProblem(ProblemKind.REMOVED, f"shared memory {name} cannot be opened: {err}")
         try:
-            problem = self._check_header(os.fstat(handle.fd))
+            st = os.fstat(handle.fd)
+            if self.inode and st.st_ino != self.inode:
+                return SegmentProblem(ProblemKind.REPLACED, f"shared memory {name} was replaced by another object")
+            # the header page is safe to read while the object is not empty (SIGBUS is for pages past its end)
+            header = bytes(self.mm[:_HEADER_BYTES]) if st.st_size >= _HEADER_BYTES else b""
+            problem = _header_problem(name, st.st_size, header)
             if problem is None and contents:
                 problem = self._check_contents(handle.fd)
         finally:
             handle.close_fd()
         return problem
-
-    def _check_header(self, st: os.stat_result) -> SegmentProblem | None:
-        name = self.name
-        if self.inode and st.st_ino != self.inode:
-            return SegmentProblem("replaced", f"shared memory {name} was replaced by another object")
-        if st.st_size < SEGMENT_SIZE:
-            return SegmentProblem("truncated", f"shared memory {name} was truncated to {st.st_size} bytes")
-        header = bytes(self.mm[:OFF_GENERATIONS])
-        if header[:8] != MAGIC:
-            return SegmentProblem("overwritten", f"shared memory {name} was overwritten: magic {header[:8].hex()}")
-        version, size, state, slots, stores = (
-            int.from_bytes(header[off : off + 8], "little")
-            for off in (OFF_VERSION, OFF_SIZE, OFF_STATE, OFF_MAX_SLOTS, OFF_MAX_STORES)
-        )
-        if version != LAYOUT_VERSION or size != SEGMENT_SIZE:
-            return SegmentProblem(
-                "overwritten", f"shared memory {name} was overwritten: version {version}, size {size}"
-            )
-        if slots != MAX_SLOTS or stores != MAX_STORES:
-            return SegmentProblem(
-                "overwritten", f"shared memory {name} was overwritten: {slots} slots, {stores} store entries"
-            )
-        if state == STATE_RETIRED:
-            return SegmentProblem("retired", f"shared memory {name} is retired")
-        if state != STATE_ACTIVE:
-            return SegmentProblem("overwritten", f"shared memory {name} was overwritten: state {state}")
-        return None
 
     def _check_contents(self, fd: int) -> SegmentProblem | None:
         """Garbage in the slots, counters or store table, confirmed under the writers' lock.
@@ -357,7 +359,7 @@ class Segment:
             return None
         if found is None:
             return None
-        return SegmentProblem("garbage", f"shared memory {self.name} holds garbage: {found}")
+        return SegmentProblem(ProblemKind.GARBAGE, f"shared memory {self.name} holds garbage: {found}")
 
     def _scan_contents(self, fd: int, scan: _Scan) -> str | None:
         vals = self._slot_words()
@@ -384,15 +386,15 @@ class Segment:
                 return f"store table {bad}"
             scan.crc_next = (scan.crc_first + NAME_CRC_WINDOW) % MAX_STORES
             self._crc_pending -= NAME_CRC_WINDOW
-        if scan.blocks is None:  # a few blocks per call, round robin over the claimed slots
-            later = [i for i in claimed if i >= scan.block_first] + [i for i in claimed if i < scan.block_first]
-            scan.blocks = later[:COUNTER_BLOCKS_PER_CHECK]
-            scan.block_next = scan.blocks[-1] + 1 if scan.blocks else 0
-        for index in scan.blocks:
-            block = os.pread(fd, COUNTER_BLOCK_SIZE, OFF_COUNTERS + index * COUNTER_BLOCK_SIZE)
+        if scan.block is None:  # one block per call, round robin over the claimed slots
+            later = [i for i in claimed if i >= scan.block_first] or claimed
+            scan.block = later[0] if later else -1
+            scan.block_next = scan.block + 1
+        if scan.block >= 0:
+            block = os.pread(fd, COUNTER_BLOCK_SIZE, OFF_COUNTERS + scan.block * COUNTER_BLOCK_SIZE)
             bad = _counters_garbage(block)
             if bad is not None:
-                return f"operation counters of process slot {index}: {bad}"
+                return f"operation counters of process slot {scan.block}: {bad}"
         return None
 
     def _slot_words(self) -> list[int]:
@@ -430,30 +432,19 @@ class Segment:
             raise SegmentError(f"shared memory {name}: permission denied ({err})") from None
         try:
             size = os.fstat(shm.fd).st_size
-            if size < PAGE:
-                raise SegmentError(f"shared memory {name} is truncated: {size} bytes, expected {SEGMENT_SIZE}")
-            mm = mmap.mmap(shm.fd, PAGE)
+            header = b""
+            if size >= PAGE:  # a page is what can be mapped of it whatever its size
+                with mmap.mmap(shm.fd, PAGE) as mm:
+                    header = bytes(mm[:_HEADER_BYTES])
         finally:
             shm.close_fd()
-        try:
-            header = bytes(mm[:OFF_GENERATIONS])
-        finally:
-            mm.close()
-        magic = header[:8]
-        if magic == b"\0" * 8:
+        if header[:8] == bytes(8):
             if create:  # a creator died before it finished: initialise it again
                 return cls._create_locked(name, lock_file, replace=True)
             raise _Uninitialised(f"shared memory {name} is not initialised")
-        if magic != MAGIC:
-            raise SegmentError(f"shared memory {name} is foreign: magic {magic.hex()}, expected {MAGIC.hex()}")
-        version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 8], "little")
-        if version != LAYOUT_VERSION:
-            raise SegmentError(f"shared memory {name} has layout version {version}, this dsproxy uses {LAYOUT_VERSION}")
-        declared = int.from_bytes(header[OFF_SIZE : OFF_SIZE + 8], "little")
-        if declared != SEGMENT_SIZE or size < SEGMENT_SIZE:
-            raise SegmentError(
-                f"shared memory {name} has size {size} (header says {declared}), expected {SEGMENT_SIZE}"
-            )
+        problem = _header_problem(name, size, header)
+        if problem is not None and problem.kind is not ProblemKind.RETIRED:  # a retired one: check() says so
+            raise SegmentError(problem.message)
         return cls(name, lock_file, *_map(name))
 
     @classmethod
@@ -563,6 +554,52 @@ class Segment:
             # pid first: from now on nobody counts this slot's operations
             self.words[base + SLOT_PID] = 0
 
+    def free_slots_of(self, pid: int) -> int:
+        """Free every slot ``pid`` holds (a dead worker's, so that its operations vanish from the
+        totals at once); returns how many it held."""
+        w = self.words
+        held = [index for index in range(MAX_SLOTS) if w[self.slot_base(index) + SLOT_PID] == pid]
+        for index in held:
+            self.free_slot(index, pid)
+        return len(held)
+
+    def slot_pid(self, index: int) -> int:
+        """The pid that holds slot ``index`` now (0: free) -- a process checks that its slot is still its own."""
+        pid: int = self.words[self.slot_base(index) + SLOT_PID]
+        return pid
+
+    # -- a slot's status words: written by its owner only, without a lock ----------------------------
+
+    def beat(self, index: int) -> None:
+        """The owner's sign of life: the heartbeat the master watches to find hung workers."""
+        self.words[self.slot_base(index) + SLOT_HEARTBEAT] = time.monotonic_ns()
+
+    def set_booted(self, index: int, booted: bool = True) -> None:
+        self.words[self.slot_base(index) + SLOT_BOOTED] = int(booted)
+
+    def acknowledge(self, index: int, generation: int, *, reloads: int, config_errors: int) -> None:
+        """The owner serves ``generation`` now -- stored only after it loaded that config (see
+        "Ordering rules"); with the registry's figures and a heartbeat."""
+        base = self.slot_base(index)
+        w = self.words
+        w[base + SLOT_GENERATION] = generation
+        w[base + SLOT_HEARTBEAT] = time.monotonic_ns()
+        w[base + SLOT_RELOADS] = reloads
+        w[base + SLOT_CONFIG_ERRORS] = config_errors
+
+    def publish_stats(
+        self, index: int, *, lookups: int, cache_hits: int, lookup_errors: int, config_errors: int, booted: bool
+    ) -> None:
+        """The owner's statistics (a daemon worker's tick), with a heartbeat."""
+        base = self.slot_base(index)
+        w = self.words
+        w[base + SLOT_LOOKUPS] = lookups
+        w[base + SLOT_CACHE_HITS] = cache_hits
+        w[base + SLOT_LOOKUP_ERRORS] = lookup_errors
+        w[base + SLOT_CONFIG_ERRORS] = config_errors
+        w[base + SLOT_BOOTED] = int(booted)
+        w[base + SLOT_HEARTBEAT] = time.monotonic_ns()
+
     def _zero_counters(self, index: int) -> None:
         start = OFF_COUNTERS + index * COUNTER_BLOCK_SIZE
         try:
@@ -583,26 +620,17 @@ class Segment:
             v = vals[index * SLOT_WORDS : (index + 1) * SLOT_WORDS]
             if v[SLOT_PID] == 0 or _slot_garbage(v, start_limit, clock_limit) is not None:
                 continue
-            out.append(SlotInfo(index, v[0], v[1], v[2], bool(v[3]), v[4], v[5], v[6], v[7], v[8], v[9]))
+            out.append(SlotInfo(index, v[0], v[1], v[2], bool(v[3]), v[4], v[5], v[6], v[7], v[8], v[9], v[10]))
         return out
 
     def slots(self) -> list[SlotInfo]:
         """Snapshots of the sound slots whose process is alive (checks liveness: a slow call)."""
         return [s for s in self.claimed_slots() if is_alive(s.pid, s.start)]
 
-    def wait_for_generation(
-        self, generation: int, timeout: float, exclude: frozenset[int] = frozenset()
-    ) -> list[SlotInfo]:
-        """Wait until every live slot (but ``exclude``) serves ``generation``.
-
-        Returns the slots that still had not acknowledged when ``timeout`` passed (empty on success).
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            lagging = self.lagging(generation, exclude)
-            if not lagging or time.monotonic() >= deadline:
-                return lagging
-            time.sleep(0.005)
+    def heartbeats(self, role: Role | None = None) -> dict[int, int]:
+        """``{pid: heartbeat (CLOCK_MONOTONIC ns)}`` of the sound claimed slots (of ``role`` if
+        given); liveness unchecked, so a hung process is in it -- the master's watch."""
+        return {s.pid: s.heartbeat_ns for s in self.claimed_slots() if role is None or s.role == role}
 
     def lagging(
         self, generation: int, exclude: frozenset[int] = frozenset(), roles: frozenset[int] | None = None
@@ -708,15 +736,58 @@ class Segment:
                 w[OFF_GENERATIONS // 8 + i] = (w[OFF_GENERATIONS // 8 + i] + 1) & MASK64
 
 
+# -- the header --------------------------------------------------------------------------------------
+
+_HEADER_BYTES: Final = OFF_GENERATIONS  # magic .. creator: what a header check reads
+
+
+def _header_problem(name: str, size: int, header: bytes) -> SegmentProblem | None:
+    """What is wrong with ``name``, an object of ``size`` bytes starting with ``header`` (empty if
+    it is too short to hold one), or None.
+
+    The one decoder of the header, for :meth:`Segment.check` (of its mapping) and
+    :meth:`Segment.open` (of a page it mapped).  A short object is ``TRUNCATED`` whatever its
+    header says: a mapping of it must not be touched past its end (SIGBUS), nor be retired.
+    """
+    magic = header[:8]
+    foreign = f"is foreign: magic {magic.hex()}, expected {MAGIC.hex()}"
+    if size < SEGMENT_SIZE:
+        what = f"{foreign}; size {size}" if magic and magic != MAGIC else f"has size {size}, expected {SEGMENT_SIZE}"
+        return SegmentProblem(ProblemKind.TRUNCATED, f"shared memory {name} {what} (truncated)")
+    if magic != MAGIC:
+        return SegmentProblem(ProblemKind.OVERWRITTEN, f"shared memory {name} {foreign}")
+    version, declared, state, slots, stores = (
+        int.from_bytes(header[off : off + 8], "little")
+        for off in (OFF_VERSION, OFF_SIZE, OFF_STATE, OFF_MAX_SLOTS, OFF_MAX_STORES)
+    )
+    if version != LAYOUT_VERSION:
+        return SegmentProblem(
+            ProblemKind.OVERWRITTEN,
+            f"shared memory {name} has layout version {version}, this dsproxy uses {LAYOUT_VERSION}",
+        )
+    if declared != SEGMENT_SIZE or slots != MAX_SLOTS or stores != MAX_STORES:
+        return SegmentProblem(
+            ProblemKind.OVERWRITTEN,
+            f"shared memory {name} was overwritten: size {declared}, {slots} slots, {stores} store entries "
+            f"(expected {SEGMENT_SIZE}, {MAX_SLOTS}, {MAX_STORES})",
+        )
+    if state == STATE_RETIRED:
+        return SegmentProblem(ProblemKind.RETIRED, f"shared memory {name} is retired")
+    if state != STATE_ACTIVE:
+        return SegmentProblem(ProblemKind.OVERWRITTEN, f"shared memory {name} was overwritten: state {state}")
+    return None
+
+
 # -- range checks of untrusted contents (see "Untrusted contents" in the module essay) -----------------
 
 _SLOT_STATS: Final = {
-    SLOT_REQUESTS: "requests",
+    SLOT_LOOKUPS: "lookups",
     SLOT_CACHE_HITS: "cache hits",
     SLOT_RELOADS: "reloads",
-    SLOT_ERRORS: "errors",
+    SLOT_CONFIG_ERRORS: "config errors",
+    SLOT_LOOKUP_ERRORS: "lookup errors",
 }
-_SLOT_RESERVED: Final = slice(SLOT_ERRORS + 1, SLOT_WORDS)
+_SLOT_RESERVED: Final = slice(SLOT_LOOKUP_ERRORS + 1, SLOT_WORDS)
 
 
 def _clock_limit() -> int:
@@ -811,6 +882,17 @@ def _counters_garbage(block: bytes) -> str | None:
     return None
 
 
+def total_operations(name: str, segment: Segment | None, files: FileCounters) -> tuple[int, int]:
+    """``(read, write)`` operations on ``name`` of every live process: those counted here (the
+    processes with ``cache=on``) and those in the counter files (``cache=config|off``, degraded).
+    What a maintenance transition reports and what a remove refuses on."""
+    read, write = files.totals(name)
+    if segment is not None:
+        r, w = segment.active_operations(name)
+        read, write = read + r, write + w
+    return read, write
+
+
 def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> Segment:
     """Manager only: replace whatever is under the name with a fresh segment.
 
@@ -824,7 +906,7 @@ def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> 
     name = segment_name(run_dir)
     lock_file = lock_path(run_dir)
     old = mapped
-    if old is not None and (problem := old.check(contents=False)) is not None and problem.kind == "truncated":
+    if old is not None and (problem := old.check(contents=False)) is not None and problem.kind is ProblemKind.TRUNCATED:
         old = None
     if old is None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 import dsproxy
+from dsproxy.daemon.manager import wait_for_generation
 from dsproxy.ipc import shm
 from tests.helpers import Agent, Instance
 
@@ -135,7 +137,7 @@ def test_maintenance_transition_waits_for_every_process_and_counts_what_still_ru
         # both processes run their refresh loop (what a daemon worker does between requests)
         worker.send("poll", seconds=0.5)
         idle.send("poll", seconds=0.5)
-        lagging = seg.wait_for_generation(gen, timeout=5)
+        lagging = asyncio.run(wait_for_generation(seg, gen, timeout=5))
         assert lagging == []
         assert seg.active_operations("store1") == (0, 1)  # the WRITE granted before the transition
         for a in (worker, idle):
@@ -158,7 +160,7 @@ def test_a_process_that_never_catches_up_is_reported_after_the_timeout(inst: Ins
     try:
         gen = inst.set_maintenance("store1", "offline")
         assert gen is not None
-        lagging = seg.wait_for_generation(gen, timeout=0.2)
+        lagging = asyncio.run(wait_for_generation(seg, gen, timeout=0.2))
         assert [s.pid for s in lagging] == [sleeper.pid]
     finally:
         seg.close()

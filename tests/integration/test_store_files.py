@@ -115,7 +115,7 @@ def test_a_lock_file_that_is_not_a_regular_file_is_an_error_for_that_store(
 def test_a_proxy_boots_and_answers_with_bad_gc_status_files(daemon_factory: Callable[..., Daemons]) -> None:
     d = daemon_factory()
     d.start_manager()  # lays out the demo stores
-    data = Paths.from_base(d.base).data_dir
+    data = Paths.resolve(d.base).data_dir
     (data / "demo0001" / ".gc-status").write_text("[" * 200000)  # crashed every worker
     os.mkfifo(data / "demo0002" / ".gc-status")  # blocked every worker in open()
     d.start_proxy()  # returns once every worker has booted

@@ -261,7 +261,7 @@ def test_config_check_reports_a_5000_digit_integer_as_a_line_error(tmp_path: Pat
 
 @pytest.fixture
 def writer(tmp_path: Path) -> Iterator[ConfigWriter]:
-    paths = Paths.from_base(tmp_path / "base")
+    paths = Paths.resolve(tmp_path / "base")
     paths.ensure()
     yield ConfigWriter(paths, segment=lambda: None)
 

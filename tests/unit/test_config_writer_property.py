@@ -62,7 +62,7 @@ def test_acknowledged_writes_read_back_and_refused_ones_change_nothing(
     ops: list[tuple[str, str, dict[str, Any], list[str]]],
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = Paths.from_base(Path(tmp))
+        paths = Paths.resolve(Path(tmp))
         paths.ensure()
         writer = ConfigWriter(paths, segment=lambda: None)
         for kind, name, body, delete in ops:

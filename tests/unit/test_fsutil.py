@@ -119,7 +119,7 @@ def test_counter_files_refuse_a_linked_directory_and_a_fifo_without_blocking(tmp
 def test_ensure_refuses_a_config_dir_another_user_owns(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to give the directory to another user")
-    paths = Paths.from_base(tmp_path / "base")
+    paths = Paths.resolve(tmp_path / "base")
     paths.ensure()
     os.chown(paths.config_dir, 65534, 65534)
     with pytest.raises(fsutil.UnsafePath, match="owned by uid 65534"):

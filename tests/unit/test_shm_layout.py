@@ -15,19 +15,15 @@ from dsproxy.ipc import shm
 
 def test_layout_is_pinned() -> None:
     assert shm.MAGIC == b"DSPXSHM1"
-    assert shm.LAYOUT_VERSION == 1
+    assert shm.LAYOUT_VERSION == 2
     assert (shm.OFF_MAGIC, shm.OFF_VERSION, shm.OFF_SIZE, shm.OFF_STATE) == (0, 8, 16, 24)
     assert (shm.OFF_MAX_SLOTS, shm.OFF_MAX_STORES, shm.OFF_CREATED, shm.OFF_CREATOR) == (32, 40, 48, 56)
     assert (shm.OFF_GENERATIONS, shm.NUM_GENERATIONS, shm.GEN_DATASTORE, shm.GEN_TOKEN) == (128, 16, 0, 1)
     assert (shm.OFF_SLOTS, shm.SLOT_SIZE, shm.MAX_SLOTS) == (4096, 128, 128)
     assert (shm.SLOT_PID, shm.SLOT_START, shm.SLOT_ROLE, shm.SLOT_BOOTED, shm.SLOT_HEARTBEAT) == (0, 1, 2, 3, 4)
-    assert (shm.SLOT_GENERATION, shm.SLOT_REQUESTS, shm.SLOT_CACHE_HITS, shm.SLOT_RELOADS, shm.SLOT_ERRORS) == (
-        5,
-        6,
-        7,
-        8,
-        9,
-    )
+    assert (shm.SLOT_GENERATION, shm.SLOT_LOOKUPS, shm.SLOT_CACHE_HITS, shm.SLOT_RELOADS) == (5, 6, 7, 8)
+    assert (shm.SLOT_CONFIG_ERRORS, shm.SLOT_LOOKUP_ERRORS, shm.SLOT_WORDS) == (9, 10, 16)
+    assert [int(r) for r in shm.Role] == [1, 3, 4]  # 2 (once the master's) is never claimed
     assert (shm.OFF_NAMES, shm.NAME_ENTRY_SIZE, shm.MAX_STORES) == (20480, 48, 65536)
     assert (shm.OFF_COUNTERS, shm.COUNTER_BLOCK_SIZE) == (3166208, 1048576)
     assert shm.SEGMENT_SIZE == 137383936
@@ -74,13 +70,13 @@ def test_foreign_magic_is_refused_and_named(run_dir: Path) -> None:
 
 
 def test_other_layout_version_is_refused(run_dir: Path) -> None:
-    _raw_segment(run_dir, shm.SEGMENT_SIZE, shm.MAGIC + (2).to_bytes(8, "little"))
-    with pytest.raises(shm.SegmentError, match="layout version 2, this dsproxy uses 1"):
+    _raw_segment(run_dir, shm.SEGMENT_SIZE, shm.MAGIC + (1).to_bytes(8, "little"))
+    with pytest.raises(shm.SegmentError, match="layout version 1, this dsproxy uses 2"):
         shm.Segment.open(run_dir, create=True)
 
 
 def test_truncated_segment_is_refused(run_dir: Path) -> None:
-    header = shm.MAGIC + (1).to_bytes(8, "little") + shm.SEGMENT_SIZE.to_bytes(8, "little")
+    header = shm.MAGIC + shm.LAYOUT_VERSION.to_bytes(8, "little") + shm.SEGMENT_SIZE.to_bytes(8, "little")
     _raw_segment(run_dir, 8192, header)
     with pytest.raises(shm.SegmentError, match="has size 8192"):
         shm.Segment.open(run_dir, create=True)
@@ -138,8 +134,10 @@ def _slot_word(seg: shm.Segment, slot: int, field: int) -> int:
         (shm.SLOT_ROLE, 99, "unknown role 99"),
         (shm.SLOT_BOOTED, 7, "booted flag 7"),
         (shm.SLOT_HEARTBEAT, 2**64 - 1, "heartbeat"),
-        (shm.SLOT_REQUESTS, 2**60, "requests"),
-        (12, 1, "reserved words"),
+        (shm.SLOT_LOOKUPS, 2**60, "lookups"),
+        (shm.SLOT_CONFIG_ERRORS, 2**53, "config errors"),
+        (shm.SLOT_LOOKUP_ERRORS, 2**53, "lookup errors"),
+        (shm.SLOT_LOOKUP_ERRORS + 1, 1, "reserved words"),
     ],
 )
 def test_a_scribbled_slot_word_is_garbage_to_readers_and_found_by_check(
@@ -154,7 +152,7 @@ def test_a_scribbled_slot_word_is_garbage_to_readers_and_found_by_check(
     assert seg.check() is None
     seg.words[_slot_word(seg, other, field)] = value
     problem = seg.check()
-    assert problem is not None and problem.kind == "garbage"
+    assert problem is not None and problem.kind is shm.ProblemKind.GARBAGE
     assert f"process slot {other}" in problem.message and found in problem.message
     # readers: not alive, its counters ignored -- and nothing raises
     assert [s.slot for s in seg.slots()] == [mine]
@@ -166,7 +164,7 @@ def test_a_scribbled_slot_word_is_garbage_to_readers_and_found_by_check(
 def test_random_bytes_over_the_slot_area_do_not_stop_a_claim(seg: shm.Segment) -> None:
     seg.mm[shm.OFF_SLOTS : shm.OFF_SLOTS + 4096] = os.urandom(4096)
     problem = seg.check()
-    assert problem is not None and problem.kind == "garbage"
+    assert problem is not None and problem.kind is shm.ProblemKind.GARBAGE
     assert seg.slots() == [] and seg.active_operations("store1") == (0, 0)
     slot = seg.claim_slot(shm.Role.WORKER)  # a garbage slot is free to be claimed
     assert [s.slot for s in seg.slots()] == [slot]
@@ -220,3 +218,76 @@ def test_check_of_a_full_store_table_stays_cheap(seg: shm.Segment) -> None:
         timings.append(time.perf_counter() - start)
     # ~1 ms on the project machine; the bound leaves room for a busy CI box
     assert sorted(timings)[len(timings) // 2] < 0.010, timings
+
+
+# -- the slot words are the segment's: owners write them through methods, readers get snapshots -------
+
+
+def test_each_figure_of_a_slot_has_its_own_word_and_one_name(seg: shm.Segment) -> None:
+    slot = seg.claim_slot(shm.Role.WORKER)
+    seg.acknowledge(slot, 42, reloads=3, config_errors=1)  # the registry's figures
+    seg.publish_stats(slot, lookups=10, cache_hits=7, lookup_errors=2, config_errors=1, booted=True)
+    (info,) = seg.slots()
+    assert (info.generation, info.lookups, info.cache_hits, info.reloads) == (42, 10, 7, 3)
+    assert (info.config_errors, info.lookup_errors, info.errors, info.booted) == (1, 2, 3, True)
+    base = seg.slot_base(slot)
+    assert seg.words[base + shm.SLOT_CONFIG_ERRORS] == 1 and seg.words[base + shm.SLOT_LOOKUP_ERRORS] == 2
+    assert seg.check() is None  # what owners write is sound
+    seg.set_booted(slot, False)
+    assert not seg.slots()[0].booted
+
+
+def test_free_slots_of_frees_every_slot_of_a_pid_and_no_other(seg: shm.Segment) -> None:
+    mine = {seg.claim_slot(shm.Role.WORKER), seg.claim_slot(shm.Role.WORKER)}
+    init = seg.claim_slot(shm.Role.WORKER, pid=1)  # another live process
+    before = seg.heartbeats()
+    assert set(before) == {os.getpid(), 1}
+    assert seg.free_slots_of(os.getpid()) == 2
+    assert [s.slot for s in seg.slots()] == [init] and seg.slot_pid(init) == 1
+    assert all(seg.slot_pid(s) == 0 for s in mine)
+    time.sleep(0.001)
+    seg.beat(init)
+    assert seg.heartbeats()[1] > before[1]
+
+
+def _scribble_word(seg: shm.Segment, offset: int, value: int) -> None:
+    seg.words[offset // 8] = value
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "kind", "found"),
+    [
+        (shm.OFF_MAGIC, int.from_bytes(b"NOTOURS!", "little"), "overwritten", "foreign: magic"),
+        (shm.OFF_VERSION, 1, "overwritten", "layout version 1, this dsproxy uses 2"),
+        (shm.OFF_SIZE, 4096, "overwritten", "size 4096"),
+        (shm.OFF_MAX_SLOTS, 7, "overwritten", "7 slots"),
+        (shm.OFF_MAX_STORES, 9, "overwritten", "9 store entries"),
+        (shm.OFF_STATE, 9, "overwritten", "state 9"),
+    ],
+)
+def test_check_and_open_decode_a_scribbled_header_alike(
+    run_dir: Path, offset: int, value: int, kind: str, found: str
+) -> None:
+    seg = shm.Segment.open(run_dir, create=True)
+    try:
+        _scribble_word(seg, offset, value)
+        problem = seg.check(contents=False)
+        assert problem is not None and problem.kind == kind and found in problem.message
+        with pytest.raises(shm.SegmentError) as refused:
+            shm.Segment.open(run_dir, create=False)
+        assert str(refused.value) == problem.message  # one decoder, one message
+    finally:
+        seg.close()
+
+
+def test_a_retired_segment_opens_and_check_says_retired(run_dir: Path) -> None:
+    seg = shm.Segment.open(run_dir, create=True)
+    seg.retire()
+    again = shm.Segment.open(run_dir, create=False)  # a process opening it in the moment before the swap
+    try:
+        for s in (seg, again):
+            problem = s.check(contents=False)
+            assert problem is not None and problem.kind is shm.ProblemKind.RETIRED
+    finally:
+        again.close()
+        seg.close()

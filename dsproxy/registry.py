@@ -48,7 +48,18 @@ from typing import Final
 
 from . import instance as instance_mod
 from ._lazylog import LazyLogger
-from .config import MaintenanceMode, Operation, ParseError, SectionConfig, Value, config_lock, digest, parse, read_raw
+from .config import (
+    LockError,
+    MaintenanceMode,
+    Operation,
+    ParseError,
+    SectionConfig,
+    Value,
+    config_lock,
+    digest,
+    parse,
+    read_raw,
+)
 from .config.maintenance import not_mounted_text, refusal_text
 from .config.schema import absolute_path
 from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore
@@ -690,6 +701,8 @@ class Registry:
                     self._files.update(name, int(operation), +1)
         except OpFileError as err:
             raise DatastoreError(str(err)) from None
+        except LockError as err:  # timeout, out of fds, a refused lock file: the config is out of reach
+            raise ConfigUnavailable(str(err)) from None
         inst = self._instances.get(name)
         if inst is None or inst.generation != gen:
             try:

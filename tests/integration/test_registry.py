@@ -319,3 +319,25 @@ def test_a_forked_child_gets_its_own_slot_and_leaves_the_parents_counts_alone(in
         assert reg.active_operations("store1") == {"read": 0, "write": 0}
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("mode", ["config", "off"])
+def test_a_config_lock_out_of_reach_is_a_datastore_error_not_a_crash(inst: Instance, mode: str) -> None:
+    """The locked modes take the config lock on every lookup; a lock file that cannot be taken
+    (here a symlink planted in its place, which is refused) is a 503 DatastoreError, never a raw
+    LockError that a worker would answer with 500."""
+    inst.add_stores("store1")
+    r = dsproxy.Registry(base_dir=inst.base, cache=mode)
+    try:
+        lock = inst.paths.lock_file
+        lock.unlink(missing_ok=True)
+        lock.symlink_to(inst.base / "elsewhere")
+        with pytest.raises(dsproxy.DatastoreError, match="lock") as info:
+            r.lookup("store1", Operation.READ)
+        assert info.value.status == 503
+        assert not (inst.base / "elsewhere").exists()
+        lock.unlink()
+        with r.lookup("store1", Operation.READ) as h:
+            assert h.name == "store1"
+    finally:
+        r.close()

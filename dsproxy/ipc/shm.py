@@ -326,6 +326,10 @@ class Segment:
             return SegmentProblem(ProblemKind.REMOVED, f"shared memory {name} was removed")
         except posix_ipc.Error as err:
             return SegmentProblem(ProblemKind.REMOVED, f"shared memory {name} cannot be opened: {err}")
+        except OSError:
+            # out of file descriptors (a connection flood) or memory: nothing is known to be wrong with
+            # the segment, only that it cannot be looked at now -- keep using it and look again later
+            return None
         try:
             st = os.fstat(handle.fd)
             if self.inode and st.st_ino != self.inode:

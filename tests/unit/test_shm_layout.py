@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -291,3 +292,23 @@ def test_a_retired_segment_opens_and_check_says_retired(run_dir: Path) -> None:
     finally:
         again.close()
         seg.close()
+
+
+def test_a_check_without_a_free_descriptor_says_nothing_is_wrong(seg: shm.Segment) -> None:
+    """A connection flood can use up a worker's descriptors; the periodic check must then not raise
+    (an uncaught OSError there ended the worker, and repeated, the whole proxy)."""
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with pytest.raises(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        assert seg.check() is None
+        assert seg.check(contents=True) is None
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert seg.check(contents=True) is None

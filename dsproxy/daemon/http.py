@@ -77,7 +77,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -202,12 +202,31 @@ class Request:
                 form = parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=True, errors="strict")
             except ValueError:  # UnicodeDecodeError included
                 raise HTTPError(400, "malformed form body (application/x-www-form-urlencoded)") from None
-            return dict(form)
+            return form_object(form)
         return parse_json_object(self.body, self.connection.limits.max_json_depth)
 
     @property
     def peer(self) -> PeerCredentials | None:
         return self.connection.peer
+
+
+#: Form keys that are lists: repeated (``-d delete=a -d delete=b``) or comma-separated, as PBS takes them.
+FORM_ARRAYS: Final = frozenset({"delete"})
+
+
+def form_object(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Form pairs -> the object a JSON body would give.  A repeated key is a list where the API takes
+    one (:data:`FORM_ARRAYS`) and a ``400`` elsewhere: silently keeping the last value would lose
+    part of an acknowledged write."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in FORM_ARRAYS:
+            out.setdefault(key, []).extend(v.strip() for v in value.split(",") if v.strip())
+        elif key in out:
+            raise HTTPError(400, f"parameter '{key[:100]}' is given more than once")
+        else:
+            out[key] = value
+    return out
 
 
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}

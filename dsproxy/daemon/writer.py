@@ -211,8 +211,9 @@ class ConfigWriter:
         except FileExistsError:  # something appeared in the directory meanwhile
             raise WriteRefused(400, f"datastore path '{layout.path}' is not empty") from None
         except OSError as err:
+            status = 400 if err.errno in _PATH_ERRNOS else 500  # the path asked for vs. this host's trouble
             raise WriteRefused(
-                500, f"unable to create datastore '{layout.name}' at '{layout.path}': {err.strerror}"
+                status, f"unable to create datastore '{layout.name}' at '{layout.path}': {err.strerror}"
             ) from None
 
     def _open_store_dir(self, layout: _Layout) -> None:
@@ -454,6 +455,11 @@ class ConfigWriter:
 
 
 #: the HTTP status of a config error a write meets (any other -- a bad property -- is the client's: 400)
+#: Lay-out failures that the requested path causes (a name too long, a parent that cannot hold a
+#: directory: ``/proc/1/x``, a read-only mount): 400.  Others (``ENOSPC``, ``EIO``) are the host's: 500.
+_PATH_ERRNOS: Final = frozenset(
+    {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EINVAL, errno.ELOOP}
+)
 _STATUS: Final[dict[type[ConfigError], int]] = {DigestMismatch: 409, LockError: 503, WriteError: 500}
 
 

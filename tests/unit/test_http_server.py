@@ -441,6 +441,25 @@ def test_form_bodies_are_parsed_and_bad_ones_refused(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_repeated_form_key_is_a_list_for_delete_and_refused_elsewhere(tmp_path: Path) -> None:
+    """curl -d delete=a -d delete=b sends an array; keeping only the last key lost part of a write."""
+    form = "application/x-www-form-urlencoded"
+
+    async def main() -> None:
+        async with serving(tmp_path) as (_, path):
+            c = await Raw.open(path)
+            await c.send(post("/echo", b"delete=comment&delete=keep-last,keep-daily&comment=x", form))
+            status, _, body = await c.response()
+            assert status == 200
+            assert json.loads(body)["data"] == {"delete": ["comment", "keep-last", "keep-daily"], "comment": "x"}
+            await c.send(post("/echo", b"comment=a&comment=b", form))
+            status, _, body = await c.response()
+            assert status == 400
+            assert json.loads(body)["message"] == "parameter 'comment' is given more than once"
+
+    run(main())
+
+
 def test_a_bad_query_string_is_400(tmp_path: Path) -> None:
     r = Router()
     r.add("GET", "/q", lambda req: data_reply(req.query()))

@@ -72,6 +72,15 @@ def test_a_refused_create_leaves_no_lay_out_behind(writer: ConfigWriter) -> None
     assert _refused(writer.create, {"comment": "no name"}).status == 400
 
 
+@pytest.mark.parametrize("path", ["/proc/1/dsproxy-x", "{data}/" + "n" * 300, "/proc/sys/dsproxy-x"])
+def test_a_path_that_cannot_hold_a_store_is_a_400_not_a_500(writer: ConfigWriter, path: str) -> None:
+    path = path.format(data=writer.paths.data_dir)
+    before = writer.config_file.read_bytes() if writer.config_file.exists() else b""
+    refused = _refused(writer.create, {"name": "store1", "path": path})
+    assert refused.status == 400 and path[:40] in refused.message
+    assert (writer.config_file.read_bytes() if writer.config_file.exists() else b"") == before
+
+
 def test_update_merges_and_reports_the_new_maintenance_mode(writer: ConfigWriter, seg: shm.Segment) -> None:
     writer.create({"name": "store1", "comment": "old"})
     result = writer.update("store1", {"comment": "new"})

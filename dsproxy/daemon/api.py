@@ -379,9 +379,12 @@ def _usage(path: str) -> dict[str, Any]:
     return {"total": total, "used": used, "avail": avail}
 
 
-def _counts(path: str) -> dict[str, dict[str, int]]:
-    """Backup groups and snapshots per type (``<path>/<type>/<id>/<time>/``), as PBS counts them."""
-    counts = {}
+def _counts(path: str) -> dict[str, dict[str, Any]]:
+    """Backup groups and snapshots per type (``<path>/<type>/<id>/<time>/``), as PBS counts them.
+
+    The store's tree belongs to its owner: a directory that cannot be listed is an inline
+    ``{"error": ...}`` for that type, never a failed status request."""
+    counts: dict[str, dict[str, Any]] = {}
     for kind in _BACKUP_TYPES:
         groups = snapshots = 0
         try:
@@ -395,7 +398,8 @@ def _counts(path: str) -> dict[str, dict[str, int]]:
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as err:
-            raise HTTPError(500, f"unable to list backup groups in '{path}' - {err.strerror}") from None
+            counts[kind] = {"error": f"unable to list backup groups in '{path}/{kind}' - {err.strerror}"}
+            continue
         if groups:
             counts[kind] = {"groups": groups, "snapshots": snapshots}
     return counts

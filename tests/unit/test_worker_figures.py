@@ -87,3 +87,14 @@ def test_every_answer_names_the_worker_and_once_loaded_the_generation(app: Worke
     gen = app.registry.loaded_generation
     assert gen is not None
     assert app.response_headers() == f"x-dsproxy-worker: {os.getpid()}\r\nx-dsproxy-generation: {gen}\r\n".encode()
+
+
+def test_a_backup_type_dir_that_cannot_be_listed_is_an_inline_count_error(tmp_path: Path) -> None:
+    """The store's tree is its owner's: what cannot be listed must not fail the status request."""
+    from dsproxy.daemon.api import _counts
+
+    (tmp_path / "ct" / "100" / "2026-01-01T00:00:00Z").mkdir(parents=True)
+    (tmp_path / "vm").symlink_to(tmp_path / "vm")  # a link loop: ELOOP on listing
+    counts = _counts(str(tmp_path))
+    assert counts["ct"] == {"groups": 1, "snapshots": 1}
+    assert "unable to list backup groups" in counts["vm"]["error"]

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from dsproxy.config import update_config
+from dsproxy.fsutil import make_store
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
+from dsproxy.testing.stores import store_path
 
 AGENT = Path(__file__).with_name("agent.py")
 
@@ -22,7 +24,7 @@ class Instance:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.paths = Paths.from_base(base)
+        self.paths = Paths.resolve(base)
         self.paths.ensure()
         self.paths.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -31,10 +33,10 @@ class Instance:
         return self.paths.config_file
 
     def store_dir(self, name: str) -> Path:
-        path = self.paths.data_dir / name
-        (path / ".chunks").mkdir(parents=True, exist_ok=True)
-        (path / ".lock").touch()
-        return path
+        """The store ``name``'s directory under the data dir, laid out (or reused) as a create would."""
+        path = store_path(self.paths, name)
+        make_store(path)
+        return Path(path)
 
     def write_text(self, text: str) -> None:
         """Replace the config file by hand (no bump), like an admin with an editor."""

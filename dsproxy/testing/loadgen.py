@@ -8,7 +8,7 @@ the generator, not the server, is the bottleneck -- use more ``clients`` process
 
 asyncio + uvloop + :class:`dsproxy.client.AsyncConnection` (httptools' response parser): one
 process drives ~40,000 req/s on the project machine at ~60 % of a core.
-``python -m dsproxy.loadgen SOCKET CONNECTIONS`` is the child of a multi-process run (rounds as
+``python -m dsproxy.testing.loadgen SOCKET CONNECTIONS`` is the child of a multi-process run (rounds as
 JSON on stdin, results as JSON on stdout).
 """
 
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .client import AsyncConnection
+from ..client import AsyncConnection
 
 
 async def _drive(socket_path: str, rounds: list[list[str]], parallel: int) -> list[dict[str, Any]]:
@@ -90,7 +90,7 @@ def run_rounds(socket_path: str, rounds: list[list[str]], parallel: int, clients
         share = [paths[i::clients] for paths in rounds]
         conns = max(1, parallel // clients + (1 if i < parallel % clients else 0))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsproxy.loadgen", socket_path, str(conns)],
+            [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,14 +1,17 @@
 """The load generator of the benchmark and stress scripts: keep-alive HTTP over a Unix socket.
 
-``run_rounds(socket, rounds, parallel, clients)`` sends each round's request paths once over
-``parallel`` keep-alive connections that stay open across rounds (a round times requests, not
-connection set-up) and returns per round: requests, wall time, req/s, p50/p99 latency, errors by
-kind, and the generator's own CPU share (CPU seconds / wall seconds per process: near 100 % means
-the generator, not the server, is the bottleneck -- use more ``clients`` processes).
+``run_rounds(socket, rounds, parallel, clients, min_seconds)`` sends each round's request paths
+over ``parallel`` keep-alive connections that stay open across rounds (a round times requests, not
+connection set-up) -- the whole list once, and again as long as the round has lasted less than
+``min_seconds`` (a round of 1,000 cached answers lasts ~0.02 s: too short to time on a shared
+machine) -- and returns per round: requests, passes over the list, wall time, req/s, p50/p99
+latency, errors by kind, the time of the first pass, and the generator's own CPU share (CPU seconds
+/ wall seconds per process: near 100 % means the generator, not the server, is the bottleneck --
+use more ``clients`` processes).
 
 asyncio + uvloop + :class:`dsproxy.client.AsyncConnection` (httptools' response parser): one
 process drives ~40,000 req/s on the project machine at ~60 % of a core.
-``python -m dsproxy.testing.loadgen SOCKET CONNECTIONS`` is the child of a multi-process run (rounds as
+``python -m dsproxy.testing.loadgen SOCKET CONNECTIONS MIN_SECONDS`` is the child of a multi-process run (rounds as
 JSON on stdin, results as JSON on stdout).
 """
 
@@ -26,8 +29,38 @@ from typing import Any
 from ..client import AsyncConnection
 
 
-async def _drive(socket_path: str, rounds: list[list[str]], parallel: int) -> list[dict[str, Any]]:
-    """Send each round's paths once over the same ``parallel`` keep-alive connections.
+class _Round:
+    """One round: its paths, over and over until a pass ends ``min_seconds`` after the start, and
+    what the connections measured (latencies in ns, errors by kind, when the first pass was done)."""
+
+    def __init__(self, paths: list[str], min_seconds: float) -> None:
+        self.paths, self.min_seconds = paths, min_seconds
+        self.start = time.perf_counter()
+        self.passes = 0
+        self.latencies: list[int] = []
+        self.errors: dict[str, int] = {}
+        self.first_pass_wall: float | None = None  # when as many answers as one pass has had came
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            yield from self.paths
+            self.passes += 1
+            if not self.paths or time.perf_counter() - self.start >= self.min_seconds:
+                return
+
+    def record(self, latency_ns: int, status: int | str) -> None:
+        self.latencies.append(latency_ns)
+        if len(self.latencies) == len(self.paths):
+            self.first_pass_wall = time.perf_counter() - self.start
+        if status not in (200, -1):
+            self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+
+
+async def _drive(
+    socket_path: str, rounds: list[list[str]], parallel: int, min_seconds: float = 0.0
+) -> list[dict[str, Any]]:
+    """Send each round's paths (at least once, for ``min_seconds``) over the same ``parallel``
+    keep-alive connections.
 
     The connections are opened (and answered once with a ping, so that every worker has accepted
     its share) before the first round: a round times requests, not connection set-up.
@@ -35,62 +68,67 @@ async def _drive(socket_path: str, rounds: list[list[str]], parallel: int) -> li
     conns = [await AsyncConnection.open(socket_path) for _ in range(parallel)]
     await asyncio.gather(*(c.request("GET", "/api2/json/ping") for c in conns))
     clock = time.perf_counter_ns
+
+    async def connection(index: int, it: Iterator[str], measured: _Round) -> None:
+        conn = conns[index]
+        for path in it:
+            t0 = clock()
+            status: int | str
+            try:
+                if not conn.usable:
+                    conn.close()
+                    conn = conns[index] = await AsyncConnection.open(socket_path)
+                status = (await conn.request("GET", path)).status
+            except OSError as err:
+                status = type(err).__name__
+            measured.record(clock() - t0, status)
+
     results = []
     for paths in rounds:
-        latencies: list[int] = []
-        errors: dict[str, int] = {}
-        it = iter(paths)
-
-        async def worker(index: int, it: Iterator[str], latencies: list[int], errors: dict[str, int]) -> None:
-            conn = conns[index]
-            for path in it:
-                t0 = clock()
-                try:
-                    if not conn.usable:
-                        conn.close()
-                        conn = conns[index] = await AsyncConnection.open(socket_path)
-                    status = (await conn.request("GET", path)).status
-                except OSError as err:
-                    status = -1
-                    errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
-                latencies.append(clock() - t0)
-                if status not in (200, -1):
-                    errors[str(status)] = errors.get(str(status), 0) + 1
-
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(i, it, latencies, errors) for i in range(parallel)))
-        wall = time.perf_counter() - t0
+        measured = _Round(paths, min_seconds)
+        it = iter(measured)
+        await asyncio.gather(*(connection(i, it, measured) for i in range(parallel)))
+        wall = time.perf_counter() - measured.start
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-        results.append({"wall": wall, "latencies": latencies, "errors": errors, "cpu": cpu})
+        results.append(
+            {
+                "wall": wall,
+                "latencies": measured.latencies,
+                "errors": measured.errors,
+                "cpu": cpu,
+                "passes": measured.passes,
+                "first_pass_wall": measured.first_pass_wall or wall,
+            }
+        )
     for c in conns:
         c.close()
     return results
 
 
-def _client_process(socket_path: str, parallel: int) -> None:
+def _client_process(socket_path: str, parallel: int, min_seconds: float) -> None:
     import uvloop
 
     rounds = json.loads(sys.stdin.read())
-    sys.stdout.write(json.dumps(uvloop.run(_drive(socket_path, rounds, parallel))))
+    sys.stdout.write(json.dumps(uvloop.run(_drive(socket_path, rounds, parallel, min_seconds))))
 
 
-def run_rounds(socket_path: str, rounds: list[list[str]], parallel: int, clients: int) -> list[dict[str, Any]]:
-    """All rounds; ``clients`` processes share each round's paths and the connections."""
+def run_rounds(
+    socket_path: str, rounds: list[list[str]], parallel: int, clients: int, min_seconds: float = 0.0
+) -> list[dict[str, Any]]:
+    """All rounds, each lasting ``min_seconds`` or one pass over its paths, whichever is longer;
+    ``clients`` processes share each round's paths and the connections."""
     if clients == 1:
         import uvloop
 
-        return [
-            summarise([r], len(p))
-            for r, p in zip(uvloop.run(_drive(socket_path, rounds, parallel)), rounds, strict=True)
-        ]
+        return [summarise([r]) for r in uvloop.run(_drive(socket_path, rounds, parallel, min_seconds))]
     procs = []
     for i in range(clients):
         share = [paths[i::clients] for paths in rounds]
         conns = max(1, parallel // clients + (1 if i < parallel % clients else 0))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns)],
+            [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns), str(min_seconds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -99,11 +137,22 @@ def run_rounds(socket_path: str, rounds: list[list[str]], parallel: int, clients
         proc.stdin.write(json.dumps(share))
         proc.stdin.close()
         procs.append(proc)
-    per_client = [json.loads(p.communicate()[0]) for p in procs]
-    return [summarise([c[k] for c in per_client], len(rounds[k])) for k in range(len(rounds))]
+    per_client = [_collect(p) for p in procs]
+    return [summarise([c[k] for c in per_client]) for k in range(len(rounds))]
 
 
-def summarise(results: list[dict[str, Any]], requests: int) -> dict[str, Any]:
+def _collect(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """A client process's results (its stdin is closed already: no ``communicate``)."""
+    assert proc.stdout is not None
+    with proc.stdout:
+        results: list[dict[str, Any]] = json.loads(proc.stdout.read())
+    if proc.wait() != 0:
+        raise RuntimeError(f"load generator process {proc.pid} exited with {proc.returncode}")
+    return results
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's figures from each client process's share of it."""
     lat = sorted(x for r in results for x in r["latencies"])
     errors: dict[str, int] = {}
     for r in results:
@@ -111,8 +160,11 @@ def summarise(results: list[dict[str, Any]], requests: int) -> dict[str, Any]:
             errors[k] = errors.get(k, 0) + v
     wall = max(r["wall"] for r in results)
     cpu = sum(r["cpu"] for r in results)
+    requests = len(lat)  # every request sent has its latency, answered or not
     return {
         "requests": requests,
+        "passes": min(r["passes"] for r in results),
+        "first_pass_wall": max(r["first_pass_wall"] for r in results),
         "wall": wall,
         "rps": requests / wall if wall else 0.0,
         "p50_ms": lat[len(lat) // 2] / 1e6 if lat else 0.0,
@@ -124,4 +176,4 @@ def summarise(results: list[dict[str, Any]], requests: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _client_process(sys.argv[1], int(sys.argv[2]))
+    _client_process(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))

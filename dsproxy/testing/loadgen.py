@@ -28,6 +28,8 @@ from typing import Any
 
 from ..client import AsyncConnection
 
+TURNS = 10  # a group's rounds take turns this many times (see _drive)
+
 
 class _Round:
     """One round: its paths, over and over until a pass ends ``min_seconds`` after the start, and
@@ -57,13 +59,16 @@ class _Round:
 
 
 async def _drive(
-    socket_path: str, rounds: list[list[str]], parallel: int, min_seconds: float = 0.0
-) -> list[dict[str, Any]]:
-    """Send each round's paths (at least once, for ``min_seconds``) over the same ``parallel``
-    keep-alive connections.
+    socket_path: str, groups: list[list[list[str]]], parallel: int, min_seconds: float = 0.0
+) -> list[list[dict[str, Any]]]:
+    """Measure each group of rounds over the same ``parallel`` keep-alive connections.
 
-    The connections are opened (and answered once with a ping, so that every worker has accepted
-    its share) before the first round: a round times requests, not connection set-up.
+    A group of one round sends its paths at least once and for ``min_seconds``.  A group of
+    several is measured in turns of ``min_seconds / TURNS`` (whole passes, at least one) of each
+    round in turn, until each has had ``min_seconds``: the rounds of a group see the same machine,
+    so their ratio holds even when its speed drifts (other load on a shared host).  The connections
+    are opened (and answered once with a ping, so that every worker has accepted its share) before
+    the first round: a round times requests, not connection set-up.
     """
     conns = [await AsyncConnection.open(socket_path) for _ in range(parallel)]
     await asyncio.gather(*(c.request("GET", "/api2/json/ping") for c in conns))
@@ -83,8 +88,7 @@ async def _drive(
                 status = type(err).__name__
             measured.record(clock() - t0, status)
 
-    results = []
-    for paths in rounds:
+    async def measure(paths: list[str], min_seconds: float) -> dict[str, Any]:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         measured = _Round(paths, min_seconds)
         it = iter(measured)
@@ -92,26 +96,46 @@ async def _drive(
         wall = time.perf_counter() - measured.start
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-        results.append(
-            {
-                "wall": wall,
-                "latencies": measured.latencies,
-                "errors": measured.errors,
-                "cpu": cpu,
-                "passes": measured.passes,
-                "first_pass_wall": measured.first_pass_wall or wall,
-            }
-        )
+        return {
+            "wall": wall,
+            "latencies": measured.latencies,
+            "errors": measured.errors,
+            "cpu": cpu,
+            "passes": measured.passes,
+            "first_pass_wall": measured.first_pass_wall or wall,
+        }
+
+    results = []
+    for group in groups:
+        if len(group) == 1:
+            results.append([await measure(group[0], min_seconds)])
+            continue
+        turn = min_seconds / TURNS
+        totals = [await measure(paths, turn) for paths in group]
+        while min(t["wall"] for t in totals) < min_seconds:
+            for total, paths in zip(totals, group, strict=True):
+                if total["wall"] < min_seconds:  # a slow round is not held up by a fast one
+                    _add(total, await measure(paths, turn))
+        results.append(totals)
     for c in conns:
         c.close()
     return results
 
 
+def _add(total: dict[str, Any], one: dict[str, Any]) -> None:
+    """Add the figures of one more pass to a round measured pass by pass."""
+    for key in ("wall", "cpu", "passes"):
+        total[key] += one[key]
+    total["latencies"] += one["latencies"]
+    for kind, n in one["errors"].items():
+        total["errors"][kind] = total["errors"].get(kind, 0) + n
+
+
 def _client_process(socket_path: str, parallel: int, min_seconds: float) -> None:
     import uvloop
 
-    rounds = json.loads(sys.stdin.read())
-    sys.stdout.write(json.dumps(uvloop.run(_drive(socket_path, rounds, parallel, min_seconds))))
+    groups = json.loads(sys.stdin.read())
+    sys.stdout.write(json.dumps(uvloop.run(_drive(socket_path, groups, parallel, min_seconds))))
 
 
 def run_rounds(
@@ -119,33 +143,43 @@ def run_rounds(
 ) -> list[dict[str, Any]]:
     """All rounds, each lasting ``min_seconds`` or one pass over its paths, whichever is longer;
     ``clients`` processes share each round's paths and the connections."""
+    return [group[0] for group in run_groups(socket_path, [[r] for r in rounds], parallel, clients, min_seconds)]
+
+
+def run_groups(
+    socket_path: str, groups: list[list[list[str]]], parallel: int, clients: int, min_seconds: float = 0.0
+) -> list[list[dict[str, Any]]]:
+    """Like :func:`run_rounds`, the rounds of each group measured together, pass by pass in turn
+    (see :func:`_drive`): ``[[warm, ping], [warm, ping]]`` gives two warm and two ping rounds,
+    each pair measured at the same time."""
     if clients == 1:
         import uvloop
 
-        return [summarise([r]) for r in uvloop.run(_drive(socket_path, rounds, parallel, min_seconds))]
-    procs = []
-    for i in range(clients):
-        share = [paths[i::clients] for paths in rounds]
-        conns = max(1, parallel // clients + (1 if i < parallel % clients else 0))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns), str(min_seconds)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(share))
-        proc.stdin.close()
-        procs.append(proc)
-    per_client = [_collect(p) for p in procs]
-    return [summarise([c[k] for c in per_client]) for k in range(len(rounds))]
+        per_client = [uvloop.run(_drive(socket_path, groups, parallel, min_seconds))]
+    else:
+        procs = []
+        for i in range(clients):
+            share = [[paths[i::clients] for paths in group] for group in groups]
+            conns = max(1, parallel // clients + (1 if i < parallel % clients else 0))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns), str(min_seconds)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(share))
+            proc.stdin.close()
+            procs.append(proc)
+        per_client = [_collect(p) for p in procs]
+    return [[summarise([c[g][k] for c in per_client]) for k in range(len(group))] for g, group in enumerate(groups)]
 
 
-def _collect(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+def _collect(proc: subprocess.Popen[str]) -> list[list[dict[str, Any]]]:
     """A client process's results (its stdin is closed already: no ``communicate``)."""
     assert proc.stdout is not None
     with proc.stdout:
-        results: list[dict[str, Any]] = json.loads(proc.stdout.read())
+        results: list[list[dict[str, Any]]] = json.loads(proc.stdout.read())
     if proc.wait() != 0:
         raise RuntimeError(f"load generator process {proc.pid} exited with {proc.returncode}")
     return results

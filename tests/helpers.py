@@ -1,4 +1,4 @@
-"""Shared test helpers: instance directories with real stores, and a child-process agent."""
+"""Shared test helpers: instance directories with real stores, a child-process agent, the scripts."""
 
 from __future__ import annotations
 
@@ -17,6 +17,27 @@ from dsproxy.paths import Paths
 from dsproxy.testing.stores import store_path
 
 AGENT = Path(__file__).with_name("agent.py")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_script(
+    name: str, *args: str | Path, timeout: float = 300, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/<name> ARGS`` with this interpreter, its output captured as text; ``check``:
+    assert that it exited with 0 (the failure shows its output)."""
+    cmd = [sys.executable, str(SCRIPTS / name), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def run_bench(name: str, out_dir: Path, *args: str) -> tuple[str, Any]:
+    """Run the benchmark ``scripts/<name> ARGS --json --plot`` (it must succeed and draw a PNG);
+    return what it printed and the figures of its JSON file."""
+    out_json, out_png = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    result = run_script(name, *args, "--json", out_json, "--plot", out_png, timeout=600, check=True)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result.stdout, json.loads(out_json.read_text())
 
 
 class Instance:

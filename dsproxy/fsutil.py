@@ -21,6 +21,11 @@ root write, create or chown something outside.  The rules every writer here foll
 
 A refusal is an :class:`UnsafePath` (an ``OSError``, so callers that report ``strerror`` keep
 working) that names the path and what is wrong with it.
+
+A datastore's lay-out (its directory, ``.chunks`` and ``.lock``) is made here too, by the same
+rules, in one place: :func:`lay_out_store` fills an opened store directory (the manager's create,
+which journals first, and :func:`make_store`), :func:`make_store` walks to a path and fills it
+(demo stores, tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -258,3 +263,66 @@ def first_missing(path: str) -> str | None:
                 return "/" + "/".join(names[: i + 1])
             stack.callback(os.close, fd)
     return None
+
+
+# -- a datastore's lay-out ----------------------------------------------------------------------------
+
+STORE_DIR_MODE = 0o750  # a store directory, its parents made on the way, and ``.chunks``
+STORE_LOCK_MODE = 0o660  # ``.lock``: the proxy's user opens it read-write
+
+
+def lay_out_store(
+    store_fd: int,
+    path: str,
+    *,
+    owner: tuple[int, int] | None = None,
+    fresh: bool = False,
+    made: list[str] | None = None,
+) -> None:
+    """Make ``.chunks`` and ``.lock`` in the open store directory ``store_fd`` (``path`` names it).
+
+    ``fresh`` (a create): both must be new -- ``mkdirat`` and ``O_CREAT|O_EXCL``, so anything
+    already there (a planted link too) is a ``FileExistsError``.  Without it what exists is reused
+    once it checks out (a directory; a regular file with one link).  Each name made is appended to
+    ``made`` as soon as it exists, so an undo knows it even when a later step fails.  With
+    ``owner`` (uid, gid) both and then the store directory are handed over by fd (``fchown``), the
+    directory last: its owner cannot touch the lay-out before it is complete.
+
+    >>> with walk("/tmp/demo0001", create_mode=STORE_DIR_MODE) as chain:
+    ...     lay_out_store(chain.fd, "/tmp/demo0001")
+    """
+    try:
+        os.mkdir(".chunks", STORE_DIR_MODE, dir_fd=store_fd)
+    except FileExistsError:
+        if fresh:
+            raise
+    else:
+        if made is not None:
+            made.append(".chunks")
+    chunks = open_dir(".chunks", dir_fd=store_fd, dir_path=path)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if fresh else 0)
+        lock = open_file(".lock", flags, STORE_LOCK_MODE, dir_fd=store_fd, dir_path=path)
+        if fresh and made is not None:
+            made.append(".lock")
+        try:
+            if owner is not None:
+                for fd in (lock, chunks, store_fd):
+                    os.fchown(fd, *owner)
+        finally:
+            os.close(lock)
+    finally:
+        os.close(chunks)
+
+
+def make_store(path: str, *, owner: tuple[int, int] | None = None) -> None:
+    """The whole lay-out of a datastore at the absolute ``path``, reusing what an earlier run made.
+
+    Missing directories are made (``STORE_DIR_MODE``) on a walk from ``/`` that follows no link;
+    then :func:`lay_out_store`.  Demo stores, tests and benchmarks use this; a create journals what
+    it makes and so walks itself.
+
+    >>> make_store("/tmp/x/datastores/store1")
+    """
+    with walk(path, create_mode=STORE_DIR_MODE) as chain:
+        lay_out_store(chain.fd, path, owner=owner)

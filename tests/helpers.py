@@ -1,4 +1,4 @@
-"""Shared test helpers: instance directories with real stores, and a child-process agent."""
+"""Shared test helpers: instance directories with real stores, a child-process agent, the scripts."""
 
 from __future__ import annotations
 
@@ -11,10 +11,33 @@ from pathlib import Path
 from typing import Any
 
 from dsproxy.config import update_config
+from dsproxy.fsutil import make_store
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
+from dsproxy.testing.stores import store_path
 
 AGENT = Path(__file__).with_name("agent.py")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_script(
+    name: str, *args: str | Path, timeout: float = 300, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/<name> ARGS`` with this interpreter, its output captured as text; ``check``:
+    assert that it exited with 0 (the failure shows its output)."""
+    cmd = [sys.executable, str(SCRIPTS / name), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def run_bench(name: str, out_dir: Path, *args: str) -> tuple[str, Any]:
+    """Run the benchmark ``scripts/<name> ARGS --json --plot`` (it must succeed and draw a PNG);
+    return what it printed and the figures of its JSON file."""
+    out_json, out_png = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    result = run_script(name, *args, "--json", out_json, "--plot", out_png, timeout=600, check=True)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result.stdout, json.loads(out_json.read_text())
 
 
 class Instance:
@@ -31,10 +54,10 @@ class Instance:
         return self.paths.config_file
 
     def store_dir(self, name: str) -> Path:
-        path = self.paths.data_dir / name
-        (path / ".chunks").mkdir(parents=True, exist_ok=True)
-        (path / ".lock").touch()
-        return path
+        """The store ``name``'s directory under the data dir, laid out (or reused) as a create would."""
+        path = store_path(self.paths, name)
+        make_store(path)
+        return Path(path)
 
     def write_text(self, text: str) -> None:
         """Replace the config file by hand (no bump), like an admin with an editor."""

@@ -60,16 +60,24 @@ from ..config import (
     request,
     update_config,
 )
-from ..fsutil import DirChain, UnsafePath, components, first_missing, is_within, normalise, open_dir, open_file, walk
+from ..fsutil import (
+    STORE_DIR_MODE,
+    DirChain,
+    UnsafePath,
+    components,
+    first_missing,
+    is_within,
+    lay_out_store,
+    make_store,
+    normalise,
+    walk,
+)
 from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
 
 log = logging.getLogger("dsproxy.writer")
-
-#: a store's ``.lock``: must not exist, never through a link
-NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class WriteRefused(Exception):
@@ -227,24 +235,12 @@ class ConfigWriter:
         except OSError as err:
             raise WriteRefused(500, f"unable to create datastore '{layout.name}': cannot record it in {err}") from None
         if layout.chain is None:
-            layout.chain = walk(layout.path, create_mode=0o750)
+            layout.chain = walk(layout.path, create_mode=STORE_DIR_MODE)
             layout.top = layout.chain.created_from
 
     def _make_inside(self, layout: _Layout) -> None:
         assert layout.chain is not None
-        store = layout.chain.fd
-        os.mkdir(".chunks", 0o750, dir_fd=store)
-        layout.made_chunks = True
-        chunks = open_dir(".chunks", dir_fd=store, dir_path=layout.path)
-        try:
-            lock = os.open(".lock", NEW_FILE, 0o660, dir_fd=store)
-            layout.made_lock = True
-            try:
-                self._give_to_owner(lock, chunks, store)
-            finally:
-                os.close(lock)
-        finally:
-            os.close(chunks)
+        lay_out_store(layout.chain.fd, layout.path, owner=self.store_owner, fresh=True, made=layout.made)
 
     def _check_existing(self, fd: int, path: str) -> None:
         st = os.fstat(fd)
@@ -253,16 +249,6 @@ class ConfigWriter:
             raise WriteRefused(400, f"datastore path '{path}' is owned by uid {st.st_uid}; refusing to take it over")
         if os.listdir(fd):
             raise WriteRefused(400, f"datastore path '{path}' is not empty")
-
-    def _give_to_owner(self, *fds: int) -> None:
-        """Hand a laid-out store to ``store_owner`` (the proxy's user opens ``.lock`` read-write).
-
-        By fd, so a name swapped for a link meanwhile changes nothing; the store directory (the
-        last fd) last, so its owner cannot touch the lay-out before it is complete.
-        """
-        if self.store_owner is not None:
-            for fd in fds:
-                os.fchown(fd, *self.store_owner)
 
     def _finish(self, layout: _Layout) -> None:
         if layout.journal_id is not None:
@@ -402,18 +388,7 @@ class ConfigWriter:
     def _lay_out_demo(self, path: str) -> None:
         """A demo store's lay-out, reusing what an earlier run made (no journal: nothing blocks)."""
         try:
-            with walk(path, create_mode=0o750) as chain:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(".chunks", 0o750, dir_fd=chain.fd)
-                chunks = open_dir(".chunks", dir_fd=chain.fd, dir_path=path)
-                try:
-                    lock = open_file(".lock", os.O_CREAT | os.O_WRONLY, 0o660, dir_fd=chain.fd, dir_path=path)
-                    try:
-                        self._give_to_owner(lock, chunks, chain.fd)
-                    finally:
-                        os.close(lock)
-                finally:
-                    os.close(chunks)
+            make_store(path, owner=self.store_owner)
         except UnsafePath as err:
             raise WriteRefused(400, f"datastore path '{path}' refused: {err}") from None
         except OSError as err:
@@ -475,15 +450,14 @@ class _Layout:
     path: str
     chain: DirChain | None = None  # every directory down to the store, opened without links
     top: int | None = None  # index in ``chain.fds`` of the first directory this create made
-    made_chunks: bool = False
-    made_lock: bool = False
+    made: list[str] = field(default_factory=list)  # what lay_out_store made in it: .chunks, .lock
     journal_id: str | None = None
 
 
 def _remove_created(layout: _Layout) -> None:
     """Undo a store lay-out: remove what it created, newest first (by fd, empty things only)."""
     if layout.chain is not None and layout.chain.fds:
-        left = _unlay(layout.chain, layout.top, lock=layout.made_lock, chunks=layout.made_chunks)
+        left = _unlay(layout.chain, layout.top, lock=".lock" in layout.made, chunks=".chunks" in layout.made)
         if left:
             log.warning("undoing the lay-out of '%s': %s", layout.name, left)
 

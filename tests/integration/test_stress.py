@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_script
 
 
 def test_a_short_heavy_stress_run_holds_every_invariant(tmp_path: Path) -> None:
     out = tmp_path / "stress.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "stress"), "--duration", "6", "--chaos", "heavy", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_script("stress", "--duration", "6", "--chaos", "heavy", "--json", out)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(out.read_text())
     assert summary["violations"] == {}

@@ -1,29 +1,15 @@
-"""scripts/stress judges answers right: it flags stale ones and forgives what concurrency allows."""
+"""The stress checker (dsproxy.testing.stress.checker) judges answers right: it flags stale ones
+and forgives what concurrency allows."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_stress() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("dsproxy_stress", str(ROOT / "scripts" / "stress"))
-    spec = importlib.util.spec_from_loader("dsproxy_stress", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-stress = load_stress()
+from dsproxy.testing.stress.checker import Checker
 
 
 class Logs:
@@ -48,13 +34,13 @@ class Logs:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Logs, Any]:
+def setup(tmp_path: Path) -> tuple[Logs, Checker]:
     logs = Logs(tmp_path)
-    checker = stress.Checker(tmp_path, {"st01": "ok", "vol01": "absent"})
+    checker = Checker(tmp_path, {"st01": "ok", "vol01": "absent"})
     return logs, checker
 
 
-def test_an_answer_granted_after_an_offline_transition_returned_is_a_violation(setup: tuple[Logs, Any]) -> None:
+def test_an_answer_granted_after_an_offline_transition_returned_is_a_violation(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.write("st01", sent=1.0, recv=1.5, state="offline", gen=11)
     logs.answer("status", "st01", sent=1.6, recv=1.7, status=200, gen=11)
@@ -63,7 +49,7 @@ def test_an_answer_granted_after_an_offline_transition_returned_is_a_violation(s
     assert "but the store was offline" in checker.violations["fresh answer"][0]
 
 
-def test_an_answer_in_flight_with_the_write_may_show_either_state(setup: tuple[Logs, Any]) -> None:
+def test_an_answer_in_flight_with_the_write_may_show_either_state(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.write("st01", sent=1.0, recv=1.5, state="offline", gen=11)
     logs.answer("status", "st01", sent=1.2, recv=1.3, status=200, gen=10)
@@ -72,7 +58,7 @@ def test_an_answer_in_flight_with_the_write_may_show_either_state(setup: tuple[L
     assert not checker.violations
 
 
-def test_a_generation_older_than_an_acknowledged_write_is_a_violation(setup: tuple[Logs, Any]) -> None:
+def test_a_generation_older_than_an_acknowledged_write_is_a_violation(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.write("st01", sent=1.0, recv=1.5, state=None, gen=11, action="comment")
     logs.answer("status", "st01", sent=1.6, recv=1.7, status=200, gen=10)
@@ -80,7 +66,7 @@ def test_a_generation_older_than_an_acknowledged_write_is_a_violation(setup: tup
     assert list(checker.violations) == ["fresh generation"]
 
 
-def test_a_created_store_must_be_found_and_a_removed_one_gone(setup: tuple[Logs, Any]) -> None:
+def test_a_created_store_must_be_found_and_a_removed_one_gone(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.write("vol01", sent=1.0, recv=1.1, state="ok", gen=11, action="create")
     logs.answer("status", "vol01", sent=1.2, recv=1.3, status=200, gen=11)
@@ -90,7 +76,7 @@ def test_a_created_store_must_be_found_and_a_removed_one_gone(setup: tuple[Logs,
     assert len(checker.violations["fresh answer"]) == 1
 
 
-def test_connection_errors_are_forgiven_only_around_a_worker_kill(setup: tuple[Logs, Any]) -> None:
+def test_connection_errors_are_forgiven_only_around_a_worker_kill(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.add("chaos.jsonl", event="kill", pid=1, t=5.0)
     logs.answer("status", "st01", sent=5.1, recv=5.2, status=-1, error="ConnectionResetError", prev=4.0)
@@ -100,7 +86,7 @@ def test_connection_errors_are_forgiven_only_around_a_worker_kill(setup: tuple[L
     assert checker.counts["connection errors (worker killed)"] == 1
 
 
-def test_answers_are_judged_only_once_every_write_before_them_is_known(setup: tuple[Logs, Any]) -> None:
+def test_answers_are_judged_only_once_every_write_before_them_is_known(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.add("writer.jsonl", phase="start", action="maintenance", store="st01", sent=1.0, state="ok")
     logs.answer("status", "st01", sent=3.0, recv=3.1, status=409, gen=12)  # a later write may explain it
@@ -112,7 +98,7 @@ def test_answers_are_judged_only_once_every_write_before_them_is_known(setup: tu
     assert checker.checked == 1 and not checker.violations
 
 
-def test_the_file_must_hold_the_last_acknowledged_state(setup: tuple[Logs, Any], tmp_path: Path) -> None:
+def test_the_file_must_hold_the_last_acknowledged_state(setup: tuple[Logs, Checker], tmp_path: Path) -> None:
     logs, checker = setup
     logs.write("st01", sent=1.0, recv=1.5, state="offline", gen=11)
     checker.poll(final=True)

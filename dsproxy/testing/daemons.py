@@ -1,0 +1,87 @@
+"""Real manager + proxy processes on a base dir, for tests, benchmarks and the stress run.
+
+:class:`Daemons` is :class:`dsproxy.daemon.run.DaemonPair` (the pair ``dsproxy run`` starts) laid
+out on ``<base>/etc``, ``run``, ``datastores``, with its logs in ``<base>/logs`` and the usual
+options as attributes: ``start()`` starts the manager (making ``stores`` demo datastores) and the
+proxy (``workers`` workers, ``cache``, ``ttl``) and returns once every worker has booted;
+``stop()`` (or leaving the ``with`` block) stops both, kills what is left and unlinks the shared
+memory -- also when the test failed.
+
+    with Daemons(tmp / "base", workers=2, stores=5).start() as d:
+        assert d.get("/api2/json/admin/datastore").status == 200
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from ..client import Response
+from ..daemon.run import DaemonPair
+from ..paths import Paths
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something true, and return that; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemons(DaemonPair):
+    """A manager + proxy on ``base`` (see the module); ``stores=0`` makes no demo datastores."""
+
+    def __init__(
+        self,
+        base: Path,
+        workers: int = 2,
+        stores: int = 5,
+        cache: str = "on",
+        ttl: float = 60.0,
+        *,
+        ready_timeout: float = 30.0,
+        logs: Path | None = None,
+    ) -> None:
+        self.base = base
+        self.logs = logs or base / "logs"
+        super().__init__(Paths.resolve(base), log_dir=self.logs, ready_timeout=ready_timeout)
+        self.config_file = self.paths.config_file
+        self.workers = workers
+        self.stores = stores
+        self.cache = cache
+        self.ttl = ttl
+
+    def start_manager(self, *extra: str) -> None:
+        demo = ("--demo-stores", str(self.stores)) if self.stores else ()
+        super().start_manager(*demo, *extra)
+
+    def start_proxy(  # type: ignore[override]
+        self, *extra: str, env: Mapping[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
+        """``--workers``, ``--cache``, ``--ttl`` of this instance, then ``extra`` (or the whole ``args``)."""
+        options = ("--workers", str(self.workers), "--cache", self.cache, "--ttl", str(self.ttl))
+        super().start_proxy(*options, *extra, workers=self.workers, env=env, command=args)
+
+    def start(self) -> Daemons:
+        self.start_manager()
+        self.start_proxy()
+        return self
+
+    def __enter__(self) -> Daemons:
+        return self
+
+    def get(self, path: str) -> Response:
+        with self.client() as c:
+            return c.get(path)
+
+    def worker_pids(self) -> set[int]:
+        return set(self.booted_workers(self.node()))

@@ -1,6 +1,6 @@
 """dsproxy: datastore lookups with a shared-memory generation cache.
 
-The stable public API (DESIGN §5.3)::
+The stable public API (docs/design.md §5.3)::
 
     import dsproxy
     reg = dsproxy.Registry(base_dir="/tmp/x", cache="on", ttl=60.0)

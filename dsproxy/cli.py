@@ -1,4 +1,4 @@
-"""The ``dsproxy`` command line (DESIGN §6.1).
+"""The ``dsproxy`` command line (docs/design.md §6.1).
 
 Built on :mod:`argparse`.  The directory options (``--base-dir`` -- env ``DSPROXY_BASE_DIR`` --
 ``--config-dir``, ``--run-dir``, ``--data-dir``) are accepted before or after the subcommand.

@@ -1,4 +1,4 @@
-"""Errors of the lookup API.  ``status`` is the HTTP status the daemon answers with (DESIGN §6)."""
+"""Errors of the lookup API.  ``status`` is the HTTP status the daemon answers with (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class OutOfDescriptors(InstanceError):
     """The process ran out of file descriptors (EMFILE/ENFILE) while opening a store's files.
 
     Transient and the server's problem, not the client's: 503.  The cure is a higher
-    ``LimitNOFILE`` (DESIGN §7) or fewer stores open at once.
+    ``LimitNOFILE`` (docs/design.md §7) or fewer stores open at once.
     """
 
     status = 503

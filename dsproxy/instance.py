@@ -1,4 +1,4 @@
-"""Per-process datastore instances (DESIGN §3.2, §5 step 5).
+"""Per-process datastore instances (docs/design.md §3.2, §5 step 5).
 
 An instance is what a lookup hands out a handle to: the store's name and path, its properties as
 configured when the instance was built, its last garbage-collection status, and an open file

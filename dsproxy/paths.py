@@ -1,4 +1,4 @@
-"""Where an instance keeps its files (DESIGN §3.3).
+"""Where an instance keeps its files (docs/design.md §3.3).
 
 An instance is three directories: the config dir (``datastore.cfg``, ``.datastore.lck``), the run dir
 (sockets, pid files, ``shm.lock``, the baseline counter files; the shared-memory name derives from

@@ -1,4 +1,4 @@
-"""Lookup and release of datastores: the per-process cache (DESIGN §5).
+"""Lookup and release of datastores: the per-process cache (docs/design.md §5).
 
 A :class:`Registry` is what a worker (or any library user) asks for a datastore::
 
@@ -20,7 +20,7 @@ Two paths to fresh data, as everywhere in dsproxy:
 path and an instance rebuild on every lookup, like PostgreSQL's ``debug_discard_caches``; the test
 suite passes under it, which shows the cache changes speed, not answers.
 
-Modes (DESIGN §5.2), all giving the same answers:
+Modes (docs/design.md §5.2), all giving the same answers:
 
 * ``cache="on"``: the above.
 * ``cache="config"``: the fix as first shipped -- cached config keyed by the generation, but still
@@ -225,7 +225,7 @@ _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 
 
 class Registry:
-    """The datastore registry of one process (DESIGN §5.3).
+    """The datastore registry of one process (docs/design.md §5.3).
 
     Not thread-safe: use one per process (a dsproxy worker is a single-threaded event loop) or
     guard it.  After ``os.fork()`` the child gets its own process slot automatically.

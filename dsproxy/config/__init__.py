@@ -1,6 +1,6 @@
 """``datastore.cfg``: format, schema, maintenance modes, reading and locked writing.
 
-Public surface (DESIGN §5.3)::
+Public surface (docs/design.md §5.3)::
 
     cfg = dsproxy.config.parse(text, filename="datastore.cfg")   # name -> properties
     text = dsproxy.config.dump(cfg)                              # canonical form

@@ -1,4 +1,4 @@
-"""Reading and (manager-only) writing of ``datastore.cfg`` on disk (DESIGN §3.1).
+"""Reading and (manager-only) writing of ``datastore.cfg`` on disk (docs/design.md §3.1).
 
 Reading: the digest is SHA-256 of the raw bytes, lowercase hex; a missing file is an empty config.
 

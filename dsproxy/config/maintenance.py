@@ -1,4 +1,4 @@
-"""Operations and maintenance modes (DESIGN §5).
+"""Operations and maintenance modes (docs/design.md §5).
 
 ``maintenance-mode`` is a property string ``type=<read-only|offline|delete|unmount|s3-refresh>
 [,message=..]`` (a bare type is allowed: ``offline,message=...`` is how PBS writes it).

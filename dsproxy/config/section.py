@@ -1,4 +1,4 @@
-"""Parser and canonical writer of the section-config format of ``datastore.cfg`` (DESIGN §3.1).
+"""Parser and canonical writer of the section-config format of ``datastore.cfg`` (docs/design.md §3.1).
 
 The grammar is proxmox-section-config's default syntax, so a file written by Proxmox Backup
 Server (4.x included) parses unchanged:

@@ -1,4 +1,4 @@
-"""The daemons (DESIGN §2), one module per process role.
+"""The daemons (docs/design.md §2), one module per process role.
 
 * :mod:`.manager` -- ``dsproxy manager``: the only writer of ``datastore.cfg`` (its writes live in
   :mod:`.writer`), owner of the shared memory, watcher of hand edits;

@@ -1,4 +1,4 @@
-"""The HTTP API a proxy worker serves (DESIGN §6), on the worker's own :class:`~dsproxy.Registry`.
+"""The HTTP API a proxy worker serves (docs/design.md §6), on the worker's own :class:`~dsproxy.Registry`.
 
 Every answer carries ``x-dsproxy-generation``: the generation of the config the worker served it
 under (the stress script checks that it never goes behind an acknowledged write), and

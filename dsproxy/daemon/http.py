@@ -1,6 +1,6 @@
 """HTTP/1.1 over a Unix socket: an asyncio protocol around ``httptools``' parser.
 
-Both daemons serve JSON with this module: the proxy workers (DESIGN §6) and the manager.
+Both daemons serve JSON with this module: the proxy workers (docs/design.md §6) and the manager.
 
 **Why this stack** -- measured side by side in one run on the project machine (2 cores) with
 ``scripts/bench-http-stack``: one server process each, 16 keep-alive connections from the same
@@ -17,7 +17,7 @@ scope/receive/send machinery (dict building, two awaits): 7 us per request, seve
 lookup+release it exists to serve.  The parser is not hand written: ``httptools`` wraps llhttp,
 the parser of Node.js.  Responses are assembled here (status line, two headers, body).
 
-What the protocol guarantees (DESIGN §10: bad input gets a 4xx, the worker stays up, and no client
+What the protocol guarantees (docs/design.md §10: bad input gets a 4xx, the worker stays up, and no client
 can make it hold much memory):
 
 * malformed requests -> ``400`` and the connection is closed; the parser's reason is in the message;

@@ -1,4 +1,4 @@
-"""The file-descriptor limit, honestly (DESIGN §3.2, §7).
+"""The file-descriptor limit, honestly (docs/design.md §3.2, §7).
 
 Every process that serves datastores keeps one fd per open store (the shared lock on
 ``<path>/.lock``), plus a few dozen for sockets, client connections, pipes, the journal and the

@@ -1,9 +1,9 @@
-"""``dsproxy manager``: the only writer of ``datastore.cfg`` (DESIGN §2).
+"""``dsproxy manager``: the only writer of ``datastore.cfg`` (docs/design.md §2).
 
 One process, one asyncio loop, one writer thread.  It
 
 * creates the shared-memory segment at start (or recreates it when it is foreign, truncated or of
-  another layout -- DESIGN §10) and bumps the generation once, so that edits made while no manager
+  another layout -- docs/design.md §10) and bumps the generation once, so that edits made while no manager
   ran are published;
 * removes, before it serves, what creates interrupted by a crash laid out and no section names --
   only what the create journal says this manager was making (:mod:`dsproxy.daemon.journal`);
@@ -199,7 +199,7 @@ class Manager:
 
     def check_segment(self) -> None:
         """Detect a segment that was removed, replaced, truncated or scribbled over, and replace it
-        (DESIGN §10): the old one is retired so that every process moves to the new one."""
+        (docs/design.md §10): the old one is retired so that every process moves to the new one."""
         seg = self.seg
         if seg is None:
             self.open_segment()  # none at start, or a failed replacement: try again

@@ -272,7 +272,7 @@ class Master:
         """Count a crash; give up on a crash loop; back off when workers die young.
 
         A worker that served for a while and was killed (OOM killer, an admin, the stress
-        script) is replaced at once, however often it happens (DESIGN §10: within 1 s).  Only
+        script) is replaced at once, however often it happens (docs/design.md §10: within 1 s).  Only
         workers dying within ``EARLY_DEATH`` of their start -- a crash on boot, repeated -- make
         the restarts back off (0.1 s doubling to 5 s), so a broken worker does not spin.
         """

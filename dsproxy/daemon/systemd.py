@@ -1,4 +1,4 @@
-"""systemd glue: sd_notify, socket activation, journald logging (DESIGN §7).
+"""systemd glue: sd_notify, socket activation, journald logging (docs/design.md §7).
 
 * :func:`notify` sends ``READY=1``, ``RELOADING=1``, ``STATUS=...`` etc. to ``$NOTIFY_SOCKET`` with
   ``systemd.daemon.notify`` (systemd-python) when it is installed, else with the same datagram

@@ -1,6 +1,6 @@
 """File-based active-operation counters: the PBS 3.2 mechanism, kept for baselines and degraded mode.
 
-``cache=off`` and ``cache=config`` (DESIGN §5.2) reproduce PBS's ``task_tracking.rs``, and a process
+``cache=off`` and ``cache=config`` (docs/design.md §5.2) reproduce PBS's ``task_tracking.rs``, and a process
 without shared memory (degraded) falls back to it, so the totals stay correct in every mode:
 
 * ``<run_dir>/active-operations/<store>``: a compact JSON array, one entry per process,

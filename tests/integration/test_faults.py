@@ -1,4 +1,4 @@
-"""Faults injected for real into running daemons (DESIGN §10): what breaks, and what must not."""
+"""Faults injected for real into running daemons (docs/design.md §10): what breaks, and what must not."""
 
 from __future__ import annotations
 

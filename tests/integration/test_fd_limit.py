@@ -1,4 +1,4 @@
-"""The fd limit, honestly: raised, compared with the store count, logged and shown (DESIGN §7)."""
+"""The fd limit, honestly: raised, compared with the store count, logged and shown (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The stress run: many clients, config writes, maintenance toggles, hand edits and worker kills at
-once, with the invariants of DESIGN §8 checked against every answer (``scripts/stress`` is its
+once, with the invariants of docs/design.md §8 checked against every answer (``scripts/stress`` is its
 command line).
 
 :func:`.runner.run` starts a manager + proxy on a temp base dir (:class:`~dsproxy.testing.daemons.Daemons`)

@@ -210,25 +210,14 @@ def write_pid_file(path: os.PathLike[str]) -> bool:
     >>> write_pid_file(Path("/run/dsproxy/manager.pid"))
     True
     """
-    from ..fsutil import create_temp, write_all
+    from ..fsutil import replace_in
 
     target = os.fspath(path)
     name = os.path.basename(target)
     try:
         dir_fd = os.open(os.path.dirname(target) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o644)
-            try:
-                try:
-                    write_all(fd, f"{os.getpid()}\n".encode())
-                    os.fchmod(fd, 0o644)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                raise
+            replace_in(dir_fd, name, f"{os.getpid()}\n".encode(), 0o644)
         finally:
             os.close(dir_fd)
     except OSError as err:

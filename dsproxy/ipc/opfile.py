@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 
-from ..fsutil import create_temp, open_dir, open_file, read_capped, write_all
+from ..fsutil import open_dir, open_file, read_capped, replace_in
 from . import flock
 from .proc import is_alive, start_time
 
@@ -125,17 +125,7 @@ class FileCounters:
             own["write"] = max(0, own["write"] + delta)
         if own["read"] or own["write"] or op == 2:
             kept.append({"pid": pid, "starttime": start, "active_operations": own})
-        fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o640)
-        try:
-            try:
-                write_all(fd, json.dumps(kept, separators=(",", ":")).encode())
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+        replace_in(dir_fd, name, json.dumps(kept, separators=(",", ":")).encode(), 0o640)
         return own["read"], own["write"]
 
     def own(self, name: str) -> tuple[int, int]:

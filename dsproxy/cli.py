@@ -5,7 +5,8 @@ Built on :mod:`argparse`.  The directory options (``--base-dir`` -- env ``DSPROX
 Tables are drawn with ``rich``; every read command takes ``--json`` for the raw answer.
 
 Daemons: ``manager``, ``proxy``, ``run``.  Clients of ``<run>/proxy.sock``: ``datastore``,
-``status``.  Offline: ``config check``.
+``status``, ``token``, ``acl`` (the last two are forwarded to the manager, the only writer of
+``token.shadow``, ``user.cfg`` and ``acl.cfg``).  Offline: ``config check``.
 
 Exit codes: 0 success, 1 failure (bad input, refused request, daemon not reachable), 2 usage error,
 3 a daemon could not start.
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", metavar="PATH", help="proxy socket (default RUN/proxy.sock)")
     st.set_defaults(func=cmd_status)
 
+    _add_token_commands(command)
+    _add_acl_commands(command)
+
     cfg = command("config", "inspect datastore.cfg")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = cfg_sub.add_parser("check", help="check that a datastore.cfg parses; print every bad line")
@@ -122,6 +126,57 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="file to check (default: the instance's datastore.cfg)")
     check.set_defaults(func=cmd_config_check)
     return parser
+
+
+def _sub_action(parent: argparse.ArgumentParser, dest: str) -> Any:
+    sub = parent.add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        a: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+        _add_dirs(a, top=False)
+        a.add_argument("--socket", metavar="PATH", help="proxy socket (default RUN/proxy.sock)")
+        return a
+
+    return action
+
+
+def _add_token_commands(command: Any) -> None:
+    action = _sub_action(command("token", "create, list, update or remove API tokens (PBS format)"), "action")
+    a = action("create", "create an API token; prints its secret once")
+    a.add_argument("tokenid", metavar="USER@REALM!NAME")
+    a.add_argument("--comment")
+    a.add_argument("--expire", type=int, metavar="EPOCH", help="expiry, seconds since the epoch (0 = never)")
+    a.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a.set_defaults(func=cmd_token_create)
+    a = action("list", "list API tokens (of one user, or all)")
+    a.add_argument("user", nargs="?", metavar="USER@REALM")
+    a.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a.set_defaults(func=cmd_token_list)
+    a = action("update", "enable, disable or change a token")
+    a.add_argument("tokenid", metavar="USER@REALM!NAME")
+    group = a.add_mutually_exclusive_group()
+    group.add_argument("--enable", dest="enable", action="store_true", default=None)
+    group.add_argument("--disable", dest="enable", action="store_false")
+    a.add_argument("--comment")
+    a.add_argument("--expire", type=int, metavar="EPOCH")
+    a.set_defaults(func=cmd_token_update)
+    a = action("remove", "remove a token (its secret and ACL entries too)")
+    a.add_argument("tokenid", metavar="USER@REALM!NAME")
+    a.set_defaults(func=cmd_token_remove)
+
+
+def _add_acl_commands(command: Any) -> None:
+    action = _sub_action(command("acl", "list or change the access control list (acl.cfg)"), "action")
+    a = action("list", "list ACL entries")
+    a.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a.set_defaults(func=cmd_acl_list)
+    a = action("update", "grant (or with --delete revoke) ROLE on PATH")
+    a.add_argument("path", help="/, /datastore or /datastore/NAME")
+    a.add_argument("role", help="a PBS role: Admin, Audit, DatastoreAudit, DatastoreReader, DatastoreAdmin, ...")
+    a.add_argument("--auth-id", required=True, metavar="ID", help="user@realm or user@realm!token")
+    a.add_argument("--propagate", type=int, choices=(0, 1), default=1)
+    a.add_argument("--delete", action="store_true")
+    a.set_defaults(func=cmd_acl_update)
 
 
 # -- daemons ------------------------------------------------------------------------------------------
@@ -335,6 +390,96 @@ def cmd_status(args: argparse.Namespace) -> int:
         for e in usage["data"]
     ]
     _table(("datastore", "total", "used", "avail", "error"), rows)
+    return 0
+
+
+def _token_path(tokenid: str) -> str:
+    from .client import path_for
+
+    user, bang, name = tokenid.partition("!")
+    if not bang or not user or not name:
+        raise CommandError(f"'{tokenid}' is not a token id (USER@REALM!NAME)")
+    return path_for("access", "users", user, "token", name)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.comment is not None:
+        body["comment"] = args.comment
+    if args.expire is not None:
+        body["expire"] = args.expire
+    answer = _call(args, "POST", _token_path(args.tokenid), body)
+    if args.json:
+        _print_json(answer["data"])
+        return 0
+    data = answer["data"]
+    print(f"token:  {data['tokenid']}\nsecret: {data['value']}")
+    print("the secret is shown only now; it has no permissions until 'dsproxy acl update' grants some")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    if args.user:
+        tokens = _call(args, "GET", path_for("access", "users", args.user, "token"))["data"]
+    else:
+        users = _call(args, "GET", path_for("access", "users", query={"include_tokens": 1}))["data"]
+        tokens = [t for u in users for t in u["tokens"]]
+    if args.json:
+        _print_json(tokens)
+    else:
+        _table(
+            ("token", "enabled", "expire", "comment"),
+            [(t["tokenid"], t["enable"], t["expire"] or "never", t.get("comment")) for t in tokens],
+        )
+    return 0
+
+
+def cmd_token_update(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.enable is not None:
+        body["enable"] = args.enable
+    if args.comment is not None:
+        body["comment"] = args.comment
+    if args.expire is not None:
+        body["expire"] = args.expire
+    if not body:
+        raise CommandError("nothing to change: give --enable, --disable, --comment or --expire")
+    data = _call(args, "PUT", _token_path(args.tokenid), body)["data"]
+    print(f"updated token '{data['tokenid']}' (enabled: {data['enable']}, expire: {data['expire'] or 'never'})")
+    return 0
+
+
+def cmd_token_remove(args: argparse.Namespace) -> int:
+    _call(args, "DELETE", _token_path(args.tokenid))
+    print(f"removed token '{args.tokenid}'")
+    return 0
+
+
+def cmd_acl_list(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    entries = _call(args, "GET", path_for("access", "acl"))["data"]
+    if args.json:
+        _print_json(entries)
+    else:
+        _table(
+            ("path", "user/token", "role", "propagate"),
+            [(e["path"], e["ugid"], e["roleid"], int(e["propagate"])) for e in entries],
+        )
+    return 0
+
+
+def cmd_acl_update(args: argparse.Namespace) -> int:
+    from .client import path_for
+
+    body = {"path": args.path, "role": args.role, "auth-id": args.auth_id, "propagate": bool(args.propagate)}
+    if args.delete:
+        body["delete"] = True
+    _call(args, "PUT", path_for("access", "acl"), body)
+    verb = "revoked" if args.delete else "granted"
+    print(f"{verb} {args.role} on {args.path} for {args.auth_id}")
     return 0
 
 

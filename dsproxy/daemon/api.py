@@ -16,6 +16,18 @@ connection (``?lease=ID`` for one, else all of that store) or until the connecti
 that dies loses its connection and with it its operations.  A connection that holds a lease is never
 closed as idle, and holds at most :data:`MAX_LEASES_PER_CONNECTION` at once (``429`` beyond).
 
+Remote clients (TCP, ``request.remote`` set) authenticate with an API token
+(:meth:`WorkerApp.authenticate_remote`, :mod:`dsproxy.auth.cache`) and each handler checks the
+PBS privilege of its path (``/datastore/{store}``; ``Datastore.Audit`` for status, list, usage and
+active operations, ``Datastore.Read``/``Backup`` for leases, ``Modify``/``Allocate`` for config
+writes, ``Sys.Audit`` on ``/system/status`` for node status and metrics); lists and usage show
+only the stores the token may audit.  A failed authentication is answered ``401`` after
+:data:`AUTH_FAILURE_DELAY` seconds, slept without blocking the worker (PBS sleeps 3 s for its
+logins; 0.3 s keeps a guessing client slow without holding honest clients with a typo long) and
+counted (``dsproxy_auth_failures_total`` in ``/metrics``, of the answering worker); a missing
+privilege is ``403`` naming the privilege and path.  Token and ACL management (``/access/...``)
+is only offered on the Unix socket.  On the Unix socket nothing changes: ``SO_PEERCRED`` rules.
+
 A forwarded write the manager has not answered after :data:`FORWARD_TIMEOUT` seconds (a stopped
 manager) is answered ``504``; whether it was applied then is unknown -- read the config to see.
 """
@@ -29,13 +41,16 @@ import time
 from typing import Any
 
 from .. import client as client_mod
+from ..auth import acl
+from ..auth.cache import AuthCache
+from ..auth.errors import AuthConfigError, AuthError
 from ..config import Operation, schema
 from ..errors import DatastoreError, NoSuchDatastore
 from ..ipc import shm
-from ..registry import Handle, Registry
+from ..registry import DISCARD_CACHES, Handle, Registry
 from . import limits
-from .http import Connection, HTTPError, Reply, Request, Router, data_reply, error_reply
-from .protocol import CLIENT_HEADER, GENERATION_HEADER, WORKER_HEADER
+from .http import Connection, Handler, HTTPError, Reply, Request, Router, data_reply, error_reply
+from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, GENERATION_HEADER, WORKER_HEADER
 
 _FALSE = schema.FALSE | {""}  # a bare ``?verbose=`` is false
 _BACKUP_TYPES = ("vm", "ct", "host")
@@ -44,6 +59,9 @@ _lease_ids = itertools.count(1)
 MAX_LEASES_PER_CONNECTION = 64
 #: seconds a forwarded config write waits for the manager's answer (``--forward-timeout``)
 FORWARD_TIMEOUT = 30.0
+#: seconds before a failed authentication is answered (slept, the worker serves others meanwhile)
+AUTH_FAILURE_DELAY = 0.3
+_STATUS_PATH = ("system", "status")
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -69,8 +87,12 @@ class WorkerApp:
         manager_socket: str,
         started: float | None = None,
         forward_timeout: float = FORWARD_TIMEOUT,
+        config_dir: str | None = None,
     ) -> None:
         self.registry = registry
+        self.config_dir = config_dir
+        self._auth: AuthCache | None = None
+        self.auth_failures = 0
         self.manager_socket = manager_socket
         self.forward_timeout = forward_timeout
         self.started = started or time.time()
@@ -85,23 +107,101 @@ class WorkerApp:
         r = Router()
         base = "/api2/json"
         r.add("GET", f"{base}/ping", self.ping)
-        r.add("GET", f"{base}/admin/datastore", self.list_stores)
-        r.add("GET", f"{base}/admin/datastore/{{store}}/status", self.status)
-        r.add("GET", f"{base}/admin/datastore/{{store}}/active-operations", self.active_operations)
-        r.add("POST", f"{base}/admin/datastore/{{store}}/operation", self.take_lease)
+        g = self._guarded
+        r.add("GET", f"{base}/admin/datastore", g(self.list_stores))
+        r.add("GET", f"{base}/admin/datastore/{{store}}/status", g(self.status))
+        r.add("GET", f"{base}/admin/datastore/{{store}}/active-operations", g(self.active_operations))
+        r.add("POST", f"{base}/admin/datastore/{{store}}/operation", g(self.take_lease))
         r.add_stream(
-            "POST", f"{base}/admin/datastore/{{store}}/operation", self.start_stream_lease, self.end_stream_lease
+            "POST",
+            f"{base}/admin/datastore/{{store}}/operation",
+            self._guarded_start(self.start_stream_lease),
+            self.end_stream_lease,
         )
-        r.add("DELETE", f"{base}/admin/datastore/{{store}}/operation", self.drop_lease)
-        r.add("GET", f"{base}/status/datastore-usage", self.usage)
-        r.add("GET", f"{base}/config/datastore", self.config_list)
-        r.add("POST", f"{base}/config/datastore", self.forward)
-        r.add("GET", f"{base}/config/datastore/{{name}}", self.config_show)
-        r.add("PUT", f"{base}/config/datastore/{{name}}", self.forward)
-        r.add("DELETE", f"{base}/config/datastore/{{name}}", self.forward)
-        r.add("GET", f"{base}/nodes/localhost/status", self.node_status)
-        r.add("GET", "/metrics", self.metrics)
+        r.add("DELETE", f"{base}/admin/datastore/{{store}}/operation", g(self.drop_lease))
+        r.add("GET", f"{base}/status/datastore-usage", g(self.usage))
+        r.add("GET", f"{base}/config/datastore", g(self.config_list))
+        r.add("POST", f"{base}/config/datastore", g(self.forward))
+        r.add("GET", f"{base}/config/datastore/{{name}}", g(self.config_show))
+        r.add("PUT", f"{base}/config/datastore/{{name}}", g(self.forward))
+        r.add("DELETE", f"{base}/config/datastore/{{name}}", g(self.forward))
+        r.add("GET", f"{base}/nodes/localhost/status", g(self.node_status))
+        r.add("GET", "/metrics", g(self.metrics))
+        for method in ("GET", "POST", "PUT", "DELETE"):  # token and ACL management: the manager's
+            r.add(method, f"{base}/access/users", g(self.forward_access))
+            r.add(method, f"{base}/access/users/{{userid}}/token", g(self.forward_access))
+            r.add(method, f"{base}/access/users/{{userid}}/token/{{name}}", g(self.forward_access))
+            r.add(method, f"{base}/access/acl", g(self.forward_access))
         return r
+
+    # -- remote clients: tokens and privileges ----------------------------------------------------
+
+    @property
+    def auth(self) -> AuthCache:
+        if self._auth is None:
+            reg = self.registry
+            # the registry's own config dir unless the worker was told one
+            config_dir = self.config_dir or reg._config_dir
+            self._auth = AuthCache(config_dir, lambda: reg.segment, mode=reg.mode, ttl=reg.ttl, discard=DISCARD_CACHES)
+        return self._auth
+
+    def authenticate_remote(self, request: Request) -> None:
+        """Verify a TCP request's API token; the handler's guard answers a failure (after the delay).
+
+        Never raises: the result (token id, or the :class:`AuthError`) is kept on ``request.auth``,
+        so the failure can be answered after a sleep instead of at once.  Idempotent."""
+        if request.auth is not None:
+            return
+        try:
+            request.auth = self.auth.authenticate(request.headers.get("authorization"))
+        except AuthError as err:
+            request.auth = err
+
+    def _auth_failure(self, request: Request) -> AuthError | None:
+        self.authenticate_remote(request)
+        return request.auth if isinstance(request.auth, AuthError) else None
+
+    def _guarded(self, handler: Handler) -> Handler:
+        def guarded(request: Request) -> Any:
+            if request.remote is None:
+                return handler(request)
+            failure = self._auth_failure(request)
+            if failure is None:
+                return handler(request)
+            if isinstance(failure, AuthConfigError):
+                raise HTTPError(failure.status, failure.message)
+            return self._refuse_later(failure)
+
+        return guarded
+
+    def _guarded_start(self, start: Any) -> Any:
+        def guarded(request: Request) -> None:
+            failure = None if request.remote is None else self._auth_failure(request)
+            if failure is not None:  # at the headers of a stream there is no later: refuse now
+                self.auth_failures += 1
+                raise HTTPError(failure.status, failure.message)
+            start(request)
+
+        return guarded
+
+    async def _refuse_later(self, failure: AuthError) -> Reply:
+        self.auth_failures += 1
+        await asyncio.sleep(AUTH_FAILURE_DELAY)
+        raise HTTPError(failure.status, failure.message)
+
+    def _may(self, request: Request, bits: int, parts: tuple[str, ...]) -> bool:
+        """Whether the request's client has any of ``bits`` on ``parts`` (always, on the Unix socket)."""
+        if getattr(request, "remote", None) is None:  # (tests call some handlers without a request)
+            return True
+        try:
+            return bool(self.auth.privileges(str(request.auth), parts) & bits)
+        except AuthConfigError as err:
+            raise HTTPError(err.status, err.message) from None
+
+    def _require(self, request: Request, bits: int, *parts: str) -> None:
+        if not self._may(request, bits, parts):
+            names = " or ".join(acl.privilege_names(bits))
+            raise HTTPError(403, f"permission check failed - missing {names} on /{'/'.join(parts)}")
 
     def response_headers(self) -> bytes:
         """The headers of every answer: ``x-dsproxy-worker`` (this pid) and ``x-dsproxy-generation``
@@ -134,6 +234,8 @@ class WorkerApp:
 
     def status(self, request: Request) -> Reply:
         name = request.params["store"]
+        if request.remote is not None:
+            self._require(request, acl.DATASTORE_AUDIT | acl.DATASTORE_BACKUP, "datastore", name)
         qs = request.query_string
         verbose = False if not qs or qs == "verbose=0" else _flag(request, "verbose")
         handle = self._lookup(name, Operation.READ)
@@ -151,6 +253,8 @@ class WorkerApp:
         cfg, _ = self._config()
         out = []
         for name in cfg:
+            if not self._may(request, acl.DATASTORE_AUDIT | acl.DATASTORE_BACKUP, ("datastore", name)):
+                continue  # PBS leaves out what the client may not see
             entry: dict[str, Any] = {"store": name}
             try:
                 handle = self._lookup(name, Operation.READ)
@@ -168,6 +272,7 @@ class WorkerApp:
 
     def active_operations(self, request: Request) -> Reply:
         name = request.params["store"]
+        self._require(request, acl.DATASTORE_AUDIT, "datastore", name)
         cfg, _ = self._config()
         if name not in cfg:
             raise HTTPError(404, f"no such datastore '{name}'")
@@ -181,6 +286,7 @@ class WorkerApp:
         operation = {"read": Operation.READ, "write": Operation.WRITE}.get(op_name)
         if operation is None:
             raise HTTPError(400, f"parameter verification failed - 'operation': '{op_name[:20]}' is not read or write")
+        self._require(request, acl.DATASTORE_READ | acl.DATASTORE_BACKUP, "datastore", name)
         leases: dict[int, Handle] = request.connection.state.setdefault("leases", {})
         if len(leases) >= MAX_LEASES_PER_CONNECTION:
             raise HTTPError(
@@ -250,10 +356,16 @@ class WorkerApp:
 
     def config_list(self, request: Request) -> Reply:
         cfg, digest = self._config()
-        return data_reply([{"name": name, **props} for name, props in cfg.items()], digest=digest)
+        return data_reply(
+            [{"name": name, **props} for name, props in cfg.items() if self._audits(request, name)], digest=digest
+        )
+
+    def _audits(self, request: Request, name: str) -> bool:
+        return self._may(request, acl.DATASTORE_AUDIT, ("datastore", name))
 
     def config_show(self, request: Request) -> Reply:
         name = request.params["name"]
+        self._require(request, acl.DATASTORE_AUDIT, "datastore", name)
         cfg, digest = self._config()
         props = cfg.get(name)
         if props is None:
@@ -266,15 +378,30 @@ class WorkerApp:
             [
                 {"name": name, "comment": props.get("comment"), "maintenance": props.get("maintenance-mode")}
                 for name, props in cfg.items()
+                if self._audits(request, name)
             ]
         )
 
-    async def forward(self, request: Request) -> Reply:
+    def forward_access(self, request: Request) -> Any:
+        """Token and ACL management: forwarded to the manager from the Unix socket only."""
+        if request.remote is not None:
+            raise HTTPError(
+                403, "permission check failed - tokens and ACLs are managed on the local socket (dsproxy token/acl)"
+            )
+        return self.forward(request)
+
+    def forward(self, request: Request) -> Any:
+        if request.remote is not None:
+            bits, parts = acl.config_write_privilege(request.method, request.params.get("name"))
+            self._require(request, bits, *parts)
+            return self._forward(request, {AUTH_ID_HEADER: str(request.auth)})
         peer = request.peer
         if peer is None:
             raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
+        return self._forward(request, {CLIENT_HEADER: f"{peer.uid},{peer.gid},{peer.pid}"})
+
+    async def _forward(self, request: Request, headers: dict[str, str]) -> Reply:
         target = request.path + (f"?{request.query_string}" if request.query_string else "")
-        headers = {CLIENT_HEADER: f"{peer.uid},{peer.gid},{peer.pid}"}
         ctype = request.headers.get("content-type")
         if ctype:
             headers["content-type"] = ctype
@@ -308,6 +435,7 @@ class WorkerApp:
     # -- status and metrics ---------------------------------------------------------------------------
 
     def node_status(self, request: Request) -> Reply:
+        self._require(request, acl.SYS_AUDIT, *_STATUS_PATH)
         reg = self.registry
         seg = reg.segment
         workers = []
@@ -347,13 +475,20 @@ class WorkerApp:
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),
+            "auth-failures": self.auth_failures,
         }
         return data_reply(data)
 
     def metrics(self, request: Request) -> Reply:
         from .metrics import render
 
+        self._require(request, acl.SYS_AUDIT, *_STATUS_PATH)
         body, content_type = render(self.registry)
+        body += (
+            b"# HELP dsproxy_auth_failures_total Failed token authentications answered by this worker\n"
+            b"# TYPE dsproxy_auth_failures_total counter\n"
+            b'dsproxy_auth_failures_total{pid="%d"} %d.0\n' % (os.getpid(), self.auth_failures)
+        )
         return Reply(200, body, content_type)
 
     def publish(self) -> None:

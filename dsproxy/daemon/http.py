@@ -170,7 +170,19 @@ def peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
 class Request:
     """One parsed request.  ``path`` is the raw path (no query); use :meth:`segments`."""
 
-    __slots__ = ("body", "connection", "finish", "headers", "keep_alive", "method", "params", "path", "query_string")
+    __slots__ = (
+        "auth",
+        "body",
+        "connection",
+        "finish",
+        "headers",
+        "keep_alive",
+        "method",
+        "params",
+        "path",
+        "query_string",
+        "remote",
+    )
 
     def __init__(self, connection: Connection, method: str, path: str, query_string: str, headers: dict[str, str]):
         self.connection = connection
@@ -182,6 +194,8 @@ class Request:
         self.params: dict[str, str] = {}
         self.keep_alive = True
         self.finish: Handler | None = None  # a streamed request's end handler
+        self.remote: tuple[str, int] | None = None  # the client's address on TCP; None on the Unix socket
+        self.auth: Any = None  # set by the application: the token id, or why authentication failed
 
     def query(self) -> dict[str, str]:
         """The query parameters (last one wins); ``400`` for a malformed query string."""

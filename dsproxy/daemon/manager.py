@@ -15,6 +15,11 @@ One process, one asyncio loop, one writer thread.  It
   only from a trusted peer (root, the manager's own user, or ``--proxy-user``);
 * watches the file (``stat`` every ``--watch-interval`` s, default 0.5) and bumps the generation when
   it changed without a bump (a manual edit), so every worker reloads within a second;
+* is the only writer of ``token.shadow``, ``user.cfg`` and ``acl.cfg`` too
+  (``/api2/json/access/users/{userid}/token/{name}``, ``/api2/json/access/acl``, PBS's endpoints;
+  :mod:`dsproxy.auth.writer`), bumps their generations and watches them for hand edits; a TCP
+  client's config write arrives with its token id (``x-dsproxy-auth-id``) and is checked against
+  the ACL from the files;
 * completes maintenance transitions (§5.1): after setting ``offline``/``unmount``/``delete`` it
   waits until every live process serving datastores has loaded the new generation (or
   ``--maintenance-timeout`` passes) and reports the operations still active and who lags.
@@ -39,11 +44,15 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from ..auth import acl
+from ..auth.errors import AuthError, Refused
+from ..auth.files import AccessFiles
+from ..auth.writer import AccessWriter
 from ..ipc import shm
 from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
 from .options import ManagerOptions as ManagerOptions  # re-exported: it used to live here
-from .protocol import CLIENT_HEADER, EXIT_BOOT_FAILURE
+from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, EXIT_BOOT_FAILURE
 from .writer import ConfigWriter, WriteRefused, WriteResult
 
 log = logging.getLogger("dsproxy.manager")
@@ -64,6 +73,11 @@ class Authorizer:
     own_uid: int
     admin_gid: int | None = None
     proxy_uids: frozenset[int] = frozenset()
+    access: AccessFiles | None = None  # the token privileges of forwarded TCP writes
+
+    def _trusted_forwarder(self, peer: PeerCredentials) -> None:
+        if peer.uid not in (0, self.own_uid) and peer.uid not in self.proxy_uids:
+            raise HTTPError(403, f"uid {peer.uid} may not forward requests for other clients")
 
     def client_of(self, request: Request) -> PeerCredentials:
         peer = request.peer
@@ -72,15 +86,35 @@ class Authorizer:
         forwarded = request.headers.get(CLIENT_HEADER)
         if forwarded is None:
             return peer
-        if peer.uid not in (0, self.own_uid) and peer.uid not in self.proxy_uids:
-            raise HTTPError(403, f"uid {peer.uid} may not forward requests for other clients")
+        self._trusted_forwarder(peer)
         try:
             uid, gid, pid = (int(x) for x in forwarded.split(","))
         except ValueError:
             raise HTTPError(400, f"malformed {CLIENT_HEADER} header") from None
         return PeerCredentials(pid, uid, gid)
 
+    def check_token_writer(self, request: Request, auth_id: str) -> PeerCredentials:
+        """A TCP client's write, forwarded by a worker that verified its token: the privilege is
+        checked again here, from the files (the manager trusts the worker's token check, not its
+        permission check)."""
+        peer = request.peer
+        if peer is None or self.access is None:
+            raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
+        self._trusted_forwarder(peer)
+        bits, parts = acl.config_write_privilege(request.method, request.params.get("name"))
+        try:
+            have = self.access.read_access().privileges(auth_id, parts)
+        except AuthError as err:
+            raise HTTPError(err.status, err.message) from None
+        if not have & bits:
+            names = " or ".join(acl.privilege_names(bits))
+            raise HTTPError(403, f"permission check failed - missing {names} on /{'/'.join(parts)}")
+        return peer
+
     def check_writer(self, request: Request) -> PeerCredentials:
+        auth_id = request.headers.get(AUTH_ID_HEADER)
+        if auth_id is not None:
+            return self.check_token_writer(request, auth_id)
         client = self.client_of(request)
         if client.uid in (0, self.own_uid):
             return client
@@ -112,7 +146,9 @@ class Manager:
             own_uid=os.geteuid(),
             admin_gid=grp.getgrnam(options.admin_group).gr_gid if options.admin_group else None,
             proxy_uids=frozenset({pwd.getpwnam(options.proxy_user).pw_uid}) if options.proxy_user else frozenset(),
+            access=AccessFiles(self.paths.config_dir),
         )
+        self.access = AccessWriter(self.paths.config_dir, lambda: self.seg)
         self.stopping = asyncio.Event()
 
     # -- start ----------------------------------------------------------------------------------------
@@ -159,6 +195,7 @@ class Manager:
             if added:
                 log.info("added %d demo datastores", added)
         await self.in_writer(self.writer.check_file)
+        await self.in_writer(self.access.check_files)  # the files as they are now: later changes are edits
         server = Server(self.router(), Limits(request_timeout=30.0))
         await server.serve(sock)
         loop = asyncio.get_running_loop()
@@ -183,6 +220,7 @@ class Manager:
         # the watch's own checks, now, and like them in the writer thread
         await self.in_writer(self.check_segment)
         await self.in_writer(self.writer.check_file)
+        await self.in_writer(self.access.check_files)
         log.info("reloaded")
         systemd.notify("READY=1")
 
@@ -238,6 +276,7 @@ class Manager:
                 # both in the writer thread: a write never bumps a segment being replaced
                 await self.in_writer(self.check_segment)
                 await self.in_writer(self.writer.check_file)
+                await self.in_writer(self.access.check_files)
             except Exception:
                 log.exception("checking datastore.cfg or the shared memory failed")
             if watchdog is not None and time.monotonic() - last_ping >= watchdog:
@@ -252,7 +291,60 @@ class Manager:
         r.add("POST", "/api2/json/config/datastore", self.create)
         r.add("PUT", "/api2/json/config/datastore/{name}", self.update)
         r.add("DELETE", "/api2/json/config/datastore/{name}", self.remove)
+        r.add("GET", "/api2/json/access/users", self.list_users)
+        r.add("GET", "/api2/json/access/users/{userid}/token", self.list_tokens)
+        r.add("POST", "/api2/json/access/users/{userid}/token/{name}", self.create_token)
+        r.add("PUT", "/api2/json/access/users/{userid}/token/{name}", self.update_token)
+        r.add("DELETE", "/api2/json/access/users/{userid}/token/{name}", self.remove_token)
+        r.add("GET", "/api2/json/access/acl", self.list_acl)
+        r.add("PUT", "/api2/json/access/acl", self.update_acl)
         return r
+
+    # -- tokens and ACLs (dsproxy.auth.writer) ------------------------------------------------------
+
+    async def _access(self, request: Request, fn: Callable[..., T], *args: Any) -> T:
+        if request.headers.get(AUTH_ID_HEADER) is not None:
+            raise HTTPError(403, "permission check failed - API tokens cannot manage tokens or ACLs")
+        self.authorizer.check_writer(request)
+        try:
+            return await self.in_writer(fn, *args)
+        except Refused as err:
+            raise HTTPError(err.status, err.message) from None
+
+    @staticmethod
+    def _token_id(request: Request) -> str:
+        return f"{request.params['userid']}!{request.params['name']}"
+
+    async def list_users(self, request: Request) -> Reply:
+        tokens = await self._access(request, self.access.list_tokens)
+        users: dict[str, list[dict[str, Any]]] = {}
+        for t in tokens:
+            users.setdefault(t["tokenid"].partition("!")[0], []).append(t)
+        return data_reply([{"userid": u, "tokens": ts} for u, ts in users.items()])
+
+    async def list_tokens(self, request: Request) -> Reply:
+        return data_reply(await self._access(request, self.access.list_tokens, request.params["userid"]))
+
+    async def create_token(self, request: Request) -> Reply:
+        return data_reply(
+            await self._access(request, self.access.create_token, self._token_id(request), request.json())
+        )
+
+    async def update_token(self, request: Request) -> Reply:
+        return data_reply(
+            await self._access(request, self.access.update_token, self._token_id(request), request.json())
+        )
+
+    async def remove_token(self, request: Request) -> Reply:
+        await self._access(request, self.access.remove_token, self._token_id(request))
+        return data_reply(None)
+
+    async def list_acl(self, request: Request) -> Reply:
+        return data_reply(await self._access(request, self.access.list_acl))
+
+    async def update_acl(self, request: Request) -> Reply:
+        await self._access(request, self.access.update_acl, {**request.query(), **request.json()})
+        return data_reply(None)
 
     async def _do(self, request: Request, fn: Callable[..., WriteResult], *args: Any) -> WriteResult:
         client = self.authorizer.check_writer(request)

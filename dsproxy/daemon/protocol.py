@@ -12,6 +12,9 @@ from typing import Final
 #: worker -> manager, on a forwarded config write: the end client's ``uid,gid,pid`` (``SO_PEERCRED``),
 #: believed only from a trusted peer
 CLIENT_HEADER: Final = "x-dsproxy-client"
+#: worker -> manager, on a forwarded write of a TCP client: the token id the worker authenticated
+#: (the manager re-checks its privileges from the files), believed only from a trusted peer
+AUTH_ID_HEADER: Final = "x-dsproxy-auth-id"
 #: on every answer of a worker: the generation of the config it served the answer under
 GENERATION_HEADER: Final = "x-dsproxy-generation"
 #: on every answer of a worker: its pid (the stress checker logs it with each answer)

@@ -166,6 +166,7 @@ OFF_GENERATIONS: Final = 128
 NUM_GENERATIONS: Final = 16
 GEN_DATASTORE: Final = 0
 GEN_TOKEN: Final = 1
+GEN_ACL: Final = 2  # user.cfg + acl.cfg (GEN_TOKEN: token.shadow); both bumped by dsproxy.auth.writer
 
 MAX_SLOTS: Final = 128
 SLOT_SIZE: Final = 128

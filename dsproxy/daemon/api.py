@@ -109,6 +109,16 @@ class WorkerApp:
         gen = self.registry.loaded_generation
         return self._worker_header if gen is None else self._worker_header + self._generation_header % gen
 
+    # -- remote clients -------------------------------------------------------------------------------
+
+    def authenticate_remote(self, request: Request) -> None:
+        """The gate of every request over TCP (HTTPS), called after routing and before the handler
+        (:meth:`dsproxy.daemon.http.Connection._authenticate`): raise :class:`HTTPError` to refuse.
+        Until API tokens exist only ``ping`` is answered."""
+        if request.path == "/api2/json/ping" and request.method in ("GET", "HEAD"):
+            return
+        raise HTTPError(401, "authentication required")
+
     # -- lookups --------------------------------------------------------------------------------------
 
     def _lookup(self, name: str, operation: Operation) -> Handle:
@@ -271,7 +281,7 @@ class WorkerApp:
 
     async def forward(self, request: Request) -> Reply:
         peer = request.peer
-        if peer is None:
+        if peer is None or request.remote is not None:  # the client id header is for Unix peers only
             raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
         target = request.path + (f"?{request.query_string}" if request.query_string else "")
         headers = {CLIENT_HEADER: f"{peer.uid},{peer.gid},{peer.pid}"}

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 PROXY_FLAGS = [
     "--workers", "--cache", "--ttl", "--graceful-timeout", "--forward-timeout", "--crash-limit",
-    "--worker-timeout", "--no-prewarm",
+    "--worker-timeout", "--no-prewarm", "--listen", "--tls-cert", "--tls-key",
 ]  # fmt: skip
 MANAGER_FLAGS = ["--demo-stores", "--watch-interval", "--maintenance-timeout", "--admin-group", "--proxy-user"]
 MANAGER_FLAGS += ["--store-owner"]

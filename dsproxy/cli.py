@@ -6,7 +6,7 @@ Tables are drawn with ``rich``; every read command takes ``--json`` for the raw 
 
 Daemons: ``manager``, ``proxy``, ``run``.  Clients of ``<run>/proxy.sock``: ``datastore``,
 ``status``, ``token``, ``acl`` (the last two are forwarded to the manager, the only writer of
-``token.shadow``, ``user.cfg`` and ``acl.cfg``).  Offline: ``config check``.
+``token.shadow``, ``user.cfg`` and ``acl.cfg``).  Offline: ``config check``, ``cert info``.
 
 Exit codes: 0 success, 1 failure (bad input, refused request, daemon not reachable), 2 usage error,
 3 a daemon could not start.
@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import config
@@ -125,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dirs(check, top=False)
     check.add_argument("file", nargs="?", help="file to check (default: the instance's datastore.cfg)")
     check.set_defaults(func=cmd_config_check)
+
+    cert = command("cert", "the certificate of the HTTPS listeners (proxy --listen)")
+    cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    info = cert_sub.add_parser(
+        "info", help="subject, validity, SANs and SHA-256 fingerprint (the AA:BB:... form clients pin)"
+    )
+    _add_dirs(info, top=False)
+    info.add_argument("file", nargs="?", help="PEM certificate (default: CONFIG/proxy.pem, what --listen serves)")
+    info.add_argument("--json", action="store_true", help="print the fields as JSON")
+    info.set_defaults(func=cmd_cert_info)
     return parser
 
 
@@ -520,6 +531,35 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 1
     print(f"{path}: OK, {len(cfg)} datastore{'s' if len(cfg) != 1 else ''}, digest {config.digest(data)}")
+    return 0
+
+
+def cmd_cert_info(args: argparse.Namespace) -> int:
+    from .daemon import tls
+
+    path = Path(args.file) if args.file else tls.default_files(_paths(args).config_dir).cert
+    if not args.file and not path.exists():
+        raise CommandError(f"{path}: no certificate yet (the proxy makes one on its first start with --listen)")
+    try:
+        info = tls.certificate_info(path)
+    except tls.TLSError as err:
+        raise CommandError(str(err)) from None
+    if args.json:
+        _print_json(info)
+        return 0
+    rows = [
+        ("file", info["file"]),
+        ("subject", info["subject"]),
+        ("issuer", "(self-signed)" if info["self-signed"] else info["issuer"]),
+        ("valid", f"{info['not-before']} .. {info['not-after']}"),
+        ("names", ", ".join(info["san"]) or "(no subjectAltName)"),
+        ("key", info["public-key"]),
+        ("fingerprint", info["fingerprint"]),
+        ("pinned key", f"{info['pinned-pubkey']}  (curl --pinnedpubkey)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
     return 0
 
 

@@ -26,6 +26,7 @@ import httptools
 from .daemon.protocol import GENERATION_HEADER
 
 if TYPE_CHECKING:
+    import ssl
     import subprocess
 
 #: how long the command line retries a refused / queue-full connect before it gives up
@@ -197,7 +198,7 @@ def wait_for_daemon(socket_path: str, timeout: float, proc: subprocess.Popen[Any
 
 
 class AsyncConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to a Unix socket, one request at a time."""
+    """One keep-alive HTTP/1.1 connection to a Unix socket (or over TLS), one request at a time."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -212,6 +213,13 @@ class AsyncConnection(asyncio.Protocol):
     async def open(cls, socket_path: str) -> AsyncConnection:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_unix_connection(cls, socket_path)
+        return protocol
+
+    @classmethod
+    async def open_tls(cls, host: str, port: int, context: ssl.SSLContext) -> AsyncConnection:
+        """A connection over TLS to ``host:port`` (the proxy's ``--listen``), verified by ``context``."""
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(cls, host, port, ssl=context)
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

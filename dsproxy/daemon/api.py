@@ -396,7 +396,7 @@ class WorkerApp:
             self._require(request, bits, *parts)
             return self._forward(request, {AUTH_ID_HEADER: str(request.auth)})
         peer = request.peer
-        if peer is None:
+        if peer is None or request.remote is not None:  # the client id header is for Unix peers only
             raise HTTPError(401, "cannot identify the client (no peer credentials on this socket)")
         return self._forward(request, {CLIENT_HEADER: f"{peer.uid},{peer.gid},{peer.pid}"})
 

@@ -1,6 +1,8 @@
-"""HTTP/1.1 over a Unix socket: an asyncio protocol around ``httptools``' parser.
+"""HTTP/1.1 over a Unix socket, and over TLS on TCP: an asyncio protocol around ``httptools``' parser.
 
 Both daemons serve JSON with this module: the proxy workers (docs/design.md §6) and the manager.
+The proxy's workers also serve it over HTTPS on the master's TCP listeners (``--listen``, see
+"TCP and TLS" below); the manager only ever listens on its Unix socket.
 
 **Why this stack** -- measured side by side in one run on the project machine (2 cores) with
 ``scripts/bench-http-stack``: one server process each, 16 keep-alive connections from the same
@@ -58,6 +60,20 @@ Limits the proxy's API adds (:mod:`dsproxy.daemon.api`): at most ``MAX_LEASES_PE
 manager has not answered after ``FORWARD_TIMEOUT`` (30 s, ``dsproxy proxy --forward-timeout``)
 is answered ``504``.
 
+**TCP and TLS** (:meth:`Server.serve` with an ``ssl`` context): the same protocol, under the event
+loop's TLS transport, so every limit above holds on TLS connections too (the header cap counts
+decrypted bytes).  A request on TCP has :attr:`Request.remote` (the client's address) and no
+:attr:`Request.peer`; on the Unix socket it is the other way round.  Before a TCP request's
+handler runs -- and before a streamed request's ``start`` -- the server's ``authenticate_remote``
+callable must accept it (raise :class:`HTTPError` to refuse); a server will not serve TCP without
+one.  The TLS handshake runs in a task of its own (the accept loop never waits for a client) and
+must finish within :attr:`Limits.request_timeout`, or the connection is dropped: a client that
+connects and never says hello holds a socket for at most that long.  Measured with
+``scripts/bench-status --tls --stores 200 --rounds 3 --modes on --workers 2`` (16 keep-alive
+connections, one load-generator process): HTTPS ping floor 15,600 req/s, the Unix socket's on the
+same server 58,500 req/s (0.27): the TLS records (uvloop's ``SSLProtocol`` over a memory BIO) cost
+more per request than everything else the worker does for a ping.
+
 A handler gets a :class:`Request` and returns a :class:`Reply` (or an awaitable of one).
 """
 
@@ -77,10 +93,13 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, Final, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, unquote
 
 import httptools
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("dsproxy.http")
 
@@ -221,7 +240,9 @@ class Request:
 
     @property
     def peer(self) -> PeerCredentials | None:
+        """The client's ``SO_PEERCRED`` on the Unix socket; None on TCP."""
         return self.connection.peer
+
 
 
 #: Form keys that are lists: repeated (``-d delete=a -d delete=b``) or comma-separated, as PBS takes them.
@@ -439,23 +460,29 @@ class Server:
         limits: Limits = DEFAULT_LIMITS,
         on_connection_lost: Callable[[Connection], None] | None = None,
         extra_headers: Callable[[], bytes] | None = None,
+        authenticate_remote: Callable[[Request], None] | None = None,
     ) -> None:
         self.router = router
         self.limits = limits
         self.on_connection_lost = on_connection_lost
         self.extra_headers = extra_headers
+        self.authenticate_remote = authenticate_remote
         self.connections: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._aserver: asyncio.AbstractServer | None = None
-        self._accepter: asyncio.Future[None] | None = None
+        self._aservers: list[asyncio.AbstractServer] = []
+        self._accepters: list[asyncio.Future[None]] = []
+        self._handshakes: set[asyncio.Future[None]] = set()
         self.draining = False
 
     def protocol(self) -> Connection:
         return Connection(self)
 
-    async def serve(self, sock: socket.socket, balance: bool = False) -> None:
-        """Start accepting on the bound, listening ``sock``.
+    def tcp_protocol(self) -> Connection:
+        return Connection(self, tcp=True)
+
+    async def serve(self, sock: socket.socket, balance: bool = False, ssl: ssl.SSLContext | None = None) -> None:
+        """Start accepting on the bound, listening ``sock`` (Unix, or TCP with TLS from ``ssl``).
 
         With ``balance`` (pre-forked workers sharing one socket) a worker that already holds
         connections waits a little between accepts (``ACCEPT_DELAY`` per connection, at most
@@ -466,15 +493,28 @@ class Server:
         is per batch of ``ACCEPT_BATCH_MAX`` instead, so the flood is accepted as fast as it
         arrives (one connection per wait held two workers at ~1,000 accepts/s and filled the
         backlog; batched: ~18,000/s).
+
+        A TCP socket must come with its TLS context, and the server with ``authenticate_remote``.
         """
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp and (ssl is None or self.authenticate_remote is None):
+            raise ValueError("a TCP listener needs a TLS context and a server with authenticate_remote")
         self._loop = asyncio.get_running_loop()
         if balance:
-            self._accepter = asyncio.ensure_future(self._accept_loop(sock))
+            self._accepters.append(asyncio.ensure_future(self._accept_loop(sock, ssl if tcp else None)))
+        elif tcp:
+            aserver = await self._loop.create_server(
+                self.tcp_protocol, sock=sock, ssl=ssl, ssl_handshake_timeout=self.limits.request_timeout,
+                backlog=listen_backlog(),
+            )  # fmt: skip
+            self._aservers.append(aserver)
         else:
-            self._aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=listen_backlog())
-        self._sweeper = self._loop.call_later(1.0, self._sweep)
+            aserver = await self._loop.create_unix_server(self.protocol, sock=sock, backlog=listen_backlog())
+            self._aservers.append(aserver)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(1.0, self._sweep)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    async def _accept_loop(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         streak = 0  # accepts in a row that found a connection already waiting
         while not self.draining:
@@ -483,7 +523,7 @@ class Server:
             try:
                 while taken < batch:
                     conn, _ = sock.accept()
-                    await self._adopt(loop, conn)
+                    await self._adopt(loop, conn, tls)
                     taken += 1
             except (BlockingIOError, InterruptedError):
                 pass
@@ -502,16 +542,33 @@ class Server:
                     log.error("accept failed: %s", err)
                     await asyncio.sleep(0.1)
                     continue
-                await self._adopt(loop, conn)
+                await self._adopt(loop, conn, tls)
             if self.connections:
                 await asyncio.sleep(min(ACCEPT_DELAY * len(self.connections), ACCEPT_DELAY_MAX))
 
-    async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
         conn.setblocking(False)
+        if tls is not None:  # the handshake waits for the client: never in the accept loop
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.ensure_future(self._handshake(loop, conn, tls))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+            return
         try:
             await loop.connect_accepted_socket(self.protocol, conn)
         except OSError as err:
             log.warning("dropping an accepted connection: %s", err)
+            conn.close()
+
+    async def _handshake(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, tls: ssl.SSLContext) -> None:
+        """TLS on an accepted TCP connection; a client that fails or stalls the handshake is dropped
+        (at debug level: a port scanner or a client that does not trust us is not our error)."""
+        try:
+            await loop.connect_accepted_socket(
+                self.tcp_protocol, conn, ssl=tls, ssl_handshake_timeout=self.limits.request_timeout
+            )
+        except (OSError, TimeoutError, ConnectionError) as err:  # ssl.SSLError is an OSError
+            log.debug("TLS handshake failed: %s", err)
             conn.close()
 
     def _sweep(self) -> None:
@@ -525,10 +582,10 @@ class Server:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections; then close all."""
         self.draining = True
-        if self._aserver is not None:
-            self._aserver.close()
-        if self._accepter is not None:
-            self._accepter.cancel()
+        for aserver in self._aservers:
+            aserver.close()
+        for task in (*self._accepters, *self._handshakes):
+            task.cancel()
         deadline = time.monotonic() + timeout
         while True:
             for conn in list(self.connections):
@@ -552,13 +609,15 @@ class Connection(asyncio.Protocol):
     most one piece (:attr:`Limits.max_header_bytes`) of pipelined requests waits parsed.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, tcp: bool = False) -> None:
         # per connection
         self.server = server
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.peer: PeerCredentials | None = None
+        self.tcp = tcp  # TLS on TCP (else the Unix socket)
+        self.peer: PeerCredentials | None = None  # the Unix socket's client
+        self.remote: tuple[str, int] | None = None  # the TCP client's address
         self.state: dict[str, Any] = {}  # per-connection state of the application (leases)
         self.pinned = False  # set by the application: never closed as idle (it holds leases)
         self._pending: collections.deque[Request] = collections.deque()
@@ -586,7 +645,11 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         transport.set_write_buffer_limits(high=self.limits.write_high, low=self.limits.write_low)  # type: ignore[attr-defined]
-        self.peer = peer_credentials(transport.get_extra_info("socket"))
+        if self.tcp:
+            address = transport.get_extra_info("peername") or ("", 0)
+            self.remote = (str(address[0]), int(address[1]))
+        else:
+            self.peer = peer_credentials(transport.get_extra_info("socket"))
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -657,6 +720,8 @@ class Connection(asyncio.Protocol):
             start += size
 
     def eof_received(self) -> bool | None:
+        if self.tcp:
+            return None  # TLS cannot stay half open (the transport would only warn)
         # a half-closed client still gets the answers to what it sent
         return bool(self._busy or self._pending or self._unparsed)
 
@@ -709,6 +774,8 @@ class Connection(asyncio.Protocol):
                 if self._busy or self._pending:
                     self._reject(400, "a streamed request cannot be pipelined behind another one")
                 try:
+                    if self.tcp:
+                        self._authenticate(request)
                     route.start(request)  # e.g. takes the lease; held while the body streams
                 except HTTPError as err:
                     self._reject(err.status, err.message)
@@ -732,7 +799,9 @@ class Connection(asyncio.Protocol):
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             self._reject(400, "malformed request target")
         query = url.query.decode("utf-8", "replace") if url.query else ""
-        return Request(self, method, path, query, self._headers)
+        request = Request(self, method, path, query, self._headers)
+        request.remote = self.remote
+        return request
 
     def on_message_complete(self) -> None:
         self._in_request = False
@@ -750,7 +819,12 @@ class Connection(asyncio.Protocol):
         while self._pending and not self._busy and not self._write_paused and not self._closing:
             request = self._pending.popleft()
             try:
-                handler = request.finish or self.server.router.resolve(request)
+                if request.finish is not None:  # a stream's end: authenticated at its start
+                    handler = request.finish
+                else:
+                    handler = self.server.router.resolve(request)
+                    if self.tcp:
+                        self._authenticate(request)
                 reply = handler(request)
             except HTTPError as err:
                 reply = error_reply(err.status, err.message)
@@ -763,6 +837,13 @@ class Connection(asyncio.Protocol):
                 self._update_reading()
                 task = asyncio.ensure_future(reply)
                 task.add_done_callback(lambda t, r=request: self._finished(r, t))  # type: ignore[misc]
+
+    def _authenticate(self, request: Request) -> None:
+        """The one gate of TCP requests: the application's ``authenticate_remote`` (raises to refuse)."""
+        check = self.server.authenticate_remote
+        if check is None:  # serve() refuses TCP without one; never answer a remote client unchecked
+            raise HTTPError(401, "authentication required")
+        check(request)
 
     def _finished(self, request: Request, task: asyncio.Future[Reply]) -> None:
         self._busy = False
@@ -889,3 +970,33 @@ def bind_unix_socket(path: str, mode: int = 0o660, backlog: int | None = None) -
     sock.listen(listen_backlog() if backlog is None else backlog)
     sock.setblocking(False)
     return sock
+
+
+def bind_tcp(host: str, port: int, backlog: int | None = None) -> list[socket.socket]:
+    """Listening TCP sockets for ``host:port``: one per address ``host`` resolves to (``localhost``:
+    127.0.0.1 and ::1).  ``SO_REUSEADDR`` (a restart does not wait for ``TIME_WAIT``); an IPv6
+    socket is IPv6 only (``IPV6_V6ONLY``), so that ``0.0.0.0:P`` and ``[::]:P`` can both be given.
+    Raises ``OSError`` (``socket.gaierror`` for a name that does not resolve)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], "", i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(listen_backlog() if backlog is None else backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def tcp_address(sock: socket.socket) -> str:
+    """``host:port`` of a bound TCP socket, IPv6 in brackets (``[::1]:8007``)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"

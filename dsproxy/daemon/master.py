@@ -8,14 +8,23 @@ the status line up to date.
 
 * **Socket**: taken from systemd socket activation if present, else ``<run>/proxy.sock`` bound
   with mode 0660.  Workers inherit it and accept on it; the kernel spreads connections.
+* **TCP** (``--listen HOST:PORT``, repeatable): bound here before the first fork, IPv4 and IPv6
+  (a name binds every address it resolves to), each served with TLS by every worker beside the Unix
+  socket.  The TLS context is built here too, from ``--tls-cert``/``--tls-key`` or the
+  self-signed ``proxy.pem``/``proxy.key`` of the config dir (generated on the first start:
+  :mod:`.tls`); a certificate or a port that cannot be had is a boot failure (exit 3) with a line
+  that says why.
 * **Supervision**: a dead worker's slot is freed and it is replaced at once; workers that keep
   dying within a second of their start make the restarts back off (0.1 s doubling to 5 s).
   More than ``crash_limit`` crashes within ``crash_window`` seconds, or ``BOOT_FAILURE_LIMIT``
   boot failures in a row before any worker booted, end the master with exit code 1 (3 for boot
   failures) for systemd to judge.  A worker
   whose heartbeat is older than ``worker_timeout`` is killed (it hangs) and replaced.
-* **SIGHUP**: ``RELOADING=1``; a full new set of workers is started; once all of them are ready the
-  old ones are drained; then ``READY=1``.  The socket never closes, so no request fails.
+* **SIGHUP**: ``RELOADING=1``; the TLS context is built again from the current certificate files
+  (one that does not load is logged and the previous one kept); a full new set of workers is
+  started with it; once all of them are ready the old ones are drained; then ``READY=1``.  The
+  sockets never close, so no request fails; connections to old workers keep the old certificate
+  until they close.
 * **SIGTERM/SIGINT**: ``STOPPING=1``; workers drain (``graceful_timeout``), stragglers are killed.
 * **RLIMIT_NOFILE**: the soft limit is raised to the hard one (children inherit it); a warning
   with the numbers when it is below what the configured stores need (:mod:`.limits`).
@@ -31,12 +40,14 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..ipc import shm
-from . import limits, systemd, worker
-from .http import bind_unix_socket
+from . import limits, systemd, tls, worker
+from .http import bind_tcp, bind_unix_socket, tcp_address
 from .options import ProxyOptions
 from .protocol import EXIT_BOOT_FAILURE
 
@@ -79,6 +90,8 @@ class Master:
         self.boot_failures = 0
         self.backoff = _Backoff()
         self.sock: socket.socket | None = None
+        self.listeners: list[socket.socket] = []  # TCP, served with TLS
+        self.tls_context: ssl.SSLContext | None = None
         self.seg: shm.Segment | None = None
         self.selector = selectors.DefaultSelector()
         self._last_watchdog = 0.0
@@ -103,6 +116,9 @@ class Master:
                 log.error("cannot listen on %s: %s", path, err.strerror or err)
                 return EXIT_BOOT_FAILURE
         os.set_inheritable(self.sock.fileno(), True)
+        code = self.setup_tcp()
+        if code is not None:
+            return code
         self.ready_r, self.ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -113,6 +129,43 @@ class Master:
         with contextlib.suppress(shm.SegmentError):
             self.seg = shm.Segment.open(self.spec.paths.run_dir, create=False)
         return None
+
+    def setup_tcp(self) -> int | None:
+        """The TLS context and the ``--listen`` sockets; an exit code if either cannot be had."""
+        if not self.options.listen:
+            if self.options.tls_cert or self.options.tls_key:
+                log.warning("--tls-cert/--tls-key are not used without --listen")
+            return None
+        if self.options.tls_key and not self.options.tls_cert:
+            log.error("--tls-key needs --tls-cert")
+            return EXIT_BOOT_FAILURE
+        try:
+            self.tls_context = self.load_tls()
+        except tls.TLSError as err:
+            log.error("cannot serve HTTPS: %s", err)
+            return EXIT_BOOT_FAILURE
+        for endpoint in self.options.listen:
+            try:
+                self.listeners += bind_tcp(endpoint.host, endpoint.port)
+            except OSError as err:
+                log.error("cannot listen on %s: %s", endpoint, err.strerror or err)
+                return EXIT_BOOT_FAILURE
+        for sock in self.listeners:
+            log.info("listening on https://%s", tcp_address(sock))
+        return None
+
+    def load_tls(self) -> ssl.SSLContext:
+        """The server context from the current certificate files (generated ones made if missing)."""
+        opts = self.options
+        if opts.tls_cert:
+            files = tls.CertFiles(Path(opts.tls_cert), Path(opts.tls_key or opts.tls_cert))
+        else:
+            files, generated = tls.ensure_self_signed(self.spec.paths.config_dir)
+            if generated:
+                log.info("generated a self-signed certificate %s (key %s)", files.cert, files.key)
+        context = tls.server_context(files)
+        log.info("certificate %s: SHA-256 fingerprint %s", files.cert, tls.file_fingerprint(files.cert))
+        return context
 
     def _enqueue(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
@@ -180,6 +233,11 @@ class Master:
         if self.stopping or self.reload_started is not None:
             return
         log.info("reloading: starting a new set of %d workers", self.options.workers)
+        if self.listeners:
+            try:
+                self.tls_context = self.load_tls()
+            except tls.TLSError as err:
+                log.error("reload: %s; the new workers keep the previous certificate", err)
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}", "STATUS=reloading")
         self.reload_generation += 1
         self.reload_started = time.monotonic()
@@ -203,7 +261,7 @@ class Master:
             self.selector.close()
             for fd in (self.ready_r, self.wake_r, self.wake_w):
                 os.close(fd)
-            worker.run(self.spec, self.sock, self.ready_w)
+            worker.run(self.spec, self.sock, self.ready_w, [(s, self.tls_context) for s in self.listeners])
         self.workers[pid] = _Worker(pid, time.monotonic(), self.reload_generation)
 
     def read_ready(self) -> None:

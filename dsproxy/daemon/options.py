@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 if TYPE_CHECKING:
     from ..paths import Paths
@@ -53,6 +54,41 @@ positive_int = _positive(int)
 positive_float = _positive(float)
 
 
+class Endpoint(NamedTuple):
+    """A TCP address to listen on: ``host`` is an IP literal or a host name, ``port`` 0..65535."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def endpoint(text: str) -> Endpoint:
+    """``HOST:PORT`` -> :class:`Endpoint`: ``127.0.0.1:8007``, ``[::1]:8007``, ``[::]:8007``,
+    ``localhost:8007`` (port 0: any free one, logged at start).  Anything else is a usage error."""
+    import ipaddress  # here: every dsproxy command imports this module
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HOST:PORT (e.g. 127.0.0.1:8007, or [::1]:8007 for IPv6)")
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"'{text}': the port must be a number from 0 to 65535, not '{port}'")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}': '{host[1:-1]}' is not an IPv6 address") from None
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"'{text}': an IPv6 address goes in brackets, e.g. [::1]:{port}")
+    elif not _HOSTNAME.fullmatch(host):
+        raise argparse.ArgumentTypeError(f"'{text}': '{host}' is neither an IP address nor a host name")
+    return Endpoint(host, int(port))
+
+
 @dataclass(frozen=True)
 class Setting(Generic[T]):
     """One option of a daemon.
@@ -67,13 +103,14 @@ class Setting(Generic[T]):
     default: T
     help: str
     daemon: Daemon
-    parse: Callable[[str], T] | None = None
+    parse: Callable[[str], Any] | None = None  # of one value (one item of a ``repeat`` setting)
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
     run: bool = False  # also an option of ``dsproxy run`` (passed through to its daemon)
     flag: str = ""
     default_text: str | None = None
     doc: str | None = None
+    repeat: bool = False  # may be given several times; the value is a tuple (default ``()``)
 
     @property
     def option(self) -> str:
@@ -90,7 +127,7 @@ class Setting(Generic[T]):
         """The default as help and README show it; empty for none and for switches."""
         if self.default_text is not None:
             return self.default_text
-        if self.default is None or self.switch:
+        if self.default is None or self.switch or self.repeat:
             return ""
         if isinstance(self.default, float):
             return f"{self.default:g}"
@@ -102,6 +139,11 @@ class Setting(Generic[T]):
         if self.switch:
             action = "store_false" if self.default else "store_true"
             parser.add_argument(self.option, dest=self.name, action=action, help=help)
+            return
+        if self.repeat:
+            parser.add_argument(
+                self.option, dest=self.name, type=self.parse or str, action="append", metavar=self.metavar, help=help
+            )
             return
         parser.add_argument(
             self.option,
@@ -119,6 +161,8 @@ class Setting(Generic[T]):
             return []
         if self.switch:
             return [self.option]
+        if self.repeat:
+            return [arg for item in value for arg in (self.option, str(item))]
         return [self.option, str(value)]
 
 
@@ -174,6 +218,21 @@ CRASH_LIMIT = Setting(
 WORKER_TIMEOUT = Setting(
     "worker_timeout", 30.0, "kill a worker whose heartbeat is older; 0 = never", "proxy", float, "S", run=True
 )
+LISTEN = Setting[tuple[Endpoint, ...]](
+    "listen", (), "also serve HTTPS on this TCP address (repeatable; IPv4 or [IPv6])", "proxy", endpoint,
+    "HOST:PORT", run=True, repeat=True,
+    doc="also serve the API over HTTPS on this address (repeatable: `127.0.0.1:8007`, `[::]:8007`); "
+    "TLS always, see Remote clients",
+)  # fmt: skip
+TLS_CERT = Setting[str | None](
+    "tls_cert", None, "PEM certificate (chain) for --listen (default CONFIG/proxy.pem, generated)", "proxy",
+    metavar="FILE", run=True,
+    doc="certificate (chain) of the HTTPS listeners; default `CONFIG/proxy.pem`, self-signed, made on first start",
+)  # fmt: skip
+TLS_KEY = Setting[str | None](
+    "tls_key", None, "PEM private key of --tls-cert (default CONFIG/proxy.key)", "proxy", metavar="FILE", run=True,
+    doc="its private key; default `CONFIG/proxy.key` (0640)",
+)  # fmt: skip
 PREWARM = Setting(
     "prewarm", True, "open each store's instance on its first request instead of ahead, in idle time", "proxy",
     run=True, flag="--no-prewarm",
@@ -183,6 +242,7 @@ PREWARM = Setting(
 SETTINGS: tuple[Setting[Any], ...] = (
     DEMO_STORES, WATCH_INTERVAL, MAINTENANCE_TIMEOUT, ADMIN_GROUP, PROXY_USER, STORE_OWNER,
     WORKERS, CACHE, TTL, GRACEFUL_TIMEOUT, FORWARD_TIMEOUT, CRASH_LIMIT, WORKER_TIMEOUT, PREWARM,
+    LISTEN, TLS_CERT, TLS_KEY,
 )  # fmt: skip
 
 
@@ -212,6 +272,9 @@ class ProxyOptions:
     worker_timeout: float = WORKER_TIMEOUT.default
     boot_timeout: float = 60.0
     socket_mode: int = 0o660
+    listen: tuple[Endpoint, ...] = LISTEN.default
+    tls_cert: str | None = TLS_CERT.default
+    tls_key: str | None = TLS_KEY.default
 
 
 # -- derived ------------------------------------------------------------------------------------------
@@ -229,7 +292,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
 
 def values(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
     """The parsed values of ``daemon``'s settings, by field name."""
-    return {s.name: getattr(args, s.name) for s in SETTINGS if s.daemon == daemon}
+    return {s.name: _value(s, getattr(args, s.name)) for s in SETTINGS if s.daemon == daemon}
+
+
+def _value(setting: Setting[Any], value: Any) -> Any:
+    return tuple(value or ()) if setting.repeat else value
 
 
 def manager_options(args: argparse.Namespace, paths: Paths) -> ManagerOptions:

@@ -6,7 +6,8 @@ whole life.  The child
 1. resets the signal dispositions the master installed and takes its own: ``SIGTERM`` drains
    (stop accepting, finish in-flight requests, close idle connections, exit within
    ``graceful_timeout``), ``SIGINT`` and ``SIGHUP`` are the master's business and ignored here;
-2. opens its registry (claims a process slot) and starts serving on the inherited socket;
+2. opens its registry (claims a process slot) and starts serving on the inherited socket, and
+   with TLS on the master's TCP listeners (``--listen``), each with the master's TLS context;
 3. tells the master it is ready by writing its pid to the ready pipe;
 4. every ``TICK`` seconds catches up with the shared generation (so a maintenance transition is
    acknowledged, and idle instances evicted, without waiting for a request), builds the instances
@@ -26,7 +27,9 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -56,7 +59,11 @@ class WorkerSpec:
     forward_timeout: float = FORWARD_TIMEOUT
 
 
-def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
+#: a TCP listening socket and the TLS context to serve it with
+Listener = tuple[socket.socket, "ssl.SSLContext | None"]
+
+
+def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int, listeners: Sequence[Listener] = ()) -> NoReturn:
     """The child side of the fork; never returns."""
     code = 1
     try:
@@ -67,7 +74,7 @@ def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
         signal.set_wakeup_fd(-1)
         systemd.setup_logging("dsproxy-worker")
         os.environ.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
-        code = _serve(spec, sock, ready_fd)
+        code = _serve(spec, sock, ready_fd, listeners)
     except BaseException:  # the child must never return into the master's code
         log.exception("worker %d failed", os.getpid())
     finally:
@@ -75,7 +82,7 @@ def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> NoReturn:
         os._exit(code)
 
 
-def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
+def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int, listeners: Sequence[Listener]) -> int:
     try:
         registry = Registry(
             config_dir=spec.paths.config_dir,
@@ -91,21 +98,29 @@ def _serve(spec: WorkerSpec, sock: socket.socket, ready_fd: int) -> int:
     import uvloop  # here: the master imports this module and has no event loop
 
     try:
-        return uvloop.run(_main(spec, registry, sock, ready_fd))
+        return uvloop.run(_main(spec, registry, sock, ready_fd, listeners))
     finally:
         registry.close()
 
 
-async def _main(spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int) -> int:
+async def _main(
+    spec: WorkerSpec, registry: Registry, sock: socket.socket, ready_fd: int, listeners: Sequence[Listener]
+) -> int:
     app = WorkerApp(registry, str(spec.paths.run_dir / "manager.sock"), forward_timeout=spec.forward_timeout)
     server = Server(
-        app.router(), spec.limits, on_connection_lost=app.connection_lost, extra_headers=app.response_headers
+        app.router(),
+        spec.limits,
+        on_connection_lost=app.connection_lost,
+        extra_headers=app.response_headers,
+        authenticate_remote=app.authenticate_remote,
     )
     registry.refresh()  # load the config before the first request
     systemd.set_log_fields(DSPROXY_GENERATION=lambda: registry.loaded_generation)
     if spec.prewarm:
         registry.prewarm()  # every instance before we say ready: a reload hands over warm workers
     await server.serve(sock, balance=True)
+    for tcp_sock, context in listeners:
+        await server.serve(tcp_sock, balance=True, ssl=context)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     app.publish()

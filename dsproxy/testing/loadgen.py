@@ -1,4 +1,4 @@
-"""The load generator of the benchmark and stress scripts: keep-alive HTTP over a Unix socket.
+"""The load generator of the benchmark and stress scripts: keep-alive HTTP over a Unix socket or HTTPS.
 
 ``run_rounds(socket, rounds, parallel, clients, min_seconds)`` sends each round's request paths
 over ``parallel`` keep-alive connections that stay open across rounds (a round times requests, not
@@ -11,24 +11,71 @@ use more ``clients`` processes).
 
 asyncio + uvloop + :class:`dsproxy.client.AsyncConnection` (httptools' response parser): one
 process drives ~40,000 req/s on the project machine at ~60 % of a core.
-``python -m dsproxy.testing.loadgen SOCKET CONNECTIONS MIN_SECONDS`` is the child of a multi-process run (rounds as
+``python -m dsproxy.testing.loadgen TARGET CONNECTIONS MIN_SECONDS`` is the child of a multi-process run (rounds as
 JSON on stdin, results as JSON on stdout).
+
+The target (:class:`Target`) is a socket path, or ``https://HOST:PORT`` (the proxy's ``--listen``)
+with the CA file that verifies it and headers for every request but ``ping`` (``Authorization:
+PBSAPIToken=...``: the HTTPS floor is the unauthenticated ping).  A child gets the CA file and the
+headers on stdin, never on its command line (``ps`` shows that to every user).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import resource
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..client import AsyncConnection
 
 TURNS = 10  # a group's rounds take turns this many times (see _drive)
+PING = "/api2/json/ping"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the requests go: ``address`` is a Unix socket path or ``https://HOST:PORT``; over
+    HTTPS the server is verified with ``cafile`` and ``headers`` go with every request but ping."""
+
+    address: str
+    cafile: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, target: str | Target) -> Target:
+        return target if isinstance(target, Target) else cls(target)
+
+    @property
+    def tls(self) -> bool:
+        return self.address.startswith("https://")
+
+    async def open(self) -> AsyncConnection:
+        if not self.tls:
+            return await AsyncConnection.open(self.address)
+        url = urlsplit(self.address)
+        assert url.hostname is not None and url.port is not None, self.address
+        return await AsyncConnection.open_tls(url.hostname, url.port, _client_context(self.cafile))
+
+    def headers_for(self, path: str) -> dict[str, str] | None:
+        return dict(self.headers) if self.headers and path != PING else None
+
+    def secrets(self) -> dict[str, Any]:
+        """What a child process gets on stdin (not on its command line)."""
+        return {"cafile": self.cafile, "headers": [list(h) for h in self.headers]}
+
+
+@functools.lru_cache(maxsize=4)
+def _client_context(cafile: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 class _Round:
@@ -59,7 +106,7 @@ class _Round:
 
 
 async def _drive(
-    socket_path: str, groups: list[list[list[str]]], parallel: int, min_seconds: float = 0.0
+    target: Target, groups: list[list[list[str]]], parallel: int, min_seconds: float = 0.0
 ) -> list[list[dict[str, Any]]]:
     """Measure each group of rounds over the same ``parallel`` keep-alive connections.
 
@@ -70,8 +117,8 @@ async def _drive(
     are opened (and answered once with a ping, so that every worker has accepted its share) before
     the first round: a round times requests, not connection set-up.
     """
-    conns = [await AsyncConnection.open(socket_path) for _ in range(parallel)]
-    await asyncio.gather(*(c.request("GET", "/api2/json/ping") for c in conns))
+    conns = [await target.open() for _ in range(parallel)]
+    await asyncio.gather(*(c.request("GET", PING) for c in conns))
     clock = time.perf_counter_ns
 
     async def connection(index: int, it: Iterator[str], measured: _Round) -> None:
@@ -82,8 +129,8 @@ async def _drive(
             try:
                 if not conn.usable:
                     conn.close()
-                    conn = conns[index] = await AsyncConnection.open(socket_path)
-                status = (await conn.request("GET", path)).status
+                    conn = conns[index] = await target.open()
+                status = (await conn.request("GET", path, headers=target.headers_for(path))).status
             except OSError as err:
                 status = type(err).__name__
             measured.record(clock() - t0, status)
@@ -131,44 +178,46 @@ def _add(total: dict[str, Any], one: dict[str, Any]) -> None:
         total["errors"][kind] = total["errors"].get(kind, 0) + n
 
 
-def _client_process(socket_path: str, parallel: int, min_seconds: float) -> None:
+def _client_process(address: str, parallel: int, min_seconds: float) -> None:
     import uvloop
 
-    groups = json.loads(sys.stdin.read())
-    sys.stdout.write(json.dumps(uvloop.run(_drive(socket_path, groups, parallel, min_seconds))))
+    given = json.loads(sys.stdin.read())
+    target = Target(address, given["cafile"], tuple((k, v) for k, v in given["headers"]))
+    sys.stdout.write(json.dumps(uvloop.run(_drive(target, given["groups"], parallel, min_seconds))))
 
 
 def run_rounds(
-    socket_path: str, rounds: list[list[str]], parallel: int, clients: int, min_seconds: float = 0.0
+    target: str | Target, rounds: list[list[str]], parallel: int, clients: int, min_seconds: float = 0.0
 ) -> list[dict[str, Any]]:
     """All rounds, each lasting ``min_seconds`` or one pass over its paths, whichever is longer;
     ``clients`` processes share each round's paths and the connections."""
-    return [group[0] for group in run_groups(socket_path, [[r] for r in rounds], parallel, clients, min_seconds)]
+    return [group[0] for group in run_groups(target, [[r] for r in rounds], parallel, clients, min_seconds)]
 
 
 def run_groups(
-    socket_path: str, groups: list[list[list[str]]], parallel: int, clients: int, min_seconds: float = 0.0
+    target: str | Target, groups: list[list[list[str]]], parallel: int, clients: int, min_seconds: float = 0.0
 ) -> list[list[dict[str, Any]]]:
     """Like :func:`run_rounds`, the rounds of each group measured together, pass by pass in turn
     (see :func:`_drive`): ``[[warm, ping], [warm, ping]]`` gives two warm and two ping rounds,
-    each pair measured at the same time."""
+    each pair measured at the same time.  ``target``: a socket path or a :class:`Target`."""
+    target = Target.of(target)
     if clients == 1:
         import uvloop
 
-        per_client = [uvloop.run(_drive(socket_path, groups, parallel, min_seconds))]
+        per_client = [uvloop.run(_drive(target, groups, parallel, min_seconds))]
     else:
         procs = []
         for i in range(clients):
             share = [[paths[i::clients] for paths in group] for group in groups]
             conns = max(1, parallel // clients + (1 if i < parallel % clients else 0))
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dsproxy.testing.loadgen", socket_path, str(conns), str(min_seconds)],
+                [sys.executable, "-m", "dsproxy.testing.loadgen", target.address, str(conns), str(min_seconds)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps(share))
+            proc.stdin.write(json.dumps({"groups": share, **target.secrets()}))
             proc.stdin.close()
             procs.append(proc)
         per_client = [_collect(p) for p in procs]

@@ -36,6 +36,25 @@ def test_bench_status_against_a_running_proxy(daemons: Daemons) -> None:
     assert "as-is" in result.stdout
 
 
+def test_bench_status_over_https_measures_the_ping_floor_and_names_401s(tmp_path: Path) -> None:
+    """Until tokens exist every status request over TCP is refused: the run says so and fails,
+    while both ping floors (HTTPS, unauthenticated, and the Unix socket's) are measured."""
+    out_json = tmp_path / "tls.json"
+    result = run_script(
+        "bench-status", "--tls", "--stores", "10", "--rounds", "2", "--parallel", "4", "--modes", "on",
+        "--writes", "0", "--min-round-seconds", "0.2", "--token", "bench@pbs!t:not-a-secret", "--json", out_json,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "401: no token or a refused one" in result.stderr and "HTTPS ping floor" in result.stderr
+    data = json.loads(out_json.read_text())
+    on = data["results"]["on"]
+    assert on["tls"] and on["ping_rps"] > 0 and on["unix_ping_rps"] > 0
+    assert all(p["errors"] == 0 for p in on["ping"])  # the floor: ping passes the gate unauthenticated
+    assert all(r["errors_by_kind"] == {"401": r["requests"]} for r in on["rounds"])
+    assert "on HTTPS ping floor / Unix ping floor" in data["ratios"]
+    assert "not-a-secret" not in out_json.read_text() + result.stdout + result.stderr
+
+
 def test_bench_status_rejects_a_bad_mode() -> None:
     result = run_script("bench-status", "--modes", "on,fast")
     assert result.returncode == 2 and "--modes takes a list of off, config, on" in result.stderr

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 PROXY_FLAGS = [
     "--workers", "--cache", "--ttl", "--graceful-timeout", "--forward-timeout", "--crash-limit",
-    "--worker-timeout", "--no-prewarm",
+    "--worker-timeout", "--no-prewarm", "--listen", "--tls-cert", "--tls-key",
 ]  # fmt: skip
 MANAGER_FLAGS = ["--demo-stores", "--watch-interval", "--maintenance-timeout", "--admin-group", "--proxy-user"]
 MANAGER_FLAGS += ["--store-owner"]
@@ -127,6 +127,7 @@ def test_run_passes_every_option_through_to_the_daemon_that_reads_it() -> None:
     given = [
         "run", "--demo-stores", "7", "--workers", "3", "--cache", "off", "--ttl", "0.1", "--graceful-timeout",
         "2.5", "--forward-timeout", "4", "--crash-limit", "2", "--worker-timeout", "0", "--no-prewarm",
+        "--listen", "127.0.0.1:8007", "--listen", "[::1]:8007", "--tls-cert", "/c.pem", "--tls-key", "/c.key",
     ]  # fmt: skip
     run = parse(*given)
     to_manager, to_proxy = options.argv(run, "manager"), options.argv(run, "proxy")

@@ -318,6 +318,7 @@ def measure_status(sock: str, names: list[str], seconds: float, rate: float) -> 
         "status_busy_p50_ms": busy["p50_ms"],
         "status_busy_p99_ms": busy["p99_ms"],
         "status_busy_writes": len(done),
+        "status_busy_write_rate": len(done) / busy["wall"] if busy["wall"] else 0.0,  # falls short of a slow writer
         "status_requests": idle["requests"] + busy["requests"],
     }
 
@@ -362,19 +363,24 @@ def run_mode(base: Path, stores: int, mode: str, opts: Any, progress: Progress) 
 
 
 def run_row(base: Path, data_dir: Path, stores: int, opts: Any, progress: Progress) -> dict[str, Any]:
-    """Every figure of one store count (see the module); ``modes`` maps each mode to its figures."""
+    """Every figure of one store count (see the module); ``modes`` maps each mode to its figures.
+    A failed lay-out ends the row; a failed in-process lookup is the row's ``error``, and the
+    servers are still measured."""
     paths = Paths.resolve(base)
     row: dict[str, Any] = {"stores": stores, "modes": {}}
     try:
         progress(f"{stores:,} stores: lay-out")
         row["layout"] = lay_out(data_dir, stores)
         row["config_bytes"] = write_config(paths, data_dir, stores)
-        progress(f"{stores:,} stores: warm lookup in process")
-        row["lookup"] = warm_lookup(base, stores, opts.repeats, opts.lookup_program)
         row["floor"] = write_floor(paths.config_dir, row["config_bytes"], opts.floor_repeats)
-    except (MeasureError, OSError) as err:
+    except OSError as err:
         row["error"] = _describe(err)
         return row
+    progress(f"{stores:,} stores: warm lookup in process")
+    try:
+        row["lookup"] = warm_lookup(base, stores, opts.repeats, opts.lookup_program)
+    except (MeasureError, OSError, subprocess.TimeoutExpired) as err:
+        row["error"] = _describe(err)
     for mode in opts.invalidation:
         write_config(paths, data_dir, stores)  # every mode starts from the same file
         row["modes"][mode] = run_mode(base, stores, mode, opts, progress)

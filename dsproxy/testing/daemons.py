@@ -4,6 +4,7 @@
 out on ``<base>/etc``, ``run``, ``datastores``, with its logs in ``<base>/logs`` and the usual
 options as attributes: ``start()`` starts the manager (making ``stores`` demo datastores) and the
 proxy (``workers`` workers, ``cache``, ``ttl``) and returns once every worker has booted;
+``env`` is added to both daemons' environment (``scripts/bench-scale``'s ``DSPROXY_INVALIDATION``);
 ``stop()`` (or leaving the ``with`` block) stops both, kills what is left and unlinks the shared
 memory -- also when the test failed.
 
@@ -60,6 +61,7 @@ class Daemons(DaemonPair):
         *,
         ready_timeout: float = 30.0,
         logs: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.base = base
         self.logs = logs or base / "logs"
@@ -69,17 +71,23 @@ class Daemons(DaemonPair):
         self.stores = stores
         self.cache = cache
         self.ttl = ttl
+        self.env = dict(env or {})
 
     def start_manager(self, *extra: str) -> None:
         demo = ("--demo-stores", str(self.stores)) if self.stores else ()
-        super().start_manager(*demo, *extra)
+        if not self.env:
+            super().start_manager(*demo, *extra)
+            return
+        self.manager = self._spawn("manager", self.command("manager", *demo, *extra), self.env)
+        self._wait_socket("manager", self.manager_sock, self.manager)
 
     def start_proxy(  # type: ignore[override]
         self, *extra: str, env: Mapping[str, str] | None = None, args: list[str] | None = None
     ) -> None:
         """``--workers``, ``--cache``, ``--ttl`` of this instance, then ``extra`` (or the whole ``args``)."""
         options = ("--workers", str(self.workers), "--cache", self.cache, "--ttl", str(self.ttl))
-        super().start_proxy(*options, *extra, workers=self.workers, env=env, command=args)
+        full_env = {**self.env, **(env or {})} or None
+        super().start_proxy(*options, *extra, workers=self.workers, env=full_env, command=args)
 
     def start(self) -> Daemons:
         self.start_manager()

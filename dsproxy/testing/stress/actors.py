@@ -1,11 +1,12 @@
 """The stress run's actors: clients, the writer and chaos, each in its own process.
 
-    python -m dsproxy.testing.stress.actors client BASE SEED STOP_AT
-    python -m dsproxy.testing.stress.actors writer BASE SEED STOP_AT PAUSE
-    python -m dsproxy.testing.stress.actors chaos BASE SEED STOP_AT KILL_EVERY EDIT_EVERY
+    python -m dsproxy.testing.stress.actors client BASE SEED STOP_AT STORES
+    python -m dsproxy.testing.stress.actors writer BASE SEED STOP_AT STORES PAUSE
+    python -m dsproxy.testing.stress.actors chaos BASE SEED STOP_AT STORES KILL_EVERY EDIT_EVERY
 
 Each talks to ``BASE/run/proxy.sock`` until ``STOP_AT`` (on :data:`~dsproxy.testing.stress.now`'s
-clock) and appends what it did and what it was answered to ``BASE/logs/<actor>.jsonl``, one JSON
+clock), on the stores of a run with STORES stable ones (:class:`~dsproxy.testing.stress.Stores`),
+and appends what it did and what it was answered to ``BASE/logs/<actor>.jsonl``, one JSON
 object a line, for :class:`~dsproxy.testing.stress.checker.Checker`.  :func:`command` builds
 those command lines.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 from ...client import ApiError, Client
 from ...config import config_lock, read_raw, replace_file
-from . import API, MANUAL, NEVER, STABLE, VOLATILE, now
+from . import API, MANUAL, VOLATILE, Stores, now
 
 
 class Log:
@@ -37,14 +38,13 @@ class Log:
         self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def run_client(base: Path, seed: int, stop_at: float) -> None:
+def run_client(base: Path, seed: int, stop_at: float, stores: Stores) -> None:
     rng = random.Random(seed)
     log = Log(base / "logs" / f"client-{seed}.jsonl")
-    names = STABLE + VOLATILE + NEVER + [MANUAL]
     client = Client(str(base / "run" / "proxy.sock"), timeout=30)
     prev = now()  # when the current connection last answered (a kill after it explains a reset)
     while now() < stop_at:
-        store = rng.choice(names)
+        store = stores.any_one(rng)
         roll = rng.random()
         if roll < 0.6:
             kind, method, path, body = "status", "GET", f"{API}/admin/datastore/{store}/status", None
@@ -86,7 +86,7 @@ def run_client(base: Path, seed: int, stop_at: float) -> None:
     client.close()
 
 
-def run_writer(base: Path, seed: int, stop_at: float, pause: float) -> None:
+def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: float) -> None:
     rng = random.Random(seed)
     log = Log(base / "logs" / "writer.jsonl")
     client = Client(str(base / "run" / "proxy.sock"), timeout=60)
@@ -97,12 +97,12 @@ def run_writer(base: Path, seed: int, stop_at: float, pause: float) -> None:
         n += 1
         roll = rng.random()
         if roll < 0.35:
-            store = rng.choice(STABLE)
+            store = stores.stable_one(rng)
             action, method, path = "comment", "PUT", f"{API}/config/datastore/{store}"
             body: dict[str, Any] = {"comment": f"write {n}"}
             state = None
         elif roll < 0.75:
-            store = rng.choice(STABLE)
+            store = stores.stable_one(rng)
             state = rng.choice(("ok", "read-only", "offline"))
             action, method, path = "maintenance", "PUT", f"{API}/config/datastore/{store}"
             body = (
@@ -194,17 +194,19 @@ def run_chaos(base: Path, seed: int, stop_at: float, kill_every: float, edit_eve
                 log.write(event="edit", value=value, t=now())
 
 
-def command(role: str, base: Path, seed: int, stop_at: float, *rest: float) -> list[str]:
+def command(role: str, base: Path, seed: int, stop_at: float, stores: int, *rest: float) -> list[str]:
     """The command line of one actor process (see the module)."""
-    return [sys.executable, "-m", __name__, role, str(base), str(seed), str(stop_at), *map(str, rest)]
+    head = [sys.executable, "-m", __name__, role, str(base), str(seed), str(stop_at), str(stores)]
+    return [*head, *map(str, rest)]
 
 
 def main(argv: list[str]) -> None:
-    role, base, seed, stop_at, *rest = argv
+    role, base, seed, stop_at, count, *rest = argv
+    stores = Stores(int(count))
     if role == "client":
-        run_client(Path(base), int(seed), float(stop_at))
+        run_client(Path(base), int(seed), float(stop_at), stores)
     elif role == "writer":
-        run_writer(Path(base), int(seed), float(stop_at), float(rest[0]))
+        run_writer(Path(base), int(seed), float(stop_at), stores, float(rest[0]))
     elif role == "chaos":
         run_chaos(Path(base), int(seed), float(stop_at), float(rest[0]), float(rest[1]))
     else:

@@ -37,6 +37,7 @@ class Checker:
         self.violations: dict[str, list[str]] = defaultdict(list)
         self.counts: Counter[str] = Counter()
         self.checked = 0
+        self.leased: set[str] = set()  # stores granted an operation lease (their operations must drain)
         self.watermark = float("-inf")
 
     def _read(self, path: Path) -> list[dict[str, Any]]:
@@ -134,6 +135,8 @@ class Checker:
         if status >= 500:
             self.violate("no unexpected error", f"{rec['kind']} {rec['store']}: {status} {rec.get('message')}")
             return
+        if rec["kind"].startswith("lease") and status == 200:
+            self.leased.add(rec["store"])
         # 1. the generation is not older than the last write acknowledged before the request
         i = bisect.bisect_right(self.gens, (rec["sent"], float("inf"))) - 1
         if i >= 0 and rec.get("gen") is not None and rec["gen"] < self.gens[i][1]:

@@ -21,7 +21,7 @@ from ...client import ApiError, Client
 from ...paths import Paths
 from ..daemons import Daemons
 from ..stores import write_stores
-from . import API, CHAOS, MANUAL, NEVER, STABLE, VOLATILE, actors, now
+from . import API, CHAOS, DEFAULT_STORES, MANUAL, NEVER, VOLATILE, Stores, actors, now
 from .checker import Checker
 
 INVARIANTS = (
@@ -42,27 +42,31 @@ class StressOptions:
     workers: int = 2
     chaos: str = "light"
     seed: int = 1
+    stores: int = DEFAULT_STORES  # stable stores configured (the hand-edited and volatile ones come on top)
     json: str | None = None
     keep: bool = False  # keep the temp dir and its logs even when every invariant held
 
 
-def write_initial_config(base: Path) -> dict[str, str]:
+def write_initial_config(base: Path, stores: Stores) -> dict[str, str]:
     """The stable stores and the hand-edited one, laid out and configured; every store's state."""
-    write_stores(Paths.resolve(base), {name: {"comment": "initial"} for name in [*STABLE, MANUAL]})
-    return {name: "ok" for name in [*STABLE, MANUAL]} | {name: "absent" for name in VOLATILE + NEVER}
+    configured = [*stores.stable, MANUAL]
+    write_stores(Paths.resolve(base), {name: {"comment": "initial"} for name in configured})
+    return dict.fromkeys(configured, "ok") | dict.fromkeys(VOLATILE + NEVER, "absent")
 
 
-def final_checks(d: Daemons, checker: Checker, workers: int) -> dict[str, Any]:
+def final_checks(d: Daemons, checker: Checker, workers: int, stores: Stores) -> dict[str, Any]:
     time.sleep(1.0)  # the last leases' connections close; killed workers are replaced
     checker.final_file_check(d.config_file)
+    # a store never leased has no operation to drain: asking each of 100,000 would take minutes
+    drained = sorted(checker.leased | {*stores.hot(), *VOLATILE, MANUAL})
     try:
-        return _final_proxy_checks(d.proxy_sock, checker, workers)
+        return _final_proxy_checks(d.proxy_sock, checker, workers, drained)
     except (OSError, ApiError) as err:
         checker.violate("workers alive", f"the proxy does not answer at the end: {err}")
         return {"generation": None}
 
 
-def _final_proxy_checks(sock: str, checker: Checker, workers: int) -> dict[str, Any]:
+def _final_proxy_checks(sock: str, checker: Checker, workers: int, drained: list[str]) -> dict[str, Any]:
     with Client(sock) as c:
         deadline = now() + 10
         while True:
@@ -73,7 +77,7 @@ def _final_proxy_checks(sock: str, checker: Checker, workers: int) -> dict[str, 
             time.sleep(0.1)
         if len(alive) != workers:
             checker.violate("workers alive", f"{len(alive)} of {workers} workers alive at the end")
-        for store in STABLE + VOLATILE + [MANUAL]:
+        for store in drained:
             r = c.get(f"{API}/admin/datastore/{store}/active-operations")
             if r.status == 200 and r.json()["data"] != {"read": 0, "write": 0}:
                 checker.violate("operations drain", f"{store}: {r.json()['data']} still active at the end")
@@ -83,9 +87,10 @@ def _final_proxy_checks(sock: str, checker: Checker, workers: int) -> dict[str, 
 
 def _start_actors(base: Path, opts: StressOptions, stop_at: float) -> list[subprocess.Popen[bytes]]:
     chaos = CHAOS[opts.chaos]
-    commands = [actors.command("client", base, opts.seed + i, stop_at) for i in range(opts.clients)]
-    commands.append(actors.command("writer", base, opts.seed, stop_at, chaos["write_pause"]))
-    commands.append(actors.command("chaos", base, opts.seed, stop_at, chaos["kill_every"], chaos["edit_every"]))
+    n = opts.stores
+    commands = [actors.command("client", base, opts.seed + i, stop_at, n) for i in range(opts.clients)]
+    commands.append(actors.command("writer", base, opts.seed, stop_at, n, chaos["write_pause"]))
+    commands.append(actors.command("chaos", base, opts.seed, stop_at, n, chaos["kill_every"], chaos["edit_every"]))
     return [subprocess.Popen(cmd) for cmd in commands]
 
 
@@ -113,9 +118,11 @@ def run(opts: StressOptions) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="dsproxy-stress-"))
     (base / "logs").mkdir()
-    checker = Checker(base, write_initial_config(base))
+    stores = Stores(opts.stores)
+    checker = Checker(base, write_initial_config(base, stores))
     try:
-        with Daemons(base, opts.workers, stores=0, ready_timeout=60.0) as d:
+        # a worker prewarms every store before it is ready (~1 s per 10,000 here)
+        with Daemons(base, opts.workers, stores=0, ready_timeout=60.0 + opts.stores / 1000) as d:
             d.start_manager()
             # the chaos kills workers on purpose: that is not the crash loop the limit is there for
             d.start_proxy("--graceful-timeout", "2", "--crash-limit", "100000")
@@ -128,7 +135,7 @@ def run(opts: StressOptions) -> int:
                     if p.poll() is None:
                         p.kill()
             checker.poll(final=True)
-            node = final_checks(d, checker, opts.workers)
+            node = final_checks(d, checker, opts.workers, stores)
         summary = _summary(opts, checker, node)
         print_summary(summary)
         if opts.json:
@@ -149,6 +156,7 @@ def _summary(opts: StressOptions, checker: Checker, node: dict[str, Any]) -> dic
         "chaos": opts.chaos,
         "workers": opts.workers,
         "clients": opts.clients,
+        "stores": opts.stores,
         "answers_checked": checker.checked,
         "counts": dict(checker.counts),
         "generations": {
@@ -168,7 +176,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     console = Console(soft_wrap=True)
     t = Table(
         title=f"stress: {summary['duration']:g} s, chaos {summary['chaos']}, "
-        f"{summary['clients']} clients, {summary['workers']} workers"
+        f"{summary['clients']} clients, {summary['workers']} workers, {summary['stores']:,} stable stores"
     )
     t.add_column("what")
     t.add_column("count", justify="right")

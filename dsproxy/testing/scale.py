@@ -1,0 +1,462 @@
+"""What ``scripts/bench-scale`` measures: the costs that grow with the store count (issue 9).
+
+One *row* is one store count; :func:`run_row` measures it and returns a plain dict (the script
+prints, saves and plots it).  Per row, on one base dir:
+
+* **lay-out**: the stores ``store00000``... are laid out once for the largest row and reused by the
+  smaller ones (their config names the first N); ``--layout-dir`` keeps them across runs.  The
+  lay-out is :func:`lay_out` -- ``mkdir``, ``.chunks``, ``.lock`` relative to one directory fd,
+  skipping stores already there -- not :func:`dsproxy.fsutil.make_store` (a no-follow walk from
+  ``/`` per store): measured here on a quiet machine, 5,000 stores took 0.32 s against 0.50 s; in
+  a bench run on the loaded machine 10,000 took 2.7 s, so ~30 s (and 300,000 inodes) for 100,000.
+  Lookups need nothing more.
+* **config**: ``datastore.cfg`` of N sections like bench-lookup's (comment, schedules, some keep-*
+  and notify options), each with its ``path``, written by hand (canonical form).
+* **warm lookup+release in process** (ns): bench-lookup's own in-process program (the script passes
+  its text), run in a fresh interpreter on this base dir before any daemon starts.
+* **write floor** (ms): :func:`dsproxy.config.replace_file` -- temp file, write, fsync, rename,
+  directory fsync, the manager's own write path -- of a file as large as ``datastore.cfg``, in
+  the same directory; p50 of ``--floor-repeats``.
+* then per invalidation mode (``delta``: the server as built; ``full``: ``DSPROXY_INVALIDATION=full``
+  in both daemons' environment, which forces a full reload for every change once the per-store ring
+  honours it -- until then both modes run the same code) a manager + proxy:
+
+  - **ready** (s): ``start_proxy`` until every worker has booted (prewarm included, as by default);
+  - **write acknowledged by every worker** (ms, p50/p99 of ``--writes``): a comment update through
+    the API (``PUT`` on proxy.sock, forwarded to the manager), until a status request on a
+    keep-alive connection *to each worker* is answered with the write's generation or a newer one
+    (``x-dsproxy-generation``).  A request makes its worker catch up at once; an idle worker would
+    catch up on its next tick (``TICK`` = 0.1 s) and acknowledge in its slot then -- the figure is
+    what a client sending the next request sees, not the tick's cadence;
+  - **longest stall** (ms): measured from outside, since the workers do not publish an apply time:
+    one more connection per worker sends a ping every 1 ms; for each of ``--stall-writes`` writes
+    the longest ping round trip sent in a window of ``STALL_WINDOW`` from the write on (a ping sent
+    while the worker applies the change waits for it; the window covers the next tick and its
+    prewarm too).  Reported: the median over writes of that per-write longest trip, its maximum,
+    and the same over as many windows without a write (the machine's own noise);
+  - **status p99** (ms): ``GET .../status?verbose=0`` over ``STATUS_CONNECTIONS`` connections on up
+    to ``STATUS_SAMPLE`` stores for ``--status-seconds``, idle and while a thread makes
+    ``--write-rate`` writes/s;
+  - **worker RSS** (MB, the largest) and **open fds per worker** (the largest ``/proc/PID/fd``).
+
+A failure (a daemon that does not become ready, a write that is refused, a timeout) ends that mode
+of that row with an ``error`` entry; the figures measured before it stay, and the next mode and row
+run.  With this machine's hard ``RLIMIT_NOFILE`` of 20,000 a 100,000-store proxy fails until the fd
+budget lands (each worker keeps one ``.lock`` fd per store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..client import ApiError, AsyncConnection, Client
+from ..config import Value, dump, replace_file
+from ..daemon.protocol import WORKER_HEADER
+from ..daemon.run import DaemonFailed
+from ..fsutil import STORE_DIR_MODE, make_store
+from ..ipc import shm
+from ..paths import Paths
+from .daemons import Daemons
+from .loadgen import run_rounds
+
+API = "/api2/json"
+PING = f"{API}/ping"
+MODES = ("delta", "full")
+INVALIDATION_ENV = "DSPROXY_INVALIDATION"  # the variable the per-store ring reads (``full`` forces reloads)
+PING_INTERVAL = 0.001
+STALL_WINDOW = 0.3  # s after a write whose pings count for its stall: > one worker tick (0.1 s)
+STATUS_CONNECTIONS = 4
+STATUS_SAMPLE = 2000
+SERVED_TIMEOUT = 30.0  # s until every worker must serve a write's generation
+
+Progress = Callable[[str], None]
+
+
+class MeasureError(RuntimeError):
+    """A measurement that could not be made (the message says why); ends that mode of the row."""
+
+
+def store_name(i: int) -> str:
+    return f"store{i:05d}"  # bench-lookup's names: its in-process program looks up store{N // 2}
+
+
+# -- the instance on disk ---------------------------------------------------------------------------
+
+
+def lay_out(data_dir: Path, count: int) -> dict[str, Any]:
+    """Stores ``store00000``... up to ``count`` under ``data_dir`` (see the module); what it took."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    made = 0
+    start = time.perf_counter()
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i in range(count):
+            name = store_name(i)
+            try:
+                os.mkdir(name, STORE_DIR_MODE, dir_fd=fd)
+            except FileExistsError:
+                try:
+                    os.stat(f"{name}/.lock", dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:  # an interrupted earlier lay-out
+                    make_store(str(data_dir / name))
+                continue
+            os.mkdir(f"{name}/.chunks", STORE_DIR_MODE, dir_fd=fd)
+            os.close(os.open(f"{name}/.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=fd))
+            made += 1
+    finally:
+        os.close(fd)
+    return {"stores": count, "made": made, "seconds": time.perf_counter() - start}
+
+
+def write_config(paths: Paths, data_dir: Path, count: int) -> int:
+    """``datastore.cfg`` naming the first ``count`` stores of ``data_dir``; its size in bytes."""
+    paths.ensure()
+    sections: dict[str, dict[str, Value]] = {}
+    for i in range(count):
+        props: dict[str, Value] = {"path": str(data_dir / store_name(i)), "comment": f"store number {i}"}
+        props["gc-schedule"] = "daily"
+        if i % 2 == 0:
+            props |= {"keep-daily": 7, "keep-weekly": 4, "prune-schedule": "weekly"}
+        if i % 5 == 0:
+            props |= {"notify-user": "backup@pbs", "verify-new": True}
+        sections[store_name(i)] = props
+    text = dump(sections).encode()
+    replace_file(paths.config_file, text)
+    return len(text)
+
+
+def write_floor(config_dir: Path, size: int, repeats: int) -> dict[str, float]:
+    """The manager's write path for a file of ``size`` bytes in ``config_dir`` (ms, p50/p99)."""
+    data = (b"x" * 79 + b"\n") * (size // 80) + b"x" * (size % 80)
+    target = config_dir / ".bench-scale-floor"
+    times = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            replace_file(target, data)
+            times.append(time.perf_counter() - t0)
+    finally:
+        target.unlink(missing_ok=True)
+    return {"p50_ms": _pct(times, 0.5) * 1e3, "p99_ms": _pct(times, 0.99) * 1e3}
+
+
+def warm_lookup(base: Path, stores: int, repeats: int, program: str) -> dict[str, Any]:
+    """bench-lookup's in-process ``program`` on ``base`` in a fresh interpreter (its JSON)."""
+    argv = [sys.executable, "-I", "-c", program, str(base), str(stores), str(repeats)]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    finally:
+        shm.unlink(base / "run")
+    if out.returncode != 0:
+        raise MeasureError(f"the in-process lookup failed: {_last_line(out.stderr)}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+# -- measuring a running proxy ----------------------------------------------------------------------
+
+
+async def _per_worker(sock: str, workers: int, per_worker: int) -> tuple[list[list[AsyncConnection]], list[Any]]:
+    """``per_worker`` keep-alive connections to each worker (told apart by ``x-dsproxy-worker``),
+    and the spare ones opened on the way (keep them open: the accept balancing counts them)."""
+    by_pid: dict[str, list[AsyncConnection]] = {}
+    spare: list[AsyncConnection] = []
+    for _ in range(workers * per_worker * 16):
+        conn = await AsyncConnection.open(sock)
+        pid = (await conn.request("GET", PING)).headers.get(WORKER_HEADER, "?")
+        group = by_pid.setdefault(pid, [])
+        (group if len(group) < per_worker else spare).append(conn)
+        if len(by_pid) == workers and all(len(g) == per_worker for g in by_pid.values()):
+            return list(by_pid.values()), spare
+    for conn in [c for g in by_pid.values() for c in g] + spare:
+        conn.close()
+    raise MeasureError(f"could not reach each of {workers} workers on its own connection (reached {len(by_pid)})")
+
+
+async def _write(conn: AsyncConnection, store: str, n: int) -> int:
+    body = json.dumps({"comment": f"bench-scale write {n}"}).encode()
+    resp = await conn.request("PUT", f"{API}/config/datastore/{store}", body)
+    if resp.status != 200:
+        raise MeasureError(f"the write to {store} was answered {resp.status}: {resp.body[:200]!r}")
+    return int(resp.json()["data"]["generation"])
+
+
+async def _until_served(conn: AsyncConnection, store: str, generation: int) -> None:
+    deadline = time.monotonic() + SERVED_TIMEOUT
+    while True:
+        resp = await conn.request("GET", f"{API}/admin/datastore/{store}/status?verbose=0")
+        if resp.generation is not None and resp.generation >= generation:
+            return
+        if time.monotonic() > deadline:
+            raise MeasureError(f"a worker still served generation {resp.generation} {SERVED_TIMEOUT:g} s after a write")
+        await asyncio.sleep(0.001)
+
+
+async def _write_until_served(writer: AsyncConnection, pollers: list[AsyncConnection], store: str, n: int) -> float:
+    t0 = time.perf_counter()
+    generation = await _write(writer, store, n)
+    await asyncio.gather(*(_until_served(c, store, generation) for c in pollers))
+    return time.perf_counter() - t0
+
+
+class _Pinger:
+    """Pings on one connection every ``PING_INTERVAL``; keeps (send time, round trip) of each."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.trips: list[tuple[float, float]] = []
+        self.stopped = False
+
+    async def run(self) -> None:
+        clock = time.perf_counter
+        while not self.stopped:
+            t0 = clock()
+            await self.conn.request("GET", PING)
+            self.trips.append((t0, clock() - t0))
+            await asyncio.sleep(max(0.0, t0 + PING_INTERVAL - clock()))
+
+    def longest(self, since: float, until: float) -> float:
+        return max((trip for sent, trip in self.trips if since <= sent < until), default=0.0)
+
+
+async def _measure_writes(sock: str, workers: int, names: list[str], writes: int, stall_writes: int) -> dict[str, Any]:
+    groups, spare = await _per_worker(sock, workers, 2)
+    pollers, ping_conns = [g[0] for g in groups], [g[1] for g in groups]
+    writer = spare.pop() if spare else await AsyncConnection.open(sock)
+    try:
+        latencies = [
+            await _write_until_served(writer, pollers, names[_spread(i, len(names))], i) for i in range(writes)
+        ]
+        pingers = [_Pinger(c) for c in ping_conns]
+        tasks = [asyncio.ensure_future(p.run()) for p in pingers]
+        idle, stalls = [], []
+        for i in range(stall_writes):  # a window without a write, then one with
+            t0 = time.perf_counter()
+            await asyncio.sleep(STALL_WINDOW)
+            idle.append(max(p.longest(t0, t0 + STALL_WINDOW) for p in pingers))
+            t0 = time.perf_counter()
+            await _write_until_served(writer, pollers, names[_spread(writes + i, len(names))], writes + i)
+            await asyncio.sleep(max(0.0, t0 + STALL_WINDOW - time.perf_counter()))
+            stalls.append(max(p.longest(t0, t0 + STALL_WINDOW) for p in pingers))
+        for p in pingers:
+            p.stopped = True
+        await asyncio.gather(*tasks)
+    finally:
+        for conn in [writer, *spare, *(c for g in groups for c in g)]:
+            conn.close()
+    return {
+        "write_p50_ms": _pct(latencies, 0.5) * 1e3,
+        "write_p99_ms": _pct(latencies, 0.99) * 1e3,
+        "stall_ms": statistics.median(stalls) * 1e3 if stalls else None,
+        "stall_max_ms": max(stalls, default=0.0) * 1e3,
+        "stall_idle_ms": statistics.median(idle) * 1e3 if idle else None,
+        "stall_idle_max_ms": max(idle, default=0.0) * 1e3,
+        "writes": latencies,
+    }
+
+
+def measure_writes(sock: str, workers: int, names: list[str], writes: int, stall_writes: int) -> dict[str, Any]:
+    """Write-until-served latencies and the longest per-write stall (see the module)."""
+    import uvloop
+
+    return uvloop.run(_measure_writes(sock, workers, names, writes, stall_writes))
+
+
+@contextlib.contextmanager
+def _writing(sock: str, names: list[str], rate: float) -> Iterator[list[int]]:
+    """A thread making ``rate`` comment writes per second through the API while the block runs;
+    yields the list it appends each acknowledged write's status to."""
+    done: list[int] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with Client(sock, timeout=30) as c:
+            n = 0
+            next_at = time.monotonic()
+            while not stop.wait(max(0.0, next_at - time.monotonic())):
+                next_at += 1 / rate
+                store = names[_spread(n, len(names))]
+                done.append(c.request("PUT", f"{API}/config/datastore/{store}", {"comment": f"load {n}"}).status)
+                n += 1
+
+    thread = threading.Thread(target=loop, name="bench-scale-writer", daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def measure_status(sock: str, names: list[str], seconds: float, rate: float) -> dict[str, Any]:
+    """Status latency over the proxy, idle and during ``rate`` writes/s (see the module)."""
+    step = max(1, len(names) // STATUS_SAMPLE)
+    paths = [f"{API}/admin/datastore/{n}/status?verbose=0" for n in names[::step]]
+    idle = run_rounds(sock, [paths], STATUS_CONNECTIONS, 1, seconds)[0]
+    with _writing(sock, names, rate) as done:
+        busy = run_rounds(sock, [paths], STATUS_CONNECTIONS, 1, seconds)[0]
+    refused = [s for s in done if s != 200]
+    if idle["errors"] or busy["errors"] or refused:
+        errors = f"{idle['errors']} idle / {busy['errors']} busy"
+        raise MeasureError(f"status requests failed: {errors}; writes refused: {refused[:5]}")
+    return {
+        "status_idle_p50_ms": idle["p50_ms"],
+        "status_idle_p99_ms": idle["p99_ms"],
+        "status_busy_p50_ms": busy["p50_ms"],
+        "status_busy_p99_ms": busy["p99_ms"],
+        "status_busy_writes": len(done),
+        "status_busy_write_rate": len(done) / busy["wall"] if busy["wall"] else 0.0,  # falls short of a slow writer
+        "status_requests": idle["requests"] + busy["requests"],
+    }
+
+
+def worker_resources(d: Daemons) -> dict[str, Any]:
+    """The largest worker RSS (MB) and open fd count, from ``/proc``."""
+    pids = sorted(d.worker_pids())
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss, fds = [], []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            rss.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page / 1e6)
+            fds.append(len(os.listdir(f"/proc/{pid}/fd")))
+    return {"worker_rss_mb": max(rss, default=0.0), "worker_fds": max(fds, default=0), "worker_pids": pids}
+
+
+# -- one row ----------------------------------------------------------------------------------------
+
+
+def run_mode(base: Path, stores: int, mode: str, opts: Any, progress: Progress) -> dict[str, Any]:
+    """Manager + proxy on ``base`` in invalidation ``mode``: every per-server figure, or those
+    measured before an ``error``."""
+    env = {INVALIDATION_ENV: "full"} if mode == "full" else {}
+    out: dict[str, Any] = {"mode": mode}
+    names = [store_name(i) for i in range(stores)]
+    try:
+        with Daemons(base, opts.workers, stores=0, ready_timeout=opts.ready_timeout, env=env) as d:
+            progress(f"{stores:,} stores, {mode}: starting the manager")
+            d.start_manager()
+            progress(f"{stores:,} stores, {mode}: starting the proxy")
+            t0 = time.perf_counter()
+            d.start_proxy()
+            out["ready_s"] = time.perf_counter() - t0
+            progress(f"{stores:,} stores, {mode}: {opts.writes} + {opts.stall_writes} writes")
+            out |= measure_writes(d.proxy_sock, opts.workers, names, opts.writes, opts.stall_writes)
+            progress(f"{stores:,} stores, {mode}: status, idle and at {opts.write_rate:g} writes/s")
+            out |= measure_status(d.proxy_sock, names, opts.status_seconds, opts.write_rate)
+            out |= worker_resources(d)
+    except (DaemonFailed, MeasureError, ApiError, OSError, AssertionError) as err:
+        out["error"] = _describe(err)
+    return out
+
+
+def run_row(base: Path, data_dir: Path, stores: int, opts: Any, progress: Progress) -> dict[str, Any]:
+    """Every figure of one store count (see the module); ``modes`` maps each mode to its figures.
+    A failed lay-out ends the row; a failed in-process lookup is the row's ``error``, and the
+    servers are still measured."""
+    paths = Paths.resolve(base)
+    row: dict[str, Any] = {"stores": stores, "modes": {}}
+    try:
+        progress(f"{stores:,} stores: lay-out")
+        row["layout"] = lay_out(data_dir, stores)
+        row["config_bytes"] = write_config(paths, data_dir, stores)
+        row["floor"] = write_floor(paths.config_dir, row["config_bytes"], opts.floor_repeats)
+    except OSError as err:
+        row["error"] = _describe(err)
+        return row
+    progress(f"{stores:,} stores: warm lookup in process")
+    try:
+        row["lookup"] = warm_lookup(base, stores, opts.repeats, opts.lookup_program)
+    except (MeasureError, OSError, subprocess.TimeoutExpired) as err:
+        row["error"] = _describe(err)
+    for mode in opts.invalidation:
+        write_config(paths, data_dir, stores)  # every mode starts from the same file
+        row["modes"][mode] = run_mode(base, stores, mode, opts, progress)
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+    return row
+
+
+# -- the targets of issue 9 -------------------------------------------------------------------------
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target: its text, the measured value (None: a figure is missing) and whether it holds.
+    "large" is the largest row measured (100,000 stores in the full run), "small" the smallest."""
+    if not rows:
+        return []
+    small, large = min(rows, key=lambda r: r["stores"]), max(rows, key=lambda r: r["stores"])
+    delta, full = large["modes"].get("delta", {}), large["modes"].get("full", {})
+    n, m = f"{large['stores']:,}", f"{small['stores']:,}"
+    lookup = _ratio(_get(large, "lookup", "median_ns"), _get(small, "lookup", "median_ns"))
+    stall = _get(delta, "stall_ms")
+    write = _ratio(_get(delta, "write_p50_ms"), _get(large, "floor", "p50_ms"))
+    status = _ratio(_get(delta, "status_busy_p99_ms"), _get(delta, "status_idle_p99_ms"))
+    return [
+        _target(f"warm lookup at {n} / at {m}", lookup, "<=", 1.2),
+        _target(f"longest stall per write at {n} (ms)", stall, "<=", 5.0),
+        _target(f"stall full / delta at {n}", _ratio(_get(full, "stall_ms"), stall), ">=", 50.0),
+        _target(f"write p50 / write floor at {n}", write, "<=", 2.0),
+        _target(f"status p99 during writes / idle at {n}", status, "<=", 2.0),
+        _target(f"proxy ready at {n} (s)", _get(delta, "ready_s"), "<=", 20.0),
+        _target(f"worker RSS at {n} (MB)", _get(delta, "worker_rss_mb"), "<=", 300.0),
+    ]
+
+
+def _get(figures: dict[str, Any], *keys: str) -> float | None:
+    """``figures[k1][k2]...`` as a float, None where any level is missing."""
+    value: Any = figures
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return None if value is None else float(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _target(text: str, value: float | None, op: str, bound: float) -> dict[str, Any]:
+    holds = None if value is None else (value <= bound if op == "<=" else value >= bound)
+    return {"target": f"{text} {op} {bound:g}", "value": value, "holds": holds}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _spread(i: int, n: int) -> int:
+    """The i-th write's store: spread over the config, never the same twice in a row."""
+    return (i * 7919 + n // 2) % n
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a table cell: the error's first line and, for a daemon that failed, the last
+    line of its logs (what it said before it died)."""
+    text = str(err).strip()
+    first = text.split("\n", 1)[0][:300].rstrip(":")
+    last = _last_line(text) if isinstance(err, DaemonFailed) and "\n" in text else ""
+    return f"{type(err).__name__}: {first}" + (f" -- {last}" if last else "")
+
+
+def _last_line(text: str) -> str:
+    """The last line of ``text`` that says something, without a log line's time stamp."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return _TIMESTAMP.sub("", lines[-1])[:300] if lines else "(no output)"
+
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")

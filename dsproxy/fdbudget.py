@@ -13,6 +13,9 @@ next lookup of it reopens the fd and takes the shared lock again.
   who raises the limit gets the room at once.  If ``open`` still fails with ``EMFILE``/``ENFILE``
   (the process's other fds grew past the reserve), one more idle fd is closed and the open
   retried, as ``fd.c`` does; when none is left the lookup fails with the old ``OutOfDescriptors``.
+  A limit at or below the reserve leaves a budget of 0: then there is no budget to keep, fds are
+  opened until the kernel refuses (and shed on ``EMFILE``), as before this module; prewarm opens
+  nothing.
 * **Never an fd in use.**  Closing *any* fd of a file drops all of the process's ``fcntl`` locks
   on it, so an instance is closed only when this process has no operation on the store (its
   counters, the same test eviction uses).  A ``LOOKUP`` handle registers no operation and holds no
@@ -113,7 +116,7 @@ class FdPool:
     def make_room(self, name: str) -> None:
         """Before opening an fd for ``name``: close idle ones until one more fits the budget."""
         budget, soft, reserve = self._limit()
-        while len(self._ring) >= budget:
+        while len(self._ring) >= budget > 0:
             if not self.shed():
                 self.refused += 1
                 raise FdBudgetExhausted(_exhausted(name, len(self._ring), budget, soft, reserve))

@@ -347,6 +347,7 @@ class WorkerApp:
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),
+            "fds": reg.fds,  # the answering worker's fd budget (dsproxy.fdbudget)
         }
         return data_reply(data)
 

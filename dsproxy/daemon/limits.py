@@ -19,8 +19,8 @@ clamp.  So dsproxy looks for itself:
 
 Workers report the same facts in node status (``rlimit-nofile``), so ``dsproxy status`` shows
 them; the budget is what :mod:`dsproxy.fdbudget` keeps the open stores within (a limit of 300
-leaves 44; one at or below the reserve leaves none, and every lookup that needs an fd gets the
-503 that says to raise the limit).
+leaves 44; one at or below the reserve leaves none: then stores are opened until the kernel says
+no, as before the budget).
 """
 
 from __future__ import annotations

@@ -33,11 +33,16 @@ per-store decision (``_Entry.fast`` in :mod:`dsproxy.registry`); the sweep *clea
 resetting that decision*, so the store's next lookup takes the slow path once, which sets the
 mark (re-primes the decision).  "Primed" is the used bit.  A lookup that always takes the slow
 path (a removable store, an operation its maintenance mode refuses) marks ``Instance.used``.
-Measured (1,000 stores, ``timeit`` of ``reg.lookup(name, Operation.WRITE).release()``, 7 rounds of
-200,000): 620 ns before and after this module; a plain ``entry.used = True`` on the fast path
-measured 618-736 ns against 618-647 ns without in the same minutes -- a store per lookup in the
+Measured (1,000 stores, best of 7 ``timeit`` rounds of 200,000
+``reg.lookup(name, Operation.WRITE).release()``, before/after alternating in the same minutes):
+624-638 ns on main, 625-629 ns with this module (the fast path's bytecode is unchanged); a plain
+``entry.used = True`` on the fast path measured 618-736 ns against 618-647 ns without -- in the
 noise of this shared machine, but not free, so the decision-reset mark it is.  The price is paid
-only past the budget: one slow-path lookup (~2 us) per store per pass of the hand.
+only past the budget: one slow-path lookup (~2 us) per store per pass of the hand.  Past the
+budget a lookup of a closed store (sweep + close + open + ``fstat`` + ``lockf`` + ``.gc-status``)
+costs ~14 us (3,001 stores, budget 100); a refused lookup sweeps the whole ring, ~5.5 ms with
+3,000 stores in use (linear: ~35 ms at 19,744) -- the price of an exact answer, paid only while
+the process is past its limit.
 
 Figures (per process, :meth:`FdPool.stats`): ``budget``, ``open`` (fds held now), ``opens``,
 ``reopens`` (opens of a store whose fd the budget had closed), ``closes`` (by the budget) and

@@ -108,11 +108,6 @@ class FdPool:
     def open(self) -> int:
         return len(self._ring)
 
-    @property
-    def full(self) -> bool:
-        """Is the budget spent (a new fd would cost another store's)?"""
-        return len(self._ring) >= self.budget
-
     def _limit(self) -> tuple[int, int, int]:
         if self.fixed is not None:
             return self.fixed, -1, -1

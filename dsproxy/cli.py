@@ -356,6 +356,15 @@ def cmd_ds_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fd_line(fds: dict[str, int]) -> str:
+    """The answering worker's fd budget (dsproxy.fdbudget), one line."""
+    limit = f" (RLIMIT_NOFILE {fds['limit']} - {fds['reserve']} reserve)" if fds.get("limit", -1) >= 0 else ""
+    return (
+        f"store fds: {fds['open']} open of a budget of {fds['budget']}{limit}, "
+        f"{fds['reopens']} reopens, {fds['closes']} closes, {fds['refused']} refused (this worker)"
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .client import path_for
 
@@ -387,8 +396,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not fds.get("enough", True):
         print(
             f"FD LIMIT: {fds['needed']} fds needed for {fds['stores']} datastores, the limit is {fds['soft']}: "
-            f"at most {fds['budget']} can be open at once per worker (raise LimitNOFILE; see the README)"
+            f"at most {fds['budget']} can be open at once per worker, the idle ones are closed and reopened "
+            f"on use (raise LimitNOFILE; see the README)"
         )
+    if "fds" in n:
+        print(_fd_line(n["fds"]))
     if n["config-error"]:
         print(f"CONFIG ERROR (serving the last good config): {n['config-error']}")
     _table(

@@ -6,9 +6,11 @@ descriptor on ``<path>/.lock`` carrying a *shared* ``fcntl`` lock.
 
 ``fcntl`` record locks belong to the process, and closing *any* descriptor of the file drops all
 of them.  So when the config changes, the instance is rebuilt around the **same** descriptor
-(:func:`build` with ``previous``); the descriptor is closed only when the instance is evicted (or
-the store moved to another path).  This is also why a host with 1,000 stores needs 1,000+ fds per
-process and the raised ``LimitNOFILE``.
+(:func:`build` with ``previous``); the descriptor is closed when the instance is evicted (or the
+store moved to another path), and -- only while this process has no operation on the store -- by
+the fd budget (:mod:`dsproxy.fdbudget`) to make room for another store; :meth:`Instance.reopen`
+opens it and takes the shared lock again on the next lookup.  A host with more stores than
+``LimitNOFILE`` allows is served, with reopens instead of an fd per store.
 
 The files inside a store directory belong to the store owner, not to dsproxy, so they are
 untrusted (issue 8: one bad ``.gc-status`` used to crash every worker at boot):
@@ -45,7 +47,7 @@ log = LazyLogger("dsproxy.instance")
 class Instance:
     """One store's per-process instance; built by :func:`build`."""
 
-    __slots__ = ("gc_status", "generation", "lock_fd", "name", "path", "props")
+    __slots__ = ("gc_status", "generation", "lock_fd", "name", "path", "props", "used")
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class Instance:
         self.generation = generation
         self.lock_fd = lock_fd
         self.gc_status = gc_status
+        self.used = True  # the clock mark of :mod:`dsproxy.fdbudget` (set by slow-path lookups)
 
     def __repr__(self) -> str:
         return f"<Instance {self.name!r} {self.path!r} fd={self.lock_fd} generation={self.generation}>"
@@ -72,6 +75,12 @@ class Instance:
             with contextlib.suppress(OSError):
                 os.close(self.lock_fd)
             self.lock_fd = -1
+
+    def reopen(self) -> None:
+        """Open ``.lock`` again and take the shared lock (after :mod:`dsproxy.fdbudget` closed it)."""
+        if self.lock_fd < 0:
+            self.lock_fd = _open_lock(self.name, self.path)
+        self.used = True
 
 
 #: how a store file is opened: never blocks (a FIFO planted as the file), never follows a link

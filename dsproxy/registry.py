@@ -62,7 +62,9 @@ from .config import (
 )
 from .config.maintenance import not_mounted_text, refusal_text
 from .config.schema import absolute_path
-from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore
+from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore, OutOfDescriptors
+from .fdbudget import POOL as _fds
+from .fdbudget import FdBudgetExhausted
 from .instance import Instance
 from .ipc import shm
 from .ipc.opfile import FileCounters, OpFileError
@@ -78,6 +80,7 @@ SEGMENT_CHECK_INTERVAL: Final = 1.0  # seconds between integrity checks of the s
 MODES: Final = ("on", "config", "off")
 _GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
 _monotonic = time.monotonic
+_UNPRIMED: Final = (-1, -1, -1)
 
 
 class _Entry:
@@ -107,8 +110,8 @@ class _Entry:
     def prime(self) -> None:
         """Precompute the fast path's one decision: per Operation, the counter word to increment,
         or -1 where the slow path has to answer (refused, no instance or counter yet, LOOKUP)."""
-        if self.instance is None or self.counter < 0 or self.mount is not None:
-            self.fast = (-1, -1, -1)
+        if self.instance is None or self.instance.lock_fd < 0 or self.counter < 0 or self.mount is not None:
+            self.fast = _UNPRIMED
             return
         read = self.counter if self.refusals[0] is None else -1
         write = self.counter + 1 if self.refusals[1] is None else -1
@@ -462,14 +465,17 @@ class Registry:
                 self._drop_slot(f"the operation counter of '{name}'")
                 return self._lookup_locked(name, operation)
         inst = entry.instance
-        if inst is None:
+        if inst is None or inst.lock_fd < 0:
             try:
-                inst = self._build(entry, cache.generation)
+                inst = self._build(entry, cache.generation) if inst is None else self._reopen(entry, inst)
             except BaseException:
                 if counter >= 0:
                     with contextlib.suppress(ValueError):
                         words[counter] -= 1
                 raise
+        else:  # the fd budget's clock mark: in use since the hand passed (and re-arm the fast path)
+            inst.used = True
+            entry.prime()
         if counter < 0:
             return Handle((self, inst, operation, None, -1))
         return Handle((self, inst, operation, words, counter))
@@ -486,11 +492,73 @@ class Registry:
         return entry.counter
 
     def _build(self, entry: _Entry, generation: int) -> Instance:
-        inst = instance_mod.build(entry.name, entry.props, generation, self._instances.get(entry.name))
-        self._instances[entry.name] = inst
+        """A new instance of ``entry``, around the previous one's fd if it has one (fd budget: §3.2)."""
+        name, path = entry.name, str(entry.props["path"])
+        previous = self._instances.get(name)
+        while True:
+            handover = previous is not None and previous.lock_fd >= 0 and previous.path == path
+            if not handover:
+                _fds.make_room(name)
+            try:
+                inst = instance_mod.build(name, entry.props, generation, previous)
+                break
+            except FdBudgetExhausted:
+                raise
+            except OutOfDescriptors:  # EMFILE within the budget: the reserve ran out; shed and retry
+                if not _fds.shed():
+                    raise
+        if previous is not None:
+            _fds.discard(previous)
+        if handover:
+            _fds.handover(inst, self)
+        else:
+            _fds.add(inst, self, reopened=previous is not None and previous.path == path)
+        self._instances[name] = inst
         entry.instance = inst
         entry.prime()
         return inst
+
+    def _reopen(self, entry: _Entry, inst: Instance) -> Instance:
+        """Open the fd the budget closed (and take the shared lock again); re-arm the fast path."""
+        while True:
+            _fds.make_room(entry.name)
+            try:
+                inst.reopen()
+                break
+            except FdBudgetExhausted:
+                raise
+            except OutOfDescriptors:
+                if not _fds.shed():
+                    raise
+        _fds.add(inst, self, reopened=True)
+        entry.prime()
+        return inst
+
+    # -- the fd budget's questions (dsproxy.fdbudget.Owner) ----------------------------------------
+
+    def _fd_busy(self, inst: Instance) -> bool:
+        return self._instances.get(inst.name) is inst and self._own_counts(inst.name) != (0, 0)
+
+    def _fd_recent(self, inst: Instance) -> bool:
+        used, inst.used = inst.used, False
+        cache = self._cache
+        entry = None if cache is None else cache.entries.get(inst.name)
+        if entry is not None and entry.instance is inst and entry.fast != _UNPRIMED:
+            entry.fast = _UNPRIMED  # the next lookup takes the slow path, which marks it again
+            used = True
+        return used
+
+    def _fd_close(self, inst: Instance) -> None:
+        inst.close()
+        cache = self._cache
+        entry = None if cache is None else cache.entries.get(inst.name)
+        if entry is not None and entry.instance is inst:
+            entry.fast = _UNPRIMED  # the slow path reopens
+
+    @property
+    def fds(self) -> dict[str, int]:
+        """This process's fd budget figures (:meth:`dsproxy.fdbudget.FdPool.stats`)."""
+        return _fds.stats()
 
     def _load(self, gen: int) -> _Cache:
         """Slow path: read, hash and parse the file; cache it under ``gen`` (read before the file)."""
@@ -625,6 +693,7 @@ class Registry:
     def _evict(self, name: str) -> None:
         inst = self._instances.pop(name)
         inst.close()
+        _fds.discard(inst)
         cache = self._cache
         entry = None if cache is None else cache.entries.get(name)
         if entry is not None and entry.instance is inst:
@@ -661,8 +730,10 @@ class Registry:
         Idle-time work for daemon workers: each worker keeps its own instance map, so without it a
         store's first request *on each worker* pays for opening ``.lock`` -- with N workers the
         "cold" phase lasts several rounds of requests.  Stores whose maintenance mode evicts, or
-        whose directory cannot be opened, are skipped (a lookup reports the latter).  Stops after
-        ``budget`` seconds; returns how many stores are still without an instance.
+        whose directory cannot be opened, are skipped (a lookup reports the latter), and so are new
+        fds once the fd budget (:mod:`dsproxy.fdbudget`) is spent: prewarm never closes one store's
+        fd to open another's, those stores open on their first lookup.  Stops after ``budget``
+        seconds; returns how many stores are still without an instance for want of time.
         """
         cache = self._cache
         if cache is None or not self._fast or self._words is None or DISCARD_CACHES or self._warm is cache:
@@ -670,9 +741,12 @@ class Registry:
         deadline = None if budget is None else _monotonic() + budget
         missing = 0
         skip = self._prewarm_failed
+        fds, instances = _fds.budget, self._instances
         for entry in cache.entries.values():
             if entry.instance is not None or entry.evicts or entry.name in skip:
                 continue
+            if _fds.open >= fds and ((held := instances.get(entry.name)) is None or held.lock_fd < 0):
+                continue  # the fd budget is spent: a new fd would close another store's (§3.2)
             if deadline is not None and _monotonic() > deadline:
                 missing += 1
                 continue
@@ -704,13 +778,14 @@ class Registry:
         except LockError as err:  # timeout, out of fds, a refused lock file: the config is out of reach
             raise ConfigUnavailable(str(err)) from None
         inst = self._instances.get(name)
-        if inst is None or inst.generation != gen:
+        if inst is None or inst.generation != gen or inst.lock_fd < 0:
             try:
-                inst = self._build(entry, gen)
+                inst = self._build(entry, gen) if inst is None or inst.generation != gen else self._reopen(entry, inst)
             except BaseException:
                 if operation != Operation.LOOKUP:
                     self._files.update(name, int(operation), -1)
                 raise
+        inst.used = True
         return Handle((self, inst, operation, None, -1))
 
     def _locked_entry(self, name: str) -> tuple[_Entry, int]:
@@ -777,6 +852,7 @@ class Registry:
         self._closed = True
         for inst in self._instances.values():
             inst.close()
+            _fds.discard(inst)
         self._instances.clear()
         self._cache = None
         self._detach()

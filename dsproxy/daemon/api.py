@@ -476,6 +476,7 @@ class WorkerApp:
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),
             "auth-failures": self.auth_failures,
+            "fds": reg.fds,  # the answering worker's fd budget (dsproxy.fdbudget)
         }
         return data_reply(data)
 

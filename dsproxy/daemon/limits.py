@@ -11,13 +11,16 @@ clamp.  So dsproxy looks for itself:
   it); this is all a process may do on its own.
 * :func:`check` -- compares what the process has with what the configured stores need
   (``stores * FDS_PER_STORE + FD_RESERVE``) and says what that means: with enough, every store can
-  stay open; without, at most ``budget`` stores can be open at once in one process, and a store
-  beyond that gets an error on lookup ("Too many open files") instead of an answer.
+  stay open; without, at most ``budget`` stores can be open at once in one process
+  (:mod:`dsproxy.fdbudget` closes the least recently used idle ones and reopens them on use), and
+  only more than ``budget`` operations on different stores at once get an error (503).
 * :func:`check_at_start` -- the proxy master's and the manager's start: raise, read the store
   count from the config, log the facts once (a warning with every number when short).
 
 Workers report the same facts in node status (``rlimit-nofile``), so ``dsproxy status`` shows
-them; the budget is what an fd-recycling registry (issue 9) may use.
+them; the budget is what :mod:`dsproxy.fdbudget` keeps the open stores within (a limit of 300
+leaves 44; one at or below the reserve leaves none: then stores are opened until the kernel says
+no, as before the budget).
 """
 
 from __future__ import annotations
@@ -55,9 +58,14 @@ class FdLimit:
         return self.soft >= self.needed
 
     @property
+    def reserve(self) -> int:
+        """The fds kept for everything but stores (:data:`FD_RESERVE`)."""
+        return FD_RESERVE
+
+    @property
     def budget(self) -> int:
         """Stores that can be open at once in one process (the limit minus the reserve)."""
-        return max(0, (self.soft - FD_RESERVE) // FDS_PER_STORE)
+        return max(0, (self.soft - self.reserve) // FDS_PER_STORE)
 
     def describe(self) -> str:
         have = f"RLIMIT_NOFILE {self.soft}/{self.hard} (soft/hard)"
@@ -65,8 +73,9 @@ class FdLimit:
         if self.enough:
             return f"{have}: enough, {need}"
         return (
-            f"{have} is below the {need}: at most {self.budget} datastores can be open at once per process, "
-            f"lookups of the others fail with 'Too many open files'. Raise LimitNOFILE (the drop-in "
+            f"{have} is below the {need}: at most {self.budget} datastores can be open at once per process; "
+            f"the least recently used idle ones are closed and reopened on their next lookup (slower), and "
+            f"lookups beyond {self.budget} operations at once fail with 503. Raise LimitNOFILE (the drop-in "
             f"dsproxy-proxy.service.d/10-limits.conf asks for 1048576; a container's own hard limit caps it: "
             f"raise that on the host)"
         )
@@ -77,7 +86,7 @@ class FdLimit:
             "hard": self.hard,
             "stores": self.stores,
             "needed": self.needed,
-            "reserve": FD_RESERVE,
+            "reserve": self.reserve,
             "budget": self.budget,
             "enough": self.enough,
         }

@@ -38,6 +38,7 @@ class _SlotCollector(Collector):
         nofile = GaugeMetricFamily("dsproxy_rlimit_nofile", "Soft RLIMIT_NOFILE of the answering worker")
         nofile.add_metric([], float(soft))
         yield nofile
+        yield from _fd_figures(reg)
         lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])
@@ -70,6 +71,22 @@ class _SlotCollector(Collector):
                 lag.add_metric([pid], 0.0 if s.generation == current else 1.0)
         workers.add_metric([], float(count))
         yield from (workers, lookups, hits, reloads, errors, config_errors, lookup_errors, lag)
+
+
+def _fd_figures(reg: Registry) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The answering worker's fd budget (:mod:`dsproxy.fdbudget`)."""
+    fds = reg.fds
+    for key, kind, text in (
+        ("budget", GaugeMetricFamily, "Store fds the answering worker may hold (RLIMIT_NOFILE minus the reserve)"),
+        ("open", GaugeMetricFamily, "Store fds the answering worker holds now"),
+        ("opens", CounterMetricFamily, "Store fds opened for the first time by the answering worker"),
+        ("reopens", CounterMetricFamily, "Store fds reopened after the fd budget closed them"),
+        ("closes", CounterMetricFamily, "Idle store fds closed by the fd budget"),
+        ("refused", CounterMetricFamily, "Lookups refused because every fd of the budget was in use"),
+    ):
+        family = kind(f"dsproxy_fd_{key}", text)
+        family.add_metric([], float(fds[key]))
+        yield family
 
 
 def render(registry: Registry) -> tuple[bytes, bytes]:

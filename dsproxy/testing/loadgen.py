@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import resource
 import ssl
 import subprocess
@@ -183,7 +184,21 @@ def _client_process(address: str, parallel: int, min_seconds: float) -> None:
 
     given = json.loads(sys.stdin.read())
     target = Target(address, given["cafile"], tuple((k, v) for k, v in given["headers"]))
-    sys.stdout.write(json.dumps(uvloop.run(_drive(target, given["groups"], parallel, min_seconds))))
+    _write_all(1, json.dumps(uvloop.run(_drive(target, given["groups"], parallel, min_seconds))).encode())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, short writes included: ``sys.stdout.write`` is not enough.
+
+    Under ``PYTHONUNBUFFERED=1`` (set on the project machine) ``sys.stdout`` is a TextIOWrapper
+    over the raw FileIO, which writes once and drops what a short ``write(2)`` left over; this
+    machine's kernel ends a blocking write into a full pipe ~20 ms later with 65,536 written (no
+    signal; seen with strace), so a child whose parent was still reading another child's results
+    cut its JSON at exactly 64 KiB (``JSONDecodeError`` at column 65537, ``--clients 2`` and
+    more, now and then) and exited 0.  ``os.write`` again blocks until the parent reads."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def run_rounds(

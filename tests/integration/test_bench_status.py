@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
-from tests.daemons import Daemons
+from tests.daemons import Daemons, wait_for
 from tests.helpers import run_bench, run_script
 
 
@@ -53,6 +59,31 @@ def test_bench_status_over_https_measures_the_ping_floor_and_names_401s(tmp_path
     assert all(r["errors_by_kind"] == {"401": r["requests"]} for r in on["rounds"])
     assert "on HTTPS ping floor / Unix ping floor" in data["ratios"]
     assert "not-a-secret" not in out_json.read_text() + result.stdout + result.stderr
+
+
+def test_load_generator_child_writes_all_of_its_json_into_a_full_pipe(daemons: Daemons) -> None:
+    """A child of a --clients run whose parent is still reading another child's results fills its
+    pipe: its JSON must come whole (it was cut at 64 KiB under PYTHONUNBUFFERED=1)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dsproxy.testing.loadgen", daemons.proxy_sock, "2", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(json.dumps({"groups": [[["/api2/json/ping"] * 12_000]], "cafile": None, "headers": []}).encode())
+    child.stdin.close()
+
+    def pipe_full_or_exited() -> bool:
+        waiting = bytearray(4)
+        fcntl.ioctl(child.stdout.fileno(), termios.FIONREAD, waiting)  # type: ignore[union-attr]
+        return int.from_bytes(waiting, sys.byteorder) >= 65536 or child.poll() is not None
+
+    wait_for(pipe_full_or_exited, timeout=120, what="the child's results")  # not read yet: the pipe fills
+    with contextlib.suppress(subprocess.TimeoutExpired):  # a short write here comes within ~20 ms
+        child.wait(timeout=1.0)  # the (fixed) child stays blocked in its next write until we read
+    with child.stdout:
+        results = json.loads(child.stdout.read())
+    assert child.wait(timeout=60) == 0
+    assert len(results[0][0]["latencies"]) == 12_000
 
 
 def test_bench_status_rejects_a_bad_mode() -> None:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import termios
@@ -59,6 +60,30 @@ def test_bench_status_over_https_measures_the_ping_floor_and_names_401s(tmp_path
     assert all(r["errors_by_kind"] == {"401": r["requests"]} for r in on["rounds"])
     assert "on HTTPS ping floor / Unix ping floor" in data["ratios"]
     assert "not-a-secret" not in out_json.read_text() + result.stdout + result.stderr
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def test_bench_status_over_https_with_a_token_it_makes_and_revokes(tmp_path: Path) -> None:
+    """--token without a value: the bench makes root@pam!bench in its instance and grants it, so
+    every status over HTTPS is a 200; at the end it revokes it and times the refusal by every worker."""
+    out_json = tmp_path / "token.json"
+    result = run_script(
+        "bench-status", "--tls", "--token", "--stores", "20", "--rounds", "2", "--parallel", "4", "--workers", "2",
+        "--modes", "on", "--writes", "0", "--min-round-seconds", "0.2", "--json", out_json, check=True,
+    )  # fmt: skip
+    data = json.loads(out_json.read_text())
+    on = data["results"]["on"]
+    assert on["tls"] and on["errors"] == 0 and on["token"] == "root@pam!bench"
+    assert all(r["requests"] > 0 and r["errors_by_kind"] == {} for r in on["rounds"])
+    assert on["revoke_workers"] == 2 and on["revoke_refused_s"] > 0  # every worker refused it (bounded: 30 s)
+    assert "on revoke -> refused by every worker: " in result.stderr
+    assert data["ratios"]["revoke -> refused by every worker, slowest mode, s (<= 2)"] == on["revoke_refused_s"]
+    assert "on warm rounds / HTTPS ping floor (>= 0.7)" in data["ratios"]
+    # the secret (a UUID) is in no output and not in the figures
+    shown = out_json.read_text() + result.stdout + result.stderr
+    assert UUID.search(shown) is None and "PBSAPIToken" not in shown
 
 
 def test_load_generator_child_writes_all_of_its_json_into_a_full_pipe(daemons: Daemons) -> None:

@@ -143,6 +143,7 @@ class ConfigWriter:
         self.group = os.getegid()
         self.journal = CreateJournal(paths.config_dir)
         self.kept: KeptConfig | None = None  # the file as last written or read (O(changed) writes)
+        self._watched: int | None = None  # stores in the file as the watch last parsed it
         #: the retired segment processes are still moving from (the manager's), for the totals
         self._previous: Callable[[], shm.Segment | None] = lambda: None
 
@@ -188,9 +189,14 @@ class ConfigWriter:
         self.kept = KeptConfig.read(data, str(self.config_file))
         return self.kept, kept is not None
 
+    def rebase(self, generation: int) -> None:
+        """A new segment serves ``generation``: the file as last seen is what it publishes, so a
+        hand edit from now on is still noticed (its generation is compared with this one)."""
+        self.state.generation = generation
+
     def configured(self) -> int | None:
         """How many stores the kept config has (None before the first write or check)."""
-        return None if self.kept is None else len(self.kept.config)
+        return self._watched if self.kept is None else len(self.kept.config)
 
     def active_operations(self, name: str) -> tuple[int, int]:
         return shm.total_operations(name, self._segment(), self.files, self._previous())
@@ -439,7 +445,7 @@ class ConfigWriter:
         current_gen = None if seg is None else seg.generation()
         state = self.state
         try:
-            parse(data, filename=str(self.config_file))
+            self._watched = len(parse(data, filename=str(self.config_file)))
             error = None
         except ParseError as err:
             error = str(err)

@@ -1095,6 +1095,22 @@ def moving_totals(name: str, new: Segment, old: Segment) -> tuple[int, int]:
     return read, write
 
 
+def move_size(segment: Segment, configured: int) -> int | None:
+    """The store-table size the manager should move everyone to, or None (see "Store names").
+
+    A table must hold every configured name at no more than half load; it is moved when that no
+    longer holds, when it is three quarters full, or when it is more than half full with mostly
+    dead names (``names_used`` -- as :meth:`Segment.check` last counted -- at least twice the
+    configured count).  The new size is :func:`table_size` of the configured count: after the
+    move only live names are registered again.
+    """
+    used, size = segment.names_used, segment.max_stores
+    wanted = table_size(configured)
+    if wanted > size or used * 4 > size * 3 or (used * 2 > size and configured * 2 < used):
+        return wanted
+    return None
+
+
 def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None, stores: int = MAX_STORES) -> Segment:
     """Manager only: replace whatever is under the name with a fresh segment.
 
@@ -1117,7 +1133,8 @@ def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None, sto
             old = None
     if old is not None:
         old.retire()
-        old.close()
+        if old is not mapped:  # the caller's own mapping stays usable (a move counts in it meanwhile)
+            old.close()
     with _flock(lock_file, WRITER_LOCK_TIMEOUT):
         return Segment._create_locked(name, lock_file, replace=True, stores=stores)
 

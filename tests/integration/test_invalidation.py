@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dsproxy import registry as registry_mod
-from dsproxy.config import Operation, dump, parse, read_raw
+from dsproxy.config import Operation, Value, dump, parse, read_raw
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
@@ -59,7 +59,7 @@ def manager(paths: Paths) -> Iterator[_Manager]:
         m.close()
 
 
-def _fresh(paths: Paths) -> dict[str, dict[str, object]]:
+def _fresh(paths: Paths) -> dict[str, dict[str, Value]]:
     return dict(parse(read_raw(paths.config_file)))
 
 
@@ -202,6 +202,6 @@ def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Ma
             assert _moved(reg, manager) and reg.segment is not None
             assert reg.segment.store_index(names[-1]) is not None  # registered: it has counters
         assert moves >= 2
-        assert manager.seg.max_stores == shm.MAX_STORES  # compacted, not grown: 2,000 stores live
+        assert manager.seg is not None and manager.seg.max_stores == shm.MAX_STORES  # compacted, not grown: 2,000 stores live
     finally:
         reg.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dsproxy.config import dump, parse
+from dsproxy.config import Value, dump, parse
 from dsproxy.config.splice import splice
 from dsproxy.ipc import shm
 
@@ -29,9 +29,9 @@ def test_the_ring_names_what_changed_between_two_generations(seg: shm.Segment) -
     g0 = seg.generation()
     g1 = seg.publish([(Kind.CREATED, "alpha")])
     g2 = seg.publish([(Kind.UPDATED, "beta"), (Kind.REMOVED, "gamma")])
-    assert seg.changes_since(g0, g2) == {"alpha", "beta", "gamma"}
-    assert seg.changes_since(g1, g2) == {"beta", "gamma"}
-    assert seg.changes_since(g0, g1) == {"alpha"}  # a later publish is not part of it
+    assert seg.changes_since(g0, g2) == frozenset({"alpha", "beta", "gamma"})
+    assert seg.changes_since(g1, g2) == frozenset({"beta", "gamma"})
+    assert seg.changes_since(g0, g1) == frozenset({"alpha"})  # a later publish is not part of it
     assert seg.changes_since(g2, g2) == frozenset()
 
 
@@ -42,7 +42,7 @@ def test_the_ring_does_not_tell_across_a_hand_edit_a_bare_bump_or_a_lap(seg: shm
     g2 = seg.bump_generation()  # a registry noticing a hand edit: no entry
     g3 = seg.publish([(Kind.UPDATED, "alpha")])
     assert seg.changes_since(g1, g3) is None
-    assert seg.changes_since(g2, g3) == {"alpha"}
+    assert seg.changes_since(g2, g3) == frozenset({"alpha"})
     for i in range(shm.RING_SIZE):
         seg.publish([(Kind.UPDATED, f"s{i}")])
     assert seg.changes_since(g3, seg.generation()) is None  # fell off the ring
@@ -63,12 +63,12 @@ def test_a_scribbled_ring_entry_makes_the_ring_silent_not_wrong(seg: shm.Segment
     seg.publish([(Kind.UPDATED, "beta")])  # the writer starts over from a garbage head
 
 
-def _config(rng: random.Random, names: list[str]) -> dict[str, dict[str, object]]:
+def _config(rng: random.Random, names: list[str]) -> dict[str, dict[str, Value]]:
     return {n: _props(rng, n) for n in names}
 
 
-def _props(rng: random.Random, name: str) -> dict[str, object]:
-    props: dict[str, object] = {"path": f"/srv/{name}"}
+def _props(rng: random.Random, name: str) -> dict[str, Value]:
+    props: dict[str, Value] = {"path": f"/srv/{name}"}
     if rng.random() < 0.5:
         props["comment"] = rng.choice(["", "a comment", "x" * rng.randrange(1, 40)])
     if rng.random() < 0.3:

@@ -154,14 +154,14 @@ class _Cache:
         self,
         generation: int,
         expires: float,
-        text: bytes,
+        text: bytes | bytearray,
         config: SectionConfig,
         entries: dict[str, _Entry],
         file_digest: str | None = None,
     ) -> None:
         self.generation = generation
         self.expires = expires  # monotonic deadline of the TTL
-        self.text = text  # the file's bytes with a "\n" in front (what splice() compares with)
+        self.text = text  # the file's bytes with a "\n" in front (what splice() compares with); never written
         self._digest = file_digest
         self.config = config
         self.entries = entries
@@ -240,6 +240,23 @@ class Handle(list):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         state = "released" if self[0] is None else "active"
         return f"<Handle {self.name!r} {self.operation.name} {state}>"
+
+
+def _read_after(path: str, prefix: bytes) -> bytearray:
+    """``prefix`` followed by the file's bytes (a missing file reads as empty), in one buffer."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 -- closed below, after one fstat and one readinto
+    except FileNotFoundError:
+        return bytearray(prefix)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(len(prefix) + size + 1)  # one byte more: a file that grew is read whole below
+        buf[: len(prefix)] = prefix
+        got = f.readinto(memoryview(buf)[len(prefix) :])
+        if got > size:
+            return bytearray(prefix) + buf[len(prefix) : len(prefix) + got] + f.read()
+        del buf[len(prefix) + got :]
+    return buf
 
 
 _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
@@ -569,12 +586,12 @@ class Registry:
         changed = seg.changes_since(old.generation, gen)
         if changed is None:
             return None
-        text = b"\n" + self._read_file()
+        text = self._read_text()
         spliced = splice(old.text, old.config, text, changed)
         if spliced is None:
             return None
         config, props = spliced
-        entries = dict(old.entries)
+        entries = old.entries  # in place (~1 ms less at 100,000 stores): the old cache is dropped
         for name, new in props.items():
             entries.pop(name, None)
             if new is not None:
@@ -605,6 +622,17 @@ class Registry:
             self._prewarm_entries([e for name in props if (e := entries.get(name)) is not None])
             self._warm = cache
         self._acknowledge(cache.generation)
+
+    def _read_text(self) -> bytearray:
+        """The config file's bytes after a ``"\n"`` (what :func:`splice` compares), read into one
+        buffer: no 11 MB copy at 100,000 stores.  Errors as :meth:`_read_file`."""
+        try:
+            return _read_after(self._config_file, b"\n")
+        except OSError as err:
+            self.errors += 1
+            raise ConfigUnavailable(
+                f'config unavailable: cannot read "{self._config_file}": {err.strerror or err}'
+            ) from None
 
     def _read_file(self) -> bytes:
         """The config file's bytes; a file that cannot be read (EMFILE, EACCES) is a 503."""

@@ -37,7 +37,7 @@ from .section import SECTION_TYPE, SectionConfig, parse
 _HEADER = b"\n" + SECTION_TYPE.encode() + b": "
 
 
-def region_start(text: bytes, name: str, start: int = 0) -> int:
+def region_start(text: bytes | bytearray, name: str, start: int = 0) -> int:
     """Where the region of ``name`` starts in ``text`` (a file with a ``\\n`` in front), or -1."""
     at = text.find(_HEADER + name.encode() + b"\n", start)
     if at > 0 and text[at - 1] != 0x0A:  # not after an empty line: not a region (no splice)
@@ -45,7 +45,7 @@ def region_start(text: bytes, name: str, start: int = 0) -> int:
     return at
 
 
-def region_end(text: bytes, start: int) -> int:
+def region_end(text: bytes | bytearray, start: int) -> int:
     """Where the region starting at ``start`` ends: at the next empty line, or the end."""
     blank = text.find(b"\n\n", start + 1)
     return len(text) if blank < 0 else blank + 1
@@ -63,7 +63,7 @@ def _section(text: bytes, name: str) -> dict[str, Value] | None:
 
 
 def splice(
-    old_text: bytes, old: SectionConfig, new_text: bytes, changed: Iterable[str]
+    old_text: bytes | bytearray, old: SectionConfig, new_text: bytes | bytearray, changed: Iterable[str]
 ) -> tuple[SectionConfig, dict[str, dict[str, Value] | None]] | None:
     """``parse(new_text)`` computed from ``old`` (which is ``parse(old_text)``), or None.
 
@@ -79,7 +79,7 @@ def splice(
             if start < 0:
                 return None
             end = region_end(old_text, start)
-            if _section(old_text[start:end], name) != old[name]:
+            if _section(bytes(old_text[start:end]), name) != old[name]:
                 return None
             cuts.append((start, end, name))
     cuts.sort()
@@ -113,9 +113,12 @@ def splice(
     return _merged(old, cuts, found, names, unchanged)
 
 
-def _take(text: bytes, start: int, name: str, unchanged: int, found: dict[str, tuple[int, dict[str, Value]]]) -> int:
+_Found = dict[str, tuple[int, dict[str, Value]]]  # name -> (unchanged bytes before it, properties)
+
+
+def _take(text: bytes | bytearray, start: int, name: str, unchanged: int, found: _Found) -> int:
     end = region_end(text, start)
-    props = _section(text[start:end], name)
+    props = _section(bytes(text[start:end]), name)
     if props is None:
         return -1
     found[name] = (unchanged, props)

@@ -229,6 +229,9 @@ class Manager:
             if problem.kind is shm.ProblemKind.TRUNCATED:
                 with contextlib.suppress(Exception):
                     seg.close()
+        if problem.kind is not shm.ProblemKind.TRUNCATED and self.previous is None:
+            seg.free_slot(self.slot)
+            self.previous = seg  # processes carry their operations over: count in both meanwhile
         self._adopt(new)
         self.writer.rebase(new.generation())
         log.info("shared memory %s replaced, generation %d", new.name, new.generation())

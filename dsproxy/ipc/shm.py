@@ -8,27 +8,34 @@ POSIX shared-memory segment.  Its name derives from the instance's run directory
 (``/dsproxy.<sha256(realpath(run_dir))[:24]>``), so two instances -- and parallel tests -- never
 share one.  Next to it, ``<run_dir>/shm.lock`` is the *writers' lock* (see "Locks" below).
 
-Layout (version 2; little-endian; every field a u64 unless noted; offsets in bytes; a unit test
-pins all of them)::
+Layout (version 3; little-endian; every field a u64 unless noted; offsets in bytes; S = the
+store-table size, a power of two in 65,536..2**21 named by the header; a unit test pins all of
+them)::
 
     0         header, one page
       0         magic, 8 bytes  b"DSPXSHM1"
-      8         layout version (2)
-      16        segment size in bytes
+      8         layout version (3)
+      16        segment size in bytes (segment_size(S))
       24        state: 1 = active, 2 = retired (a newer segment replaced this one; reopen)
       32        number of process slots (128)
-      40        number of store entries (65536)
+      40        number of store entries (S)
       48        creation time, unix ns
       56        pid of the creator
+      64        number of ring entries (4096)
+      72        ring head: ring entries ever written
       128       generation counters, 16 words: [0] datastore, [1] token, [2..15] reserved
     4096      process slots, 128 x 128 bytes, word index within a slot:
       0 pid (0 = free)   1 start time (ticks, /proc field 22)   2 role   3 booted
       4 heartbeat (CLOCK_MONOTONIC ns)   5 generation of the config this process serves
       6 lookups   7 cache hits   8 slow-path reloads   9 config errors (the registry's)
-      10 lookup errors (the daemon's)   11..15 reserved
-    20480     store-name table, 65536 x 48 bytes: u64 tag (0 = empty), 40-byte NUL-padded name
-    3166208   operation counters, one 1 MiB block per slot: 65536 stores x (read u64, write u64)
-    137383936 end (the segment is sparse on tmpfs: only touched pages cost memory)
+      10 lookup errors (the daemon's)   11 origin (k + 1: moved over from slot k)   12..15 reserved
+    20480     invalidation ring, 4096 x 64 bytes: u64 sequence (k + 1 for entry number k, 0 while
+              written), u64 generation it produced, u64 kind (1 created, 2 updated, 3 removed,
+              4 everything), 40-byte NUL-padded store name
+    282624    store-name table, S x 48 bytes: u64 tag (0 = empty), 40-byte NUL-padded name
+    282624 + 48 S   operation counters, one 16 S-byte block per slot: S stores x (read, write)
+    282624 + 48 S + 2048 S   end (sparse on tmpfs: only touched pages cost memory; 131 MiB of
+              address space at S = 65,536, 512 MiB at S = 262,144 -- 100,000 stores)
 
 Who writes what
 ---------------
@@ -47,7 +54,9 @@ Who writes what
   :meth:`~Segment.heartbeats`).
 * The store-name table maps a datastore name to the index of its counters in every block.  Entries
   are added under the writers' lock (name bytes first, tag last) and never removed, so readers probe
-  it without a lock.
+  it without a lock.  (How it still never runs out: "Store names" below.)
+* The invalidation ring and its head are written by :meth:`Segment.publish` only (the manager's
+  writes and its hand-edit watch), under the writers' lock, together with the bump.
 
 Ordering rules
 --------------
@@ -65,6 +74,37 @@ Ordering rules
   acknowledgement is; and every lookup after the acknowledgement checks the new config.  So once the
   wait returns, the counted operations are exactly the ones that can still be running, and no new
   READ/WRITE is granted.  (A process that does not acknowledge within the timeout is reported.)
+
+The invalidation ring
+---------------------
+With each bump the manager records what changed, one entry per store, in a ring of 4,096 entries
+(PostgreSQL's ``sinvaladt.c`` is the model): entries first, then the head, then the generation
+(publish after write).  A reader whose cached generation is G and who read N asks
+:meth:`Segment.changes_since`: it walks back from the head, takes each entry only if its sequence
+word names it before and after the read (a seqlock: an entry being written or overwritten by the
+next lap is refused), stops at the first entry older than G+1, and answers the set of names only
+if every generation G+1..N had an entry and none says "everything" -- else None, and the reader
+reloads the whole file.  A bump without entries (a registry that noticed a hand edit, a retired
+segment) leaves a gap, so it also means a full reload.  The ring is a hint: what the registry
+does with it is verified against the file (:mod:`dsproxy.config.splice`), so garbage in the ring
+can cost a full reload, never a wrong answer; its words are range-checked all the same.
+
+Store names
+-----------
+The manager sizes the table for the configuration: :func:`table_size` (a power of two, at least
+twice the configured stores -- linear probing stays short below half load -- at least 65,536),
+from the file at start.  Names are never removed, so create/remove churn and hand edits fill it
+with dead names; the manager moves everyone to a new segment (:func:`move_size`: when the
+configured stores need a larger table, when it is three quarters full, or more than half full
+with mostly dead names) through the replace-and-retire path of "Failure handling".  A moving
+process claims its new slot with its held operations already in its counters and its old slot as
+the slot's *origin*, and frees the old slot after (:meth:`Segment.claim_slot`); the manager keeps
+the old mapping while anyone still counts there and sums both (:func:`moving_totals`: old slots
+first, then new ones, an old slot that a new one names as its origin counted once, in the new
+one), so a remove or a maintenance transition during a move counts every operation exactly once.
+A handle from before the move is released against the counter its operation moved to.  Past
+2**21 entries (a million configured stores) the table does not grow: creates still work, but
+lookups of names that find no room fail with "store table is full".
 
 Locks
 -----

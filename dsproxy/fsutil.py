@@ -153,7 +153,6 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-
 def replace_in(dir_fd: int, name: str, data: bytes, mode: int) -> None:
     """Put ``data`` at ``name`` in ``dir_fd``: an ``O_EXCL|O_NOFOLLOW`` temp file of ``mode``, renamed
     into place.  A rename replaces a link planted at ``name``; it never writes through it."""
@@ -169,6 +168,7 @@ def replace_in(dir_fd: int, name: str, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+
 
 def read_capped(fd: int, limit: int, shown: str) -> bytes:
     """Up to ``limit`` bytes of ``fd``; a longer file is refused (a planted huge file)."""

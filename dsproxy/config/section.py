@@ -67,6 +67,9 @@ class SectionConfig(dict[str, dict[str, Value]]):
     A parsed config is shared by every lookup of a process: treat it as read-only.
     """
 
+    #: sections whose name an earlier section of the file had already used (the last one wins)
+    duplicates: int = 0
+
 
 def _decode(data: bytes, filename: str) -> str:
     try:
@@ -147,6 +150,8 @@ class _Parser:
                 key, reason = broken
                 self.error(self.seen.get(key, lineno), f"property '{key}': {reason}")
             if self.name is not None:
+                if self.name in self.config:
+                    self.config.duplicates += 1
                 self.config[self.name] = self.props  # a second section of that name replaces the first
         self.in_section = False
         self.skipping = False
@@ -246,6 +251,33 @@ def check_section(name: str, props: Mapping[str, object]) -> dict[str, Value]:
     return out
 
 
+def render_section(
+    name: str, props: Mapping[str, object], filename: str = "datastore.cfg"
+) -> tuple[str, dict[str, Value]]:
+    """The canonical text of one section (ending in ``\n``) and its typed properties.
+
+    The one place a section becomes text: :func:`render` joins these with one blank line, so a
+    file written from kept section texts (the manager's O(changed) write) is byte-identical to a
+    full :func:`dump` by construction.  Validates like :func:`render`.
+    """
+    try:
+        typed = check_section(name, props)
+    except PropertyError as err:
+        reason = f"writing \"{filename}\" failed: section '{show(name)}': {err.reason}"
+        raise PropertyError(err.key, reason) from None
+    lines = [f"{SECTION_TYPE}: {name}\n"]
+    for key in sorted(typed):
+        text = format_value(typed[key])
+        if CONTROL_RE.search(text) is not None:  # the checkers make this impossible; the writer still refuses
+            raise PropertyError(key, f"detected unexpected control character in section '{name}' key '{key}'")
+        lines.append(f"\t{key} {text}\n")
+    return "".join(lines), typed
+
+
+#: what separates two sections' texts in a canonical file (one blank line)
+SECTION_SEPARATOR = "\n"
+
+
 def render(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.cfg") -> tuple[str, SectionConfig]:
     """The canonical text of ``config`` and the typed config it stands for.
 
@@ -256,20 +288,10 @@ def render(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore
     chunks = []
     typed_config = SectionConfig()
     for name, props in config.items():
-        try:
-            typed = check_section(name, props)
-        except PropertyError as err:
-            reason = f"writing \"{filename}\" failed: section '{show(name)}': {err.reason}"
-            raise PropertyError(err.key, reason) from None
-        lines = [f"{SECTION_TYPE}: {name}\n"]
-        for key in sorted(typed):
-            text = format_value(typed[key])
-            if CONTROL_RE.search(text) is not None:  # the checkers make this impossible; the writer still refuses
-                raise PropertyError(key, f"detected unexpected control character in section '{name}' key '{key}'")
-            lines.append(f"\t{key} {text}\n")
-        chunks.append("".join(lines))
+        text, typed = render_section(name, props, filename)
+        chunks.append(text)
         typed_config[name] = typed
-    return "\n".join(chunks), typed_config
+    return SECTION_SEPARATOR.join(chunks), typed_config
 
 
 def dump(config: Mapping[str, Mapping[str, Value]], filename: str = "datastore.cfg") -> str:

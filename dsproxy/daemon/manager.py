@@ -36,6 +36,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -136,12 +137,15 @@ class Manager:
         self.paths = options.paths
         self.seg: shm.Segment | None = None
         self.slot = -1
+        #: the segment processes are still moving from after a move (their operations count there)
+        self.previous: shm.Segment | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         owner = None
         if options.store_owner:
             pw = pwd.getpwnam(options.store_owner)
             owner = (pw.pw_uid, pw.pw_gid)
         self.writer = ConfigWriter(self.paths, lambda: self.seg, owner)
+        self.writer._previous = lambda: self.previous
         self.authorizer = Authorizer(
             own_uid=os.geteuid(),
             admin_gid=grp.getgrnam(options.admin_group).gr_gid if options.admin_group else None,
@@ -154,12 +158,13 @@ class Manager:
     # -- start ----------------------------------------------------------------------------------------
 
     def open_segment(self) -> None:
+        stores = shm.table_size(_configured_estimate(self.paths.config_file))
         try:
-            self.seg = shm.Segment.open(self.paths.run_dir, create=True)
+            self.seg = shm.Segment.open(self.paths.run_dir, create=True, stores=stores)
         except shm.SegmentError as err:
             log.warning("%s: replacing it with a fresh segment", err)
             try:
-                self.seg = shm.recreate(self.paths.run_dir)
+                self.seg = shm.recreate(self.paths.run_dir, stores=stores)
             except shm.SegmentError as err2:
                 log.error("running without shared memory (workers run degraded): %s", err2)
                 return
@@ -245,11 +250,13 @@ class Manager:
         problem = seg.check()
         if problem is None:
             seg.beat(self.slot)
+            self._drop_previous()
+            self.check_names()
             return
         log.error("%s: replacing it", problem)
         self.seg = None
         try:
-            new = shm.recreate(self.paths.run_dir, mapped=seg)
+            new = shm.recreate(self.paths.run_dir, mapped=seg, stores=seg.max_stores)
         except shm.SegmentError as err:
             log.error("cannot replace the shared memory (workers run degraded): %s", err)
             return
@@ -260,8 +267,49 @@ class Manager:
             if problem.kind is shm.ProblemKind.TRUNCATED:
                 with contextlib.suppress(Exception):
                     seg.close()
+        if problem.kind is not shm.ProblemKind.TRUNCATED and self.previous is None:
+            seg.free_slot(self.slot)
+            self.previous = seg  # processes carry their operations over: count in both meanwhile
         self._adopt(new)
+        self.writer.rebase(new.generation())
         log.info("shared memory %s replaced, generation %d", new.name, new.generation())
+
+    def check_names(self) -> None:
+        """Move everyone to a larger or compacted segment when the store table fills or is mostly
+        dead names (:func:`dsproxy.ipc.shm.move_size`): the replace-and-retire path, with each
+        process carrying its operations over, counted meanwhile in both (``moving_totals``)."""
+        seg, configured = self.seg, self.writer.configured()
+        if seg is None or configured is None or self.previous is not None:
+            return
+        size = shm.move_size(seg, configured)
+        if size is None:
+            return
+        log.info(
+            "store table: %d of %d entries used, %d stores configured; moving to a table of %d",
+            seg.names_used,
+            seg.max_stores,
+            configured,
+            size,
+        )
+        try:
+            new = shm.recreate(self.paths.run_dir, mapped=seg, stores=size)
+        except shm.SegmentError as err:
+            log.error("cannot move to a larger store table: %s", err)
+            return
+        seg.free_slot(self.slot)
+        self.previous = seg
+        self._adopt(new)
+        self.writer.rebase(new.generation())
+
+    def _drop_previous(self) -> None:
+        """Unmap the segment moved from once no live process counts there any more."""
+        prev, seg = self.previous, self.seg
+        if prev is None or seg is None:
+            return
+        superseded = {s.origin - 1 for s in seg.slots() if s.origin}
+        if all(s.slot in superseded for s in prev.slots()):
+            self.previous = None
+            prev.close()
 
     async def in_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -352,6 +400,7 @@ class Manager:
             result = await self.in_writer(fn, *args)
         except WriteRefused as err:
             raise HTTPError(err.status, err.message) from None
+        await self.in_writer(self.check_names)
         log.debug("write by uid %d pid %d: generation %s", client.uid, client.pid, result.generation)
         return result
 
@@ -408,6 +457,15 @@ async def wait_for_generation(
         if not lagging or time.monotonic() >= deadline:
             return lagging
         await asyncio.sleep(0.005)
+
+
+def _configured_estimate(config_file: os.PathLike[str] | str) -> int:
+    """About how many stores the file names (its header lines): to size a new store table."""
+    try:
+        with open(config_file, "rb") as f:
+            return len(re.findall(rb"(?m)^[A-Za-z]", f.read()))
+    except OSError:
+        return 0
 
 
 def main(options: ManagerOptions) -> int:

@@ -2,9 +2,11 @@
 
 Everything here runs in the manager's single writer thread, so writes and watch checks never
 interleave inside this process; against other processes the config lock (``.datastore.lck``)
-serialises them.  Every write goes through :func:`dsproxy.config.update_config` (lock, digest
-compare, temp file + fsync + rename + directory fsync) and bumps the shared generation from inside
-the lock, *after* the rename: publish after write.
+serialises them.  Every write takes that lock, compares the digest, writes from the kept section
+texts in O(changed) (:mod:`dsproxy.daemon.kept`; temp file + fsync + rename + directory fsync)
+and publishes what changed in the shared invalidation ring with the generation bump, from inside
+the lock, *after* the rename: publish after write.  A write that finds the file changed by hand
+publishes "everything"; so does the watch when it notices a hand edit.
 
 Decisions the spec leaves open (recorded here, enforced below):
 
@@ -57,8 +59,8 @@ from ..config import (
     digest,
     parse,
     read_raw,
+    replace_file,
     request,
-    update_config,
 )
 from ..fsutil import (
     STORE_DIR_MODE,
@@ -76,6 +78,7 @@ from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
+from .kept import Change, KeptConfig
 
 log = logging.getLogger("dsproxy.writer")
 
@@ -139,24 +142,33 @@ class ConfigWriter:
         self.state = _FileState()
         self.group = os.getegid()
         self.journal = CreateJournal(paths.config_dir)
+        self.kept: KeptConfig | None = None  # the file as last written or read (O(changed) writes)
+        self._watched: int | None = None  # stores in the file as the watch last parsed it
+        #: the retired segment processes are still moving from (the manager's), for the totals
+        self._previous: Callable[[], shm.Segment | None] = lambda: None
 
     # -- publishing ---------------------------------------------------------------------------------
 
-    def _bump(self) -> int | None:
+    def _publish(self, records: list[tuple[shm.ChangeKind, str]]) -> int | None:
         seg = self._segment()
-        return None if seg is None else seg.bump_generation()
+        return None if seg is None else seg.publish(records)
 
     def _write(
-        self, mutate: Callable[[SectionConfig], object], expected_digest: str | None
-    ) -> tuple[SectionConfig, str, int | None]:
+        self, plan: Callable[[SectionConfig], list[Change]], expected_digest: str | None
+    ) -> tuple[str, int | None]:
+        """One locked write in O(changed) (:mod:`dsproxy.daemon.kept`): ``plan`` gets the current
+        config (read-only) and returns the changes; returns ``(new digest, generation)``."""
         try:
-            config, new_digest, gen = update_config(
-                self.config_file,
-                mutate,
-                expected_digest=expected_digest,
-                lock_path=self.lock_file,
-                bump=self._bump,
-            )
+            with config_lock(self.lock_file):
+                kept, reread = self._current()
+                if expected_digest is not None and expected_digest != kept.digest:
+                    raise DigestMismatch()
+                new, data, records = kept.apply(plan(kept.config), str(self.config_file))
+                replace_file(self.config_file, data)
+                new.commit(kept, records)
+                self.kept = new
+                # publish after write; a file changed by hand since the last write: everyone reloads
+                gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else records)
         except ParseError as err:
             self.state.error = str(err)
             raise WriteRefused(
@@ -164,11 +176,30 @@ class ConfigWriter:
             ) from None
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
-        self.state = _FileState(_stat_signature(self.config_file), new_digest, gen, None)
-        return config, new_digest, gen
+        self.state = _FileState(_stat_signature(self.config_file), new.digest, gen, None)
+        return new.digest, gen
+
+    def _current(self) -> tuple[KeptConfig, bool]:
+        """The kept config, re-read from the file when its digest is not the kept one (a hand edit,
+        or the first write); and whether it was re-read after a hand edit."""
+        data = read_raw(self.config_file)
+        kept = self.kept
+        if kept is not None and digest(data) == kept.digest:
+            return kept, False
+        self.kept = KeptConfig.read(data, str(self.config_file))
+        return self.kept, kept is not None
+
+    def rebase(self, generation: int) -> None:
+        """A new segment serves ``generation``: the file as last seen is what it publishes, so a
+        hand edit from now on is still noticed (its generation is compared with this one)."""
+        self.state.generation = generation
+
+    def configured(self) -> int | None:
+        """How many stores the kept config has (None before the first write or check)."""
+        return self._watched if self.kept is None else len(self.kept.config)
 
     def active_operations(self, name: str) -> tuple[int, int]:
-        return shm.total_operations(name, self._segment(), self.files)
+        return shm.total_operations(name, self._segment(), self.files, self._previous())
 
     # -- create ---------------------------------------------------------------------------------------
 
@@ -189,15 +220,17 @@ class ConfigWriter:
         _check_store_path(path)
         layout = _Layout(name, path)
 
-        def mutate(cfg: SectionConfig) -> None:
+        def plan(cfg: SectionConfig) -> list[Change]:
             if name in cfg:
                 raise WriteRefused(409, f"datastore '{name}' already exists.")
-            _check_not_nested(path, cfg)
+            assert self.kept is not None
+            if self.kept.paths.conflicts(path):
+                _check_not_nested(path, cfg)  # the full scan, for the message naming the other store
             self._lay_out(layout)
-            cfg[name] = typed
+            return [(name, typed)]
 
         try:
-            _, new_digest, gen = self._write(mutate, body.get("digest"))
+            new_digest, gen = self._write(plan, body.get("digest"))
         except BaseException:
             _remove_created(layout)
             raise
@@ -325,7 +358,7 @@ class ConfigWriter:
             raise WriteRefused(400, str(err)) from None
         maintenance: MaintenanceMode | None = None  # the new mode, once written
 
-        def mutate(cfg: SectionConfig) -> None:
+        def plan(cfg: SectionConfig) -> list[Change]:
             nonlocal maintenance
             current = cfg.get(name)
             if current is None:
@@ -341,16 +374,16 @@ class ConfigWriter:
             if old is not None and not old.allows_transition_to(new):
                 raise WriteRefused(400, f"datastore '{name}' is being deleted: its maintenance mode cannot change")
             maintenance = new
-            cfg[name] = typed
+            return [(name, typed)]
 
-        _, new_digest, gen = self._write(mutate, body.get("digest"))
+        new_digest, gen = self._write(plan, body.get("digest"))
         log.info("updated datastore '%s' (generation %s)", name, gen)
         return WriteResult(gen, new_digest, name, maintenance=maintenance)
 
     # -- remove ---------------------------------------------------------------------------------------
 
     def remove(self, name: str, expected_digest: str | None) -> WriteResult:
-        def mutate(cfg: SectionConfig) -> None:
+        def plan(cfg: SectionConfig) -> list[Change]:
             if name not in cfg:
                 raise WriteRefused(404, f"no such datastore '{name}'")
             read, write = self.active_operations(name)
@@ -358,9 +391,9 @@ class ConfigWriter:
                 raise WriteRefused(
                     409, f"datastore '{name}' has active operations (read {read}, write {write}); not removing it"
                 )
-            del cfg[name]
+            return [(name, None)]
 
-        _, new_digest, gen = self._write(mutate, expected_digest)
+        new_digest, gen = self._write(plan, expected_digest)
         log.info("removed datastore '%s' from the configuration (generation %s); its data stays", name, gen)
         return WriteResult(gen, new_digest, name)
 
@@ -372,17 +405,22 @@ class ConfigWriter:
         wanted = [f"demo{i:0{width}d}" for i in range(1, count + 1)]
         added: list[str] = []
 
-        def mutate(cfg: SectionConfig) -> None:
+        def plan(cfg: SectionConfig) -> list[Change]:
+            changes: list[Change] = []
             for name in wanted:
                 if name in cfg:
                     continue
                 path = self.paths.data_dir / name
                 self._lay_out_demo(str(path))
-                cfg[name] = {"path": str(path), "comment": "demo datastore"}
+                try:
+                    changes.append((name, check_section(name, {"path": str(path), "comment": "demo datastore"})))
+                except PropertyError as err:
+                    raise WriteRefused(400, str(err)) from None
                 added.append(name)
+            return changes
 
         if not all(_configured(self.config_file, wanted)):
-            self._write(mutate, None)
+            self._write(plan, None)
         return len(added)
 
     def _lay_out_demo(self, path: str) -> None:
@@ -407,7 +445,7 @@ class ConfigWriter:
         current_gen = None if seg is None else seg.generation()
         state = self.state
         try:
-            parse(data, filename=str(self.config_file))
+            self._watched = len(parse(data, filename=str(self.config_file)))
             error = None
         except ParseError as err:
             error = str(err)
@@ -420,7 +458,7 @@ class ConfigWriter:
             if state.digest is not None and file_digest != state.digest and current_gen == state.generation:
                 # nobody published this change (a registry may have noticed it first: then
                 # ``expected`` no longer matches and this is not a second bump)
-                now = seg.bump_generation(expected=current_gen)
+                now = seg.publish([(shm.ChangeKind.EVERYTHING, "*")], expected=current_gen)
                 if now != current_gen:
                     bumped = now
                     log.info("datastore.cfg changed on disk: generation bumped to %d", now)

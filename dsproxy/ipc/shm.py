@@ -8,27 +8,34 @@ POSIX shared-memory segment.  Its name derives from the instance's run directory
 (``/dsproxy.<sha256(realpath(run_dir))[:24]>``), so two instances -- and parallel tests -- never
 share one.  Next to it, ``<run_dir>/shm.lock`` is the *writers' lock* (see "Locks" below).
 
-Layout (version 2; little-endian; every field a u64 unless noted; offsets in bytes; a unit test
-pins all of them)::
+Layout (version 3; little-endian; every field a u64 unless noted; offsets in bytes; S = the
+store-table size, a power of two in 65,536..2**21 named by the header; a unit test pins all of
+them)::
 
     0         header, one page
       0         magic, 8 bytes  b"DSPXSHM1"
-      8         layout version (2)
-      16        segment size in bytes
+      8         layout version (3)
+      16        segment size in bytes (segment_size(S))
       24        state: 1 = active, 2 = retired (a newer segment replaced this one; reopen)
       32        number of process slots (128)
-      40        number of store entries (65536)
+      40        number of store entries (S)
       48        creation time, unix ns
       56        pid of the creator
+      64        number of ring entries (4096)
+      72        ring head: ring entries ever written
       128       generation counters, 16 words: [0] datastore, [1] token, [2..15] reserved
     4096      process slots, 128 x 128 bytes, word index within a slot:
       0 pid (0 = free)   1 start time (ticks, /proc field 22)   2 role   3 booted
       4 heartbeat (CLOCK_MONOTONIC ns)   5 generation of the config this process serves
       6 lookups   7 cache hits   8 slow-path reloads   9 config errors (the registry's)
-      10 lookup errors (the daemon's)   11..15 reserved
-    20480     store-name table, 65536 x 48 bytes: u64 tag (0 = empty), 40-byte NUL-padded name
-    3166208   operation counters, one 1 MiB block per slot: 65536 stores x (read u64, write u64)
-    137383936 end (the segment is sparse on tmpfs: only touched pages cost memory)
+      10 lookup errors (the daemon's)   11 origin (k + 1: moved over from slot k)   12..15 reserved
+    20480     invalidation ring, 4096 x 64 bytes: u64 sequence (k + 1 for entry number k, 0 while
+              written), u64 generation it produced, u64 kind (1 created, 2 updated, 3 removed,
+              4 everything), 40-byte NUL-padded store name
+    282624    store-name table, S x 48 bytes: u64 tag (0 = empty), 40-byte NUL-padded name
+    282624 + 48 S   operation counters, one 16 S-byte block per slot: S stores x (read, write)
+    282624 + 48 S + 2048 S   end (sparse on tmpfs: only touched pages cost memory; 131 MiB of
+              address space at S = 65,536, 512 MiB at S = 262,144 -- 100,000 stores)
 
 Who writes what
 ---------------
@@ -47,7 +54,9 @@ Who writes what
   :meth:`~Segment.heartbeats`).
 * The store-name table maps a datastore name to the index of its counters in every block.  Entries
   are added under the writers' lock (name bytes first, tag last) and never removed, so readers probe
-  it without a lock.
+  it without a lock.  (How it still never runs out: "Store names" below.)
+* The invalidation ring and its head are written by :meth:`Segment.publish` only (the manager's
+  writes and its hand-edit watch), under the writers' lock, together with the bump.
 
 Ordering rules
 --------------
@@ -65,6 +74,37 @@ Ordering rules
   acknowledgement is; and every lookup after the acknowledgement checks the new config.  So once the
   wait returns, the counted operations are exactly the ones that can still be running, and no new
   READ/WRITE is granted.  (A process that does not acknowledge within the timeout is reported.)
+
+The invalidation ring
+---------------------
+With each bump the manager records what changed, one entry per store, in a ring of 4,096 entries
+(PostgreSQL's ``sinvaladt.c`` is the model): entries first, then the head, then the generation
+(publish after write).  A reader whose cached generation is G and who read N asks
+:meth:`Segment.changes_since`: it walks back from the head, takes each entry only if its sequence
+word names it before and after the read (a seqlock: an entry being written or overwritten by the
+next lap is refused), stops at the first entry older than G+1, and answers the set of names only
+if every generation G+1..N had an entry and none says "everything" -- else None, and the reader
+reloads the whole file.  A bump without entries (a registry that noticed a hand edit, a retired
+segment) leaves a gap, so it also means a full reload.  The ring is a hint: what the registry
+does with it is verified against the file (:mod:`dsproxy.config.splice`), so garbage in the ring
+can cost a full reload, never a wrong answer; its words are range-checked all the same.
+
+Store names
+-----------
+The manager sizes the table for the configuration: :func:`table_size` (a power of two, at least
+twice the configured stores -- linear probing stays short below half load -- at least 65,536),
+from the file at start.  Names are never removed, so create/remove churn and hand edits fill it
+with dead names; the manager moves everyone to a new segment (:func:`move_size`: when the
+configured stores need a larger table, when it is three quarters full, or more than half full
+with mostly dead names) through the replace-and-retire path of "Failure handling".  A moving
+process claims its new slot with its held operations already in its counters and its old slot as
+the slot's *origin*, and frees the old slot after (:meth:`Segment.claim_slot`); the manager keeps
+the old mapping while anyone still counts there and sums both (:func:`moving_totals`: old slots
+first, then new ones, an old slot that a new one names as its origin counted once, in the new
+one), so a remove or a maintenance transition during a move counts every operation exactly once.
+A handle from before the move is released against the counter its operation moved to.  Past
+2**21 entries (a million configured stores) the table does not grow: creates still work, but
+lookups of names that find no room fail with "store table is full".
 
 Locks
 -----
@@ -148,7 +188,9 @@ if TYPE_CHECKING:
     from .opfile import FileCounters
 
 MAGIC: Final = b"DSPXSHM1"
-LAYOUT_VERSION: Final = 2  # 2: the daemon's lookup errors got a word of their own (10)
+# 2: the daemon's lookup errors got a word of their own (10)
+# 3: the invalidation ring; a store table sized for the configuration; a slot's origin word (11)
+LAYOUT_VERSION: Final = 3
 STATE_ACTIVE: Final = 1
 STATE_RETIRED: Final = 2
 
@@ -162,6 +204,8 @@ OFF_MAX_SLOTS: Final = 32
 OFF_MAX_STORES: Final = 40
 OFF_CREATED: Final = 48
 OFF_CREATOR: Final = 56
+OFF_RING_SIZE: Final = 64
+OFF_RING_HEAD: Final = 72
 OFF_GENERATIONS: Final = 128
 NUM_GENERATIONS: Final = 16
 GEN_DATASTORE: Final = 0
@@ -183,24 +227,68 @@ SLOT_CACHE_HITS: Final = 7  # lookups answered without a reload
 SLOT_RELOADS: Final = 8  # slow-path loads of the config (the registry's)
 SLOT_CONFIG_ERRORS: Final = 9  # the registry's: the config file could not be read or parsed
 SLOT_LOOKUP_ERRORS: Final = 10  # the daemon's: lookups answered with an error
+SLOT_ORIGIN: Final = 11  # k + 1: the slot carries the operations of slot k of the retired segment; 0: fresh
 SLOT_WORDS: Final = SLOT_SIZE // 8
 
-MAX_STORES: Final = 65536
+# the invalidation ring: what each generation bump changed (see "The invalidation ring")
+RING_SIZE: Final = 4096
+RING_ENTRY_SIZE: Final = 64
+OFF_RING: Final = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
+RING_SEQ: Final = 0  # word index within an entry: k + 1 once entry number k is complete; 0 while written
+RING_GENERATION: Final = 1  # the generation the change produced
+RING_KIND: Final = 2  # a ChangeKind
+OFF_RING_NAME: Final = 24  # byte offset within an entry: the store name, NUL-padded to NAME_BYTES
+
 NAME_ENTRY_SIZE: Final = 48
 NAME_BYTES: Final = 40
-OFF_NAMES: Final = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
-COUNTER_BLOCK_SIZE: Final = MAX_STORES * 16
-OFF_COUNTERS: Final = OFF_NAMES + MAX_STORES * NAME_ENTRY_SIZE
-SEGMENT_SIZE: Final = OFF_COUNTERS + MAX_SLOTS * COUNTER_BLOCK_SIZE
+OFF_NAMES: Final = OFF_RING + RING_SIZE * RING_ENTRY_SIZE
+#: the smallest store table, and the default of a segment created without a store count
+MAX_STORES: Final = 65536
+#: the largest store table (4 GiB of sparse counters): 1,048,576 configured stores at half load
+STORES_LIMIT: Final = 2**21
+COUNTER_BLOCK_SIZE: Final = MAX_STORES * 16  # of a default-sized segment; see Segment.block_size
+OFF_COUNTERS: Final = OFF_NAMES + MAX_STORES * NAME_ENTRY_SIZE  # of a default-sized segment
+SEGMENT_SIZE: Final = OFF_COUNTERS + MAX_SLOTS * COUNTER_BLOCK_SIZE  # of a default-sized segment
 
 MASK64: Final = (1 << 64) - 1
 WRITER_LOCK_TIMEOUT: Final = 10.0
+
+
+def table_size(stores: int) -> int:
+    """The store-table size for ``stores`` configured stores: a power of two, at least twice the
+    count (linear probing stays short below half load), at least :data:`MAX_STORES`."""
+    size = MAX_STORES
+    while size < 2 * stores and size < STORES_LIMIT:
+        size *= 2
+    return size
+
+
+def segment_size(stores: int) -> int:
+    """Bytes of a segment whose store table has ``stores`` entries."""
+    return OFF_NAMES + stores * NAME_ENTRY_SIZE + MAX_SLOTS * stores * 16
+
+
+def _sound_table_size(stores: int) -> bool:
+    return MAX_STORES <= stores <= STORES_LIMIT and stores & (stores - 1) == 0
+
 
 # bounds of the words a reader range-checks (see "Untrusted contents" in the module essay)
 STAT_LIMIT: Final = 2**53  # lookups, cache hits, reloads, errors: 10**6/s for 280 years
 OPERATIONS_LIMIT: Final = 2**48  # one process's operations on one store (fds run out long before)
 CLOCK_MARGIN: Final = 3600.0  # seconds a start time or heartbeat may lie ahead of this process's clock
 NAME_CRC_WINDOW: Final = 256  # store-table entries whose tag :meth:`Segment.check` recomputes per call
+
+
+class ChangeKind(enum.IntEnum):
+    """What one invalidation-ring entry says of its store (a layout value)."""
+
+    CREATED = 1
+    UPDATED = 2
+    REMOVED = 3
+    EVERYTHING = 4  # a hand edit, or more changes than the ring holds: reload the whole file
+
+
+_KINDS: Final = frozenset(int(k) for k in ChangeKind)
 
 
 class Role(enum.IntEnum):
@@ -285,6 +373,7 @@ class SlotInfo(NamedTuple):
     reloads: int
     config_errors: int
     lookup_errors: int
+    origin: int = 0  # k + 1: carries the operations of slot k of the retired segment (SLOT_ORIGIN)
 
     @property
     def errors(self) -> int:
@@ -295,8 +384,14 @@ class SlotInfo(NamedTuple):
 class Segment:
     """One mapped segment.  Use :meth:`open`; the hot path reads :attr:`words` directly."""
 
-    def __init__(self, name: str, lock_file: str, mm: mmap.mmap, inode: int = 0) -> None:
+    def __init__(self, name: str, lock_file: str, mm: mmap.mmap, inode: int = 0, stores: int = MAX_STORES) -> None:
         self.name = name
+        #: the store table's size (a checked header field): entries, counter block, where the blocks start
+        self.max_stores = stores
+        self.block_size = stores * 16
+        self.off_counters = OFF_NAMES + stores * NAME_ENTRY_SIZE
+        self.size = segment_size(stores)
+        self.names_used = 0  #: store-table entries in use, as :meth:`check` last counted them
         self.lock_file = lock_file
         self.mm = mm
         self.inode = inode  # of the object mapped: tells whether the name still points to it
@@ -378,25 +473,27 @@ class Segment:
             if bad is not None:
                 return f"process slot {index}: {bad}"
             claimed.append(index)
-        table = os.pread(fd, MAX_STORES * NAME_ENTRY_SIZE, OFF_NAMES)  # a read does not fill holes
+        stores = self.max_stores
+        table = os.pread(fd, stores * NAME_ENTRY_SIZE, OFF_NAMES)  # a read does not fill holes
         if table != self._sound_table:  # a memcmp: the full range check only when it changed
             bad = _names_garbage(table)
             if bad is not None:
                 return f"store table {bad}"
             self._sound_table = table
-            self._crc_pending = MAX_STORES
+            self._crc_pending = stores
+            self.names_used = stores - table[0::NAME_ENTRY_SIZE].count(0)  # a tag's low byte is odd
         if self._crc_pending > 0:  # recompute the tags of one window, until all are done since the change
-            bad = _names_crc_garbage(table, range(scan.crc_first, scan.crc_first + NAME_CRC_WINDOW))
+            bad = _names_crc_garbage(table, range(scan.crc_first, scan.crc_first + NAME_CRC_WINDOW), stores)
             if bad is not None:
                 return f"store table {bad}"
-            scan.crc_next = (scan.crc_first + NAME_CRC_WINDOW) % MAX_STORES
+            scan.crc_next = (scan.crc_first + NAME_CRC_WINDOW) % stores
             self._crc_pending -= NAME_CRC_WINDOW
         if scan.block is None:  # one block per call, round robin over the claimed slots
             later = [i for i in claimed if i >= scan.block_first] or claimed
             scan.block = later[0] if later else -1
             scan.block_next = scan.block + 1
         if scan.block >= 0:
-            block = os.pread(fd, COUNTER_BLOCK_SIZE, OFF_COUNTERS + scan.block * COUNTER_BLOCK_SIZE)
+            block = os.pread(fd, self.block_size, self.off_counters + scan.block * self.block_size)
             bad = _counters_garbage(block)
             if bad is not None:
                 return f"operation counters of process slot {scan.block}: {bad}"
@@ -410,8 +507,9 @@ class Segment:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str], *, create: bool) -> Segment:
-        """Map the segment of ``run_dir``; create it if missing and ``create`` is true.
+    def open(cls, run_dir: str | os.PathLike[str], *, create: bool, stores: int = MAX_STORES) -> Segment:
+        """Map the segment of ``run_dir``; create it if missing and ``create`` is true (with a store
+        table of ``stores`` entries, see :func:`table_size`).
 
         Raises :class:`SegmentError` with a message naming what is wrong.
         """
@@ -423,16 +521,16 @@ class Segment:
             if not create or not isinstance(err, _Uninitialised):
                 raise
         with _flock(lock_file, WRITER_LOCK_TIMEOUT):
-            return cls._open_locked(name, lock_file, create)
+            return cls._open_locked(name, lock_file, create, stores)
 
     @classmethod
-    def _open_locked(cls, name: str, lock_file: str, create: bool) -> Segment:
+    def _open_locked(cls, name: str, lock_file: str, create: bool, stores: int = MAX_STORES) -> Segment:
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
             if not create:
                 raise _Uninitialised(f"shared memory {name} does not exist") from None
-            return cls._create_locked(name, lock_file)
+            return cls._create_locked(name, lock_file, stores=stores)
         except posix_ipc.PermissionsError as err:
             raise SegmentError(f"shared memory {name}: permission denied ({err})") from None
         try:
@@ -445,33 +543,35 @@ class Segment:
             shm.close_fd()
         if header[:8] == bytes(8):
             if create:  # a creator died before it finished: initialise it again
-                return cls._create_locked(name, lock_file, replace=True)
+                return cls._create_locked(name, lock_file, replace=True, stores=stores)
             raise _Uninitialised(f"shared memory {name} is not initialised")
         problem = _header_problem(name, size, header)
         if problem is not None and problem.kind is not ProblemKind.RETIRED:  # a retired one: check() says so
             raise SegmentError(problem.message)
-        return cls(name, lock_file, *_map(name))
+        stores = int.from_bytes(header[OFF_MAX_STORES : OFF_MAX_STORES + 8], "little")
+        return cls(name, lock_file, *_map(name, segment_size(stores)), stores=stores)
 
     @classmethod
-    def _create_locked(cls, name: str, lock_file: str, replace: bool = False) -> Segment:
+    def _create_locked(cls, name: str, lock_file: str, replace: bool = False, stores: int = MAX_STORES) -> Segment:
         if replace:
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_shared_memory(name)
         try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o660, size=SEGMENT_SIZE)
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o660, size=segment_size(stores))
         except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError) as err:
             raise SegmentError(f"cannot create shared memory {name}: {err}") from None
         try:
             os.fchmod(shm.fd, 0o660)  # the umask must not take the group's access away
         finally:
             shm.close_fd()
-        seg = cls(name, lock_file, *_map(name))
+        seg = cls(name, lock_file, *_map(name, segment_size(stores)), stores=stores)
         w = seg.words
         w[OFF_VERSION // 8] = LAYOUT_VERSION
-        w[OFF_SIZE // 8] = SEGMENT_SIZE
+        w[OFF_SIZE // 8] = seg.size
         w[OFF_STATE // 8] = STATE_ACTIVE
         w[OFF_MAX_SLOTS // 8] = MAX_SLOTS
-        w[OFF_MAX_STORES // 8] = MAX_STORES
+        w[OFF_MAX_STORES // 8] = stores
+        w[OFF_RING_SIZE // 8] = RING_SIZE
         w[OFF_CREATED // 8] = time.time_ns()
         w[OFF_CREATOR // 8] = os.getpid()
         # distinct from any value a process may have cached from an older segment
@@ -527,8 +627,16 @@ class Segment:
         """Word index of slot ``index``'s first field."""
         return (OFF_SLOTS + index * SLOT_SIZE) // 8
 
-    def claim_slot(self, role: Role, pid: int | None = None) -> int:
-        """Claim a free (or dead) slot for ``pid`` (default: this process); return its index."""
+    def claim_slot(
+        self, role: Role, pid: int | None = None, *, origin: int = -1, carried: dict[int, tuple[int, int]] | None = None
+    ) -> int:
+        """Claim a free (or dead) slot for ``pid`` (default: this process); return its index.
+
+        A process moving over from a retired segment passes its old slot as ``origin`` and its
+        operations as ``carried`` (``{store index: (read, write)}`` in this segment): they are in
+        the counters before the pid makes the slot count, so the move is atomic for a reader of
+        both segments (:func:`moving_totals`).
+        """
         pid = os.getpid() if pid is None else pid
         start = start_time(pid)
         if start is None:
@@ -547,6 +655,10 @@ class Segment:
                 w[base + SLOT_START] = start
                 w[base + SLOT_ROLE] = int(role)
                 w[base + SLOT_HEARTBEAT] = time.monotonic_ns()
+                w[base + SLOT_ORIGIN] = origin + 1 if 0 <= origin < MAX_SLOTS else 0
+                for store, (read, write) in (carried or {}).items():
+                    i = self.counter_index(index, store)
+                    w[i], w[i + 1] = read, write
                 w[base + SLOT_PID] = pid  # last: the slot is now claimed
                 return index
         raise SegmentError(f"all {MAX_SLOTS} process slots of {self.name} are taken by live processes")
@@ -606,11 +718,11 @@ class Segment:
         w[base + SLOT_HEARTBEAT] = time.monotonic_ns()
 
     def _zero_counters(self, index: int) -> None:
-        start = OFF_COUNTERS + index * COUNTER_BLOCK_SIZE
+        start = self.off_counters + index * self.block_size
         try:
-            self.mm.madvise(mmap.MADV_REMOVE, start, COUNTER_BLOCK_SIZE)  # hole punch: zeroes, frees
+            self.mm.madvise(mmap.MADV_REMOVE, start, self.block_size)  # hole punch: zeroes, frees
         except (OSError, AttributeError, ValueError):
-            self.mm[start : start + COUNTER_BLOCK_SIZE] = bytes(COUNTER_BLOCK_SIZE)
+            self.mm[start : start + self.block_size] = bytes(self.block_size)
 
     def claimed_slots(self) -> list[SlotInfo]:
         """Snapshots of the claimed slots whose words pass the range checks (liveness unchecked).
@@ -625,7 +737,7 @@ class Segment:
             v = vals[index * SLOT_WORDS : (index + 1) * SLOT_WORDS]
             if v[SLOT_PID] == 0 or _slot_garbage(v, start_limit, clock_limit) is not None:
                 continue
-            out.append(SlotInfo(index, v[0], v[1], v[2], bool(v[3]), v[4], v[5], v[6], v[7], v[8], v[9], v[10]))
+            out.append(SlotInfo(index, v[0], v[1], v[2], bool(v[3]), v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11]))
         return out
 
     def slots(self) -> list[SlotInfo]:
@@ -694,9 +806,9 @@ class Segment:
         h = _name_hash(raw)
         tag = (h << 1) | 1
         padded = raw.ljust(NAME_BYTES, b"\0")
-        w, mm = self.words, self.mm
-        for step in range(MAX_STORES):
-            index = (h + step) % MAX_STORES
+        w, mm, stores = self.words, self.mm, self.max_stores
+        for step in range(stores):
+            index = (h + step) % stores
             off = OFF_NAMES + index * NAME_ENTRY_SIZE
             entry_tag = w[off // 8]
             if entry_tag == 0:
@@ -708,27 +820,126 @@ class Segment:
             if entry_tag == tag and mm[off + 8 : off + 8 + NAME_BYTES] == padded:
                 return index
         if insert:
-            raise SegmentError(f"the store table of {self.name} is full ({MAX_STORES} names)")
+            raise SegmentError(f"the store table of {self.name} is full ({stores} names)")
         return None
 
     def counter_index(self, slot: int, store: int) -> int:
         """Word index of slot ``slot``'s READ counter for store ``store`` (WRITE is the next word)."""
-        return (OFF_COUNTERS + slot * COUNTER_BLOCK_SIZE + store * 16) // 8
+        return (self.off_counters + slot * self.block_size + store * 16) // 8
 
     def active_operations(self, name: str) -> tuple[int, int]:
         """``(read, write)`` summed over live, sound slots; a count out of range is ignored."""
+        read = write = 0
+        for r, wr in self.operations_by_slot(name).values():
+            read += r
+            write += wr
+        return read, write
+
+    def operations_by_slot(self, name: str, slots: list[SlotInfo] | None = None) -> dict[int, tuple[int, int]]:
+        """``{slot: (read, write)}`` of the live, sound slots (of ``slots`` if given) on ``name``."""
         store = self.store_index(name)
         if store is None:
-            return 0, 0
-        read = write = 0
+            return {}
+        out = {}
         w = self.words
-        for s in self.slots():
+        for s in self.slots() if slots is None else slots:
             i = self.counter_index(s.slot, store)
             r, wr = w[i], w[i + 1]
             if r < OPERATIONS_LIMIT and wr < OPERATIONS_LIMIT:  # else garbage: check() reports it
-                read += r
-                write += wr
-        return read, write
+                out[s.slot] = (r, wr)
+        return out
+
+    def held_operations(self, slot: int) -> dict[str, tuple[int, int]]:
+        """The operations slot ``slot`` counts, ``{name: (read, write)}``, for the names this
+        process has resolved -- which are all it ever counted (its move to a new segment)."""
+        w = self.words
+        out = {}
+        for name, store in self._name_cache.items():
+            i = self.counter_index(slot, store)
+            r, wr = w[i], w[i + 1]
+            if (r or wr) and r < OPERATIONS_LIMIT and wr < OPERATIONS_LIMIT:
+                out[name] = (r, wr)
+        return out
+
+    # -- the invalidation ring ---------------------------------------------------------------------
+
+    def publish(self, changes: Sequence[tuple[ChangeKind, str]], expected: int | None = None) -> int:
+        """Record ``changes`` in the ring and bump the datastore generation (publish after write:
+        the entries are complete before the bump makes them current).  With ``expected``, only
+        if the generation still equals it (like :meth:`bump_generation`).  Returns the generation
+        now current.  More changes than a quarter of the ring, or a name that does not fit, are
+        recorded as one ``EVERYTHING``."""
+        raws = [(kind, name.encode()) for kind, name in changes]
+        if len(raws) > RING_SIZE // 4 or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
+            raws = [(ChangeKind.EVERYTHING, b"")]
+        i = OFF_GENERATIONS // 8 + GEN_DATASTORE
+        w, mm = self.words, self.mm
+        with self.writer_lock():
+            current = w[i]
+            if expected is not None and current != expected:
+                return current
+            new = (current + 1) & MASK64
+            head = w[OFF_RING_HEAD // 8]
+            if head >= MASK64 - RING_SIZE:  # garbage: start over (readers then find no entry)
+                head = 0
+            for kind, raw in raws:
+                base = OFF_RING + (head % RING_SIZE) * RING_ENTRY_SIZE
+                w[base // 8 + RING_SEQ] = 0  # first: a reader of the old entry sees it change
+                w[base // 8 + RING_GENERATION] = new
+                w[base // 8 + RING_KIND] = int(kind)
+                mm[base + OFF_RING_NAME : base + RING_ENTRY_SIZE] = raw.ljust(NAME_BYTES, b"\0")
+                head += 1
+                w[base // 8 + RING_SEQ] = head  # last: entry number head - 1 is complete
+            w[OFF_RING_HEAD // 8] = head
+            w[i] = new
+            return new
+
+    def changes_since(self, generation: int, now: int) -> frozenset[str] | None:
+        """The stores that changed from ``generation`` to ``now`` (a generation read before), or
+        None when the ring does not tell: an ``EVERYTHING``, a bump without entries, entries
+        already overwritten (fell off the ring), or words that are not what a writer writes.
+
+        Lock-free: an entry counts only if its sequence word names it before and after it was
+        read (a seqlock).  What it returns is a hint, never trusted for an answer: the registry
+        verifies the file against it (see :mod:`dsproxy.registry`).
+        """
+        span = (now - generation) & MASK64
+        if span == 0:
+            return frozenset()
+        if span > RING_SIZE:
+            return None
+        w, mm = self.words, self.mm
+        head = w[OFF_RING_HEAD // 8]
+        if head >= MASK64 - RING_SIZE:
+            return None
+        names: set[str] = set()
+        seen: set[int] = set()
+        for k in range(head - 1, max(head - RING_SIZE, 0) - 1, -1):
+            base = OFF_RING + (k % RING_SIZE) * RING_ENTRY_SIZE
+            seq = w[base // 8 + RING_SEQ]
+            gen, kind = w[base // 8 + RING_GENERATION], w[base // 8 + RING_KIND]
+            raw = bytes(mm[base + OFF_RING_NAME : base + RING_ENTRY_SIZE])
+            if seq != k + 1 or w[base // 8 + RING_SEQ] != seq:
+                return None  # being written, or overwritten by a later lap
+            ahead = (gen - generation) & MASK64
+            if ahead == 0 or ahead > 2**63:
+                break  # older than what we have: every later entry was read
+            if ahead > span:
+                continue  # published after ``now`` was read
+            if kind not in _KINDS or kind == ChangeKind.EVERYTHING:
+                return None
+            name = raw.rstrip(b"\0")
+            if not name or b"\0" in name:
+                return None
+            try:
+                names.add(name.decode())
+            except UnicodeDecodeError:
+                return None
+            seen.add(gen)
+        else:
+            if head > RING_SIZE:
+                return None  # the entries before the oldest one read are gone
+        return frozenset(names) if len(seen) == span else None
 
     # -- replacement ---------------------------------------------------------------------------------
 
@@ -756,25 +967,27 @@ def _header_problem(name: str, size: int, header: bytes) -> SegmentProblem | Non
     """
     magic = header[:8]
     foreign = f"is foreign: magic {magic.hex()}, expected {MAGIC.hex()}"
-    if size < SEGMENT_SIZE:
-        what = f"{foreign}; size {size}" if magic and magic != MAGIC else f"has size {size}, expected {SEGMENT_SIZE}"
+    version, declared, state, slots, stores, ring = (
+        int.from_bytes(header[off : off + 8], "little")
+        for off in (OFF_VERSION, OFF_SIZE, OFF_STATE, OFF_MAX_SLOTS, OFF_MAX_STORES, OFF_RING_SIZE)
+    )
+    expected = segment_size(stores) if _sound_table_size(stores) else SEGMENT_SIZE
+    if size < expected:
+        what = f"{foreign}; size {size}" if magic and magic != MAGIC else f"has size {size}, expected {expected}"
         return SegmentProblem(ProblemKind.TRUNCATED, f"shared memory {name} {what} (truncated)")
     if magic != MAGIC:
         return SegmentProblem(ProblemKind.OVERWRITTEN, f"shared memory {name} {foreign}")
-    version, declared, state, slots, stores = (
-        int.from_bytes(header[off : off + 8], "little")
-        for off in (OFF_VERSION, OFF_SIZE, OFF_STATE, OFF_MAX_SLOTS, OFF_MAX_STORES)
-    )
     if version != LAYOUT_VERSION:
         return SegmentProblem(
             ProblemKind.OVERWRITTEN,
             f"shared memory {name} has layout version {version}, this dsproxy uses {LAYOUT_VERSION}",
         )
-    if declared != SEGMENT_SIZE or slots != MAX_SLOTS or stores != MAX_STORES:
+    if declared != expected or slots != MAX_SLOTS or not _sound_table_size(stores) or ring != RING_SIZE:
         return SegmentProblem(
             ProblemKind.OVERWRITTEN,
-            f"shared memory {name} was overwritten: size {declared}, {slots} slots, {stores} store entries "
-            f"(expected {SEGMENT_SIZE}, {MAX_SLOTS}, {MAX_STORES})",
+            f"shared memory {name} was overwritten: size {declared}, {slots} slots, {stores} store entries, "
+            f"{ring} ring entries (expected {expected}, {MAX_SLOTS}, a power of two in {MAX_STORES}..{STORES_LIMIT}, "
+            f"{RING_SIZE})",
         )
     if state == STATE_RETIRED:
         return SegmentProblem(ProblemKind.RETIRED, f"shared memory {name} is retired")
@@ -792,7 +1005,7 @@ _SLOT_STATS: Final = {
     SLOT_CONFIG_ERRORS: "config errors",
     SLOT_LOOKUP_ERRORS: "lookup errors",
 }
-_SLOT_RESERVED: Final = slice(SLOT_LOOKUP_ERRORS + 1, SLOT_WORDS)
+_SLOT_RESERVED: Final = slice(SLOT_ORIGIN + 1, SLOT_WORDS)
 
 
 def _clock_limit() -> int:
@@ -818,6 +1031,8 @@ def _slot_garbage(v: Sequence[int], start_limit: int, clock_limit: int) -> str |
     for k, what in _SLOT_STATS.items():
         if v[k] >= STAT_LIMIT:
             return f"pid {pid}: {what} {v[k]} out of range"
+    if v[SLOT_ORIGIN] > MAX_SLOTS:
+        return f"pid {pid}: origin {v[SLOT_ORIGIN]} is not a slot"
     if any(v[_SLOT_RESERVED]):
         return f"pid {pid}: reserved words are not zero"
     return None
@@ -858,28 +1073,27 @@ def _names_garbage(table: bytes) -> str | None:
     return f"entry {index}: tag {tag:#x} is not a tag"
 
 
-def _names_crc_garbage(table: bytes, indexes: Iterable[int]) -> str | None:
+def _names_crc_garbage(table: bytes, indexes: Iterable[int], stores: int = MAX_STORES) -> str | None:
     """Recompute the tags of the entries ``indexes`` from their names (a window per check)."""
     for index in indexes:
-        off = (index % MAX_STORES) * NAME_ENTRY_SIZE
+        off = (index % stores) * NAME_ENTRY_SIZE
         tag = int.from_bytes(table[off : off + 8], "little")
         if tag == 0:
             continue
         raw = table[off + 8 : off + 8 + NAME_BYTES]
         name = raw.rstrip(b"\0")
         if not name or b"\0" in name or tag != (_name_hash(name) << 1) | 1:
-            return f"entry {index % MAX_STORES}: tag {tag:#x} does not match the name {name[:NAME_BYTES]!r}"
+            return f"entry {index % stores}: tag {tag:#x} does not match the name {name[:NAME_BYTES]!r}"
     return None
 
 
-_ZERO_COLUMN: Final = bytes(COUNTER_BLOCK_SIZE // 8)
 _OPERATIONS_BYTES: Final = (OPERATIONS_LIMIT.bit_length() - 1) // 8  # the low bytes a count may use
 
 
 def _counters_garbage(block: bytes) -> str | None:
     """Every counter of one block below :data:`OPERATIONS_LIMIT` (its high bytes all zero)."""
     for k in range(_OPERATIONS_BYTES, 8):
-        if block[k::8] != _ZERO_COLUMN:
+        if block[k::8].count(0) != len(block) // 8:
             counters = memoryview(block).cast("Q")
             index, value = next((i, c) for i, c in enumerate(counters) if c >= OPERATIONS_LIMIT)
             kind = "write" if index % 2 else "read"
@@ -887,18 +1101,58 @@ def _counters_garbage(block: bytes) -> str | None:
     return None
 
 
-def total_operations(name: str, segment: Segment | None, files: FileCounters) -> tuple[int, int]:
+def total_operations(
+    name: str, segment: Segment | None, files: FileCounters, previous: Segment | None = None
+) -> tuple[int, int]:
     """``(read, write)`` operations on ``name`` of every live process: those counted here (the
     processes with ``cache=on``) and those in the counter files (``cache=config|off``, degraded).
-    What a maintenance transition reports and what a remove refuses on."""
+    What a maintenance transition reports and what a remove refuses on.  While processes move
+    to ``segment`` from the retired ``previous`` one, both count (:func:`moving_totals`)."""
     read, write = files.totals(name)
     if segment is not None:
-        r, w = segment.active_operations(name)
+        r, w = segment.active_operations(name) if previous is None else moving_totals(name, segment, previous)
         read, write = read + r, write + w
     return read, write
 
 
-def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> Segment:
+def moving_totals(name: str, new: Segment, old: Segment) -> tuple[int, int]:
+    """``(read, write)`` on ``name`` while processes move from ``old`` to ``new``.
+
+    A moving process claims its new slot with its operations already in it and the old slot as
+    its origin, then frees the old one.  So: read the old slots first, then the new ones; an old
+    slot that a new slot names as its origin is counted there instead.  Whatever moment a move
+    happens at, each operation is counted once.
+    """
+    before = old.operations_by_slot(name)
+    slots = new.slots()
+    after = new.operations_by_slot(name, slots)
+    moved = {s.slot: s.origin - 1 for s in slots if s.origin}
+    read = sum(r for r, _ in after.values())
+    write = sum(w for _, w in after.values())
+    superseded = set(moved.values())
+    for slot, (r, w) in before.items():
+        if slot not in superseded:
+            read, write = read + r, write + w
+    return read, write
+
+
+def move_size(segment: Segment, configured: int) -> int | None:
+    """The store-table size the manager should move everyone to, or None (see "Store names").
+
+    A table must hold every configured name at no more than half load; it is moved when that no
+    longer holds, when it is three quarters full, or when it is more than half full with mostly
+    dead names (``names_used`` -- as :meth:`Segment.check` last counted -- at least twice the
+    configured count).  The new size is :func:`table_size` of the configured count: after the
+    move only live names are registered again.
+    """
+    used, size = segment.names_used, segment.max_stores
+    wanted = table_size(configured)
+    if wanted > size or used * 4 > size * 3 or (used * 2 > size and configured * 2 < used):
+        return wanted
+    return None
+
+
+def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None, stores: int = MAX_STORES) -> Segment:
     """Manager only: replace whatever is under the name with a fresh segment.
 
     The segment the processes share -- ``mapped`` (the manager's own mapping, which still reaches
@@ -920,9 +1174,10 @@ def recreate(run_dir: str | os.PathLike[str], mapped: Segment | None = None) -> 
             old = None
     if old is not None:
         old.retire()
-        old.close()
+        if old is not mapped:  # the caller's own mapping stays usable (a move counts in it meanwhile)
+            old.close()
     with _flock(lock_file, WRITER_LOCK_TIMEOUT):
-        return Segment._create_locked(name, lock_file, replace=True)
+        return Segment._create_locked(name, lock_file, replace=True, stores=stores)
 
 
 def unlink(run_dir: str | os.PathLike[str]) -> None:
@@ -931,10 +1186,10 @@ def unlink(run_dir: str | os.PathLike[str]) -> None:
         posix_ipc.unlink_shared_memory(segment_name(run_dir))
 
 
-def _map(name: str) -> tuple[mmap.mmap, int]:
+def _map(name: str, size: int) -> tuple[mmap.mmap, int]:
     shm = posix_ipc.SharedMemory(name)
     try:
-        return mmap.mmap(shm.fd, SEGMENT_SIZE), os.fstat(shm.fd).st_ino
+        return mmap.mmap(shm.fd, size), os.fstat(shm.fd).st_ino
     finally:
         shm.close_fd()
 

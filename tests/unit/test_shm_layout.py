@@ -16,18 +16,25 @@ from dsproxy.ipc import shm
 
 def test_layout_is_pinned() -> None:
     assert shm.MAGIC == b"DSPXSHM1"
-    assert shm.LAYOUT_VERSION == 2
+    assert shm.LAYOUT_VERSION == 3
     assert (shm.OFF_MAGIC, shm.OFF_VERSION, shm.OFF_SIZE, shm.OFF_STATE) == (0, 8, 16, 24)
     assert (shm.OFF_MAX_SLOTS, shm.OFF_MAX_STORES, shm.OFF_CREATED, shm.OFF_CREATOR) == (32, 40, 48, 56)
     assert (shm.OFF_GENERATIONS, shm.NUM_GENERATIONS, shm.GEN_DATASTORE, shm.GEN_TOKEN) == (128, 16, 0, 1)
     assert (shm.OFF_SLOTS, shm.SLOT_SIZE, shm.MAX_SLOTS) == (4096, 128, 128)
     assert (shm.SLOT_PID, shm.SLOT_START, shm.SLOT_ROLE, shm.SLOT_BOOTED, shm.SLOT_HEARTBEAT) == (0, 1, 2, 3, 4)
     assert (shm.SLOT_GENERATION, shm.SLOT_LOOKUPS, shm.SLOT_CACHE_HITS, shm.SLOT_RELOADS) == (5, 6, 7, 8)
-    assert (shm.SLOT_CONFIG_ERRORS, shm.SLOT_LOOKUP_ERRORS, shm.SLOT_WORDS) == (9, 10, 16)
+    assert (shm.SLOT_CONFIG_ERRORS, shm.SLOT_LOOKUP_ERRORS, shm.SLOT_ORIGIN, shm.SLOT_WORDS) == (9, 10, 11, 16)
+    assert (shm.OFF_RING_SIZE, shm.OFF_RING_HEAD) == (64, 72)
+    assert (shm.OFF_RING, shm.RING_SIZE, shm.RING_ENTRY_SIZE) == (20480, 4096, 64)
+    assert (shm.RING_SEQ, shm.RING_GENERATION, shm.RING_KIND, shm.OFF_RING_NAME) == (0, 1, 2, 24)
+    assert [int(k) for k in shm.ChangeKind] == [1, 2, 3, 4]
     assert [int(r) for r in shm.Role] == [1, 3, 4]  # 2 (once the master's) is never claimed
-    assert (shm.OFF_NAMES, shm.NAME_ENTRY_SIZE, shm.MAX_STORES) == (20480, 48, 65536)
-    assert (shm.OFF_COUNTERS, shm.COUNTER_BLOCK_SIZE) == (3166208, 1048576)
-    assert shm.SEGMENT_SIZE == 137383936
+    assert (shm.OFF_NAMES, shm.NAME_ENTRY_SIZE, shm.MAX_STORES, shm.STORES_LIMIT) == (282624, 48, 65536, 2**21)
+    assert (shm.OFF_COUNTERS, shm.COUNTER_BLOCK_SIZE) == (3428352, 1048576)
+    assert shm.SEGMENT_SIZE == shm.segment_size(65536) == 137646080
+    # the table is sized for the configuration: a power of two, at least twice the stores
+    assert [shm.table_size(n) for n in (0, 32768, 32769, 100_000, 200_000)] == [65536, 65536, 131072, 262144, 524288]
+    assert shm.segment_size(262144) == 282624 + 262144 * 48 + 128 * 262144 * 16
     assert shm.OFF_COUNTERS % mmap.PAGESIZE == 0  # counter blocks are hole-punched page-wise
 
 
@@ -72,7 +79,7 @@ def test_foreign_magic_is_refused_and_named(run_dir: Path) -> None:
 
 def test_other_layout_version_is_refused(run_dir: Path) -> None:
     _raw_segment(run_dir, shm.SEGMENT_SIZE, shm.MAGIC + (1).to_bytes(8, "little"))
-    with pytest.raises(shm.SegmentError, match="layout version 1, this dsproxy uses 2"):
+    with pytest.raises(shm.SegmentError, match="layout version 1, this dsproxy uses 3"):
         shm.Segment.open(run_dir, create=True)
 
 
@@ -138,7 +145,8 @@ def _slot_word(seg: shm.Segment, slot: int, field: int) -> int:
         (shm.SLOT_LOOKUPS, 2**60, "lookups"),
         (shm.SLOT_CONFIG_ERRORS, 2**53, "config errors"),
         (shm.SLOT_LOOKUP_ERRORS, 2**53, "lookup errors"),
-        (shm.SLOT_LOOKUP_ERRORS + 1, 1, "reserved words"),
+        (shm.SLOT_ORIGIN, shm.MAX_SLOTS + 1, "is not a slot"),
+        (shm.SLOT_ORIGIN + 1, 1, "reserved words"),
     ],
 )
 def test_a_scribbled_slot_word_is_garbage_to_readers_and_found_by_check(
@@ -259,7 +267,7 @@ def _scribble_word(seg: shm.Segment, offset: int, value: int) -> None:
     ("offset", "value", "kind", "found"),
     [
         (shm.OFF_MAGIC, int.from_bytes(b"NOTOURS!", "little"), "overwritten", "foreign: magic"),
-        (shm.OFF_VERSION, 1, "overwritten", "layout version 1, this dsproxy uses 2"),
+        (shm.OFF_VERSION, 1, "overwritten", "layout version 1, this dsproxy uses 3"),
         (shm.OFF_SIZE, 4096, "overwritten", "size 4096"),
         (shm.OFF_MAX_SLOTS, 7, "overwritten", "7 slots"),
         (shm.OFF_MAX_STORES, 9, "overwritten", "9 store entries"),

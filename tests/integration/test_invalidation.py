@@ -1,0 +1,207 @@
+"""Per-store invalidation and store-table moves, in process: a ConfigWriter (the manager's writes)
+and registries (the workers' views), compared with a fresh parse of the file after every write."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dsproxy import registry as registry_mod
+from dsproxy.config import Operation, Value, dump, parse, read_raw
+from dsproxy.daemon.writer import ConfigWriter, WriteRefused
+from dsproxy.ipc import shm
+from dsproxy.paths import Paths
+from dsproxy.registry import Registry
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[Paths]:
+    p = Paths.resolve(tmp_path / "base")
+    p.ensure()
+    p.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield p
+    finally:
+        shm.unlink(p.run_dir)
+
+
+class _Manager:
+    """What the manager does with its segment here: writes, and moves (check_names)."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.seg: shm.Segment | None = shm.Segment.open(paths.run_dir, create=True)
+        self.previous: shm.Segment | None = None
+        self.writer = ConfigWriter(paths, lambda: self.seg)
+        self.writer._previous = lambda: self.previous
+
+    def move(self, stores: int) -> None:
+        assert self.seg is not None
+        self.previous = self.seg
+        self.seg = shm.recreate(self.paths.run_dir, mapped=self.seg, stores=stores)
+        self.writer.rebase(self.seg.generation())  # as Manager.check_names does
+
+    def close(self) -> None:
+        for seg in (self.seg, self.previous):
+            if seg is not None:
+                seg.close()
+
+
+@pytest.fixture
+def manager(paths: Paths) -> Iterator[_Manager]:
+    m = _Manager(paths)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def _fresh(paths: Paths) -> dict[str, dict[str, Value]]:
+    return dict(parse(read_raw(paths.config_file)))
+
+
+def _assert_views(paths: Paths, registries: list[Registry]) -> None:
+    fresh = parse(read_raw(paths.config_file))
+    for reg in registries:
+        config, _ = reg.config()
+        assert config == fresh and list(config) == list(fresh)
+        for name, props in fresh.items():
+            if "maintenance-mode" in props:
+                continue
+            with reg.lookup(name, Operation.READ) as handle:
+                assert handle.path == props["path"]
+
+
+def _hand_edit(paths: Paths, rng: random.Random) -> None:
+    cfg = _fresh(paths)
+    if cfg and rng.random() < 0.5:
+        name = rng.choice(list(cfg))
+        cfg[name] = {**cfg[name], "comment": f"edited by hand {rng.random()}"}
+    text = dump(cfg)
+    paths.config_file.write_text(text.replace("\tcomment", "  comment") if rng.random() < 0.3 else text)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_view_is_a_fresh_parse_after_random_writes_and_hand_edits(
+    paths: Paths, manager: _Manager, seed: int
+) -> None:
+    rng = random.Random(seed)
+    w = manager.writer
+    registries = [Registry(config_dir=paths.config_dir, run_dir=paths.run_dir) for _ in range(2)]
+    try:
+        names: list[str] = []
+        for step in range(60):
+            op = rng.random()
+            if op < 0.08:
+                _hand_edit(paths, rng)
+                w.check_file()
+            elif op < 0.45 or not names:
+                name = f"st{seed}x{step:03d}"
+                w.create({"name": name, "comment": rng.choice(["", "fresh"])})
+                names.append(name)
+            elif op < 0.8:
+                name = rng.choice(names)
+                body: dict[str, object] = {"comment": f"c{step}"}
+                if rng.random() < 0.2:
+                    body["maintenance-mode"] = "read-only"
+                with_delete = rng.random() < 0.2
+                w.update(name, {"delete": ["maintenance-mode"]} if with_delete else body)
+            else:
+                name = names.pop(rng.randrange(len(names)))
+                w.remove(name, None)
+            _assert_views(paths, registries)
+            # the written file is byte-identical to a full dump of what it says
+            assert read_raw(paths.config_file) == dump(parse(read_raw(paths.config_file))).encode() or op < 0.08
+        if not registry_mod.DISCARD_CACHES:
+            assert all(reg.changes_applied > 20 for reg in registries)  # the ring was used, mostly
+    finally:
+        for reg in registries:
+            reg.close()
+
+
+def test_the_written_file_is_a_full_dump_byte_for_byte(paths: Paths, manager: _Manager) -> None:
+    w = manager.writer
+    for i in range(30):
+        w.create({"name": f"s{i:02d}", "comment": "x" * i})
+    w.update("s05", {"maintenance-mode": "offline"})
+    w.remove("s00", None)
+    w.create({"name": "s00", "path": f"{paths.data_dir}/s00-again"})
+    data = read_raw(paths.config_file)
+    assert w.kept is not None
+    assert data == dump(w.kept.config).encode() == dump(parse(data)).encode()
+
+
+def _moved(reg: Registry, manager: _Manager) -> bool:
+    """Whether ``reg`` maps the manager's current segment (the same object, its own mapping)."""
+    seg = reg.segment
+    return seg is not None and manager.seg is not None and seg.inode == manager.seg.inode
+
+
+def _totals(manager: _Manager, name: str) -> tuple[int, int]:
+    return manager.writer.active_operations(name)
+
+
+def test_a_move_carries_held_operations_over_and_a_remove_is_refused_throughout(
+    paths: Paths, manager: _Manager
+) -> None:
+    w = manager.writer
+    for name in ("held1", "held2", "idle"):
+        w.create({"name": name})
+    workers = [Registry(config_dir=paths.config_dir, run_dir=paths.run_dir) for _ in range(2)]
+    try:
+        handles = [workers[0].lookup("held1", Operation.WRITE), workers[1].lookup("held1", Operation.READ)]
+        handles += [workers[1].lookup("held2", Operation.READ) for _ in range(3)]
+        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        manager.move(shm.MAX_STORES * 2)
+        # nobody has moved yet: the old segment still counts
+        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        with pytest.raises(WriteRefused, match="active operations"):
+            w.remove("held1", None)
+        workers[0].refresh()  # moves this one; the other is still in the old segment
+        assert _moved(workers[0], manager)
+        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        with pytest.raises(WriteRefused, match="active operations"):
+            w.remove("held2", None)
+        workers[1].lookup("idle", Operation.READ).release()  # moves on its slow path
+        assert _moved(workers[1], manager)
+        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        manager.previous = None  # every process has moved: the new segment alone counts
+        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        for h in handles:
+            h.release()  # released against the counters they moved to
+        assert _totals(manager, "held1") == (0, 0) and _totals(manager, "held2") == (0, 0)
+        w.remove("held1", None)
+    finally:
+        for reg in workers:
+            reg.close()
+
+
+def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Manager) -> None:
+    """Churn through 200,000 distinct names (hand edits of 2,000 stores at a time); the table is
+    moved to a compacted one whenever it fills, and lookups keep working."""
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir)
+    data = paths.data_dir
+    moves = 0
+    try:
+        for batch in range(100):
+            names = [f"n{batch:03d}x{i:04d}" for i in range(2000)]
+            paths.config_file.write_text(dump({n: {"path": f"{data}/{n}"} for n in names}))
+            manager.writer.check_file()
+            assert manager.seg is not None
+            reg.refresh()  # loads and registers the 2,000 names
+            assert manager.seg.check() is None  # counts the names in use
+            size = shm.move_size(manager.seg, len(names))
+            if size is not None:
+                manager.move(size)
+                moves += 1
+                reg.refresh()
+                manager.previous = None
+            assert _moved(reg, manager) and reg.segment is not None
+            assert reg.segment.store_index(names[-1]) is not None  # registered: it has counters
+        assert moves >= 2
+        assert manager.seg is not None and manager.seg.max_stores == shm.MAX_STORES  # compacted, not grown: 2,000 stores live
+    finally:
+        reg.close()

@@ -1,0 +1,133 @@
+"""The invalidation ring and the splice it drives: they may make a reload cheaper, never different."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dsproxy.config import Value, dump, parse
+from dsproxy.config.splice import splice
+from dsproxy.ipc import shm
+
+Kind = shm.ChangeKind
+
+
+@pytest.fixture
+def seg(tmp_path: Path) -> Iterator[shm.Segment]:
+    segment = shm.Segment.open(tmp_path, create=True)
+    try:
+        yield segment
+    finally:
+        segment.close()
+        shm.unlink(tmp_path)
+
+
+def test_the_ring_names_what_changed_between_two_generations(seg: shm.Segment) -> None:
+    g0 = seg.generation()
+    g1 = seg.publish([(Kind.CREATED, "alpha")])
+    g2 = seg.publish([(Kind.UPDATED, "beta"), (Kind.REMOVED, "gamma")])
+    assert seg.changes_since(g0, g2) == frozenset({"alpha", "beta", "gamma"})
+    assert seg.changes_since(g1, g2) == frozenset({"beta", "gamma"})
+    assert seg.changes_since(g0, g1) == frozenset({"alpha"})  # a later publish is not part of it
+    assert seg.changes_since(g2, g2) == frozenset()
+
+
+def test_the_ring_does_not_tell_across_a_hand_edit_a_bare_bump_or_a_lap(seg: shm.Segment) -> None:
+    g0 = seg.generation()
+    g1 = seg.publish([(Kind.EVERYTHING, "*")])
+    assert seg.changes_since(g0, g1) is None
+    g2 = seg.bump_generation()  # a registry noticing a hand edit: no entry
+    g3 = seg.publish([(Kind.UPDATED, "alpha")])
+    assert seg.changes_since(g1, g3) is None
+    assert seg.changes_since(g2, g3) == frozenset({"alpha"})
+    for i in range(shm.RING_SIZE):
+        seg.publish([(Kind.UPDATED, f"s{i}")])
+    assert seg.changes_since(g3, seg.generation()) is None  # fell off the ring
+    assert seg.changes_since(seg.generation() - 3, seg.generation()) is not None
+
+
+def test_a_scribbled_ring_entry_makes_the_ring_silent_not_wrong(seg: shm.Segment) -> None:
+    g0 = seg.generation()
+    g1 = seg.publish([(Kind.UPDATED, "alpha")])
+    entry = shm.OFF_RING // 8
+    for word, value in ((shm.RING_SEQ, 77), (shm.RING_KIND, 99), (shm.RING_SEQ, 2**64 - 1)):
+        saved = seg.words[entry + word]
+        seg.words[entry + word] = value
+        assert seg.changes_since(g0, g1) is None
+        seg.words[entry + word] = saved
+    seg.words[shm.OFF_RING_HEAD // 8] = 2**64 - 2
+    assert seg.changes_since(g0, g1) is None
+    seg.publish([(Kind.UPDATED, "beta")])  # the writer starts over from a garbage head
+
+
+def _config(rng: random.Random, names: list[str]) -> dict[str, dict[str, Value]]:
+    return {n: _props(rng, n) for n in names}
+
+
+def _props(rng: random.Random, name: str) -> dict[str, Value]:
+    props: dict[str, Value] = {"path": f"/srv/{name}"}
+    if rng.random() < 0.5:
+        props["comment"] = rng.choice(["", "a comment", "x" * rng.randrange(1, 40)])
+    if rng.random() < 0.3:
+        props["maintenance-mode"] = rng.choice(["offline", "read-only"])
+    return props
+
+
+def _variant(rng: random.Random, text: str) -> str:
+    """A hand edit's kind of difference: what a splice must notice (or parse identically)."""
+    choice = rng.randrange(6)
+    if choice == 0:
+        return text.replace("\n\n", "\n\n\n", 1)
+    if choice == 1:
+        return text.replace("\tpath", "  path", 1)
+    if choice == 2:
+        return text.replace("\n\n", "\n \n", 1)
+    if choice == 3:
+        return text + "\n"
+    if choice == 4:
+        return text.replace("datastore: ", "datastore:  ", 1)
+    return text.replace("\n", "\r\n")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_splice_is_a_fresh_parse_or_nothing(seed: int) -> None:
+    rng = random.Random(seed)
+    names = [f"st{i:03d}" for i in range(rng.randrange(1, 30))]
+    old_cfg = _config(rng, names)
+    old_text = dump(old_cfg)
+    if rng.random() < 0.2:
+        old_text = _variant(rng, old_text)
+    old = parse(old_text)
+    new_cfg = {n: dict(p) for n, p in old_cfg.items()}
+    changed = set()
+    for _ in range(rng.randrange(1, 5)):
+        op = rng.randrange(3)
+        if op == 0:
+            name = f"new{rng.randrange(100)}"
+            new_cfg.pop(name, None)
+            new_cfg[name] = _props(rng, name)
+        elif op == 1 and new_cfg:
+            name = rng.choice(list(new_cfg))
+            new_cfg[name] = _props(rng, name)
+        elif new_cfg:
+            name = rng.choice(list(new_cfg))
+            del new_cfg[name]
+        else:
+            continue
+        changed.add(name)
+    new_text = dump(new_cfg)
+    if rng.random() < 0.2:
+        new_text = _variant(rng, new_text)
+    named = set(changed) if rng.random() < 0.8 else set(list(changed)[:-1])  # the ring may miss one
+    result = splice(b"\n" + old_text.encode(), old, b"\n" + new_text.encode(), named)
+    fresh = parse(new_text)
+    if result is not None:
+        config, props = result
+        assert config == fresh and list(config) == list(fresh)
+        assert set(props) == named
+        assert all(props[n] == fresh.get(n) for n in named)
+    elif new_text == dump(new_cfg) and old_text == dump(old_cfg) and named == changed and old:
+        pytest.fail("a canonical write the ring fully names must splice")

@@ -106,3 +106,21 @@ def test_the_file_must_hold_the_last_acknowledged_state(setup: tuple[Logs, Check
     cfg.write_text("datastore: st01\n\tpath /x/st01\n")
     checker.final_file_check(cfg)
     assert "st01: the file says ok, the last acknowledged write offline" in checker.violations["no lost write"][0]
+
+
+def test_a_repeat_that_meets_a_cut_off_create_is_forgiven_but_a_plain_409_is_not(setup: tuple[Logs, Checker]) -> None:
+    """At 100,000 stores a create cut off by a worker kill may land after the writer looked: the
+    repeat's 409 'already exists' is that create, not an error -- unless nothing was cut off."""
+    logs, checker = setup
+    logs.add("chaos.jsonl", event="kill", pid=1, t=2.0)
+    logs.add("writer.jsonl", phase="start", action="create", store="vol01", sent=1.9, state="ok")
+    logs.add("writer.jsonl", action="create", store="vol01", sent=1.9, recv=2.1, status=-1, error="RemoteDisconnected")
+    logs.add("writer.jsonl", phase="start", action="create", store="vol01", sent=3.0, state="ok")
+    logs.add("writer.jsonl", action="create", store="vol01", sent=3.0, recv=3.1, status=409,
+             message="datastore 'vol01' already exists.")  # fmt: skip
+    logs.add("writer.jsonl", phase="start", action="create", store="vol01", sent=4.0, state="ok")
+    logs.add("writer.jsonl", action="create", store="vol01", sent=4.0, recv=4.1, status=409,
+             message="datastore 'vol01' already exists.")  # fmt: skip
+    checker.poll(final=True)
+    assert checker.counts["repeat met a cut-off write that landed"] == 1
+    assert list(checker.violations) == ["no unexpected error"]  # the second 409 had no cut-off write before it

@@ -154,6 +154,10 @@ def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: flo
         else:
             with contextlib.suppress(ValueError, AttributeError):
                 record["message"] = resp.json().get("message")
+            if action == "create" and resp.status == 409:  # an earlier create whose answer was lost landed
+                present.add(store)
+            elif action == "remove" and resp.status == 404:
+                present.discard(store)
         log.write(**record)
         if pause:
             time.sleep(rng.random() * pause * 2)

@@ -39,6 +39,21 @@ class Checker:
         self.checked = 0
         self.leased: set[str] = set()  # stores granted an operation lease (their operations must drain)
         self.watermark = float("-inf")
+        # stores whose last create/remove lost its answer: the write may land after the writer looked
+        # (a manager write takes long at 100,000 stores), so a repeat may meet its effect (409 / 404)
+        self.uncertain: set[str] = set()
+
+    def _met_a_cut_off_write(self, rec: dict[str, Any]) -> bool:
+        """A create answered "already exists" (a remove "no such datastore") right after a create
+        (remove) of the same store whose answer was lost: that earlier write landed after all."""
+        message = str(rec.get("message") or "")
+        if rec["action"] == "create" and rec["status"] == 409 and "already exists" in message:
+            self.uncertain.discard(rec["store"])
+            return True
+        if rec["action"] == "remove" and rec["status"] == 404 and "no such datastore" in message:
+            self.uncertain.discard(rec["store"])
+            return True
+        return False
 
     def _read(self, path: Path) -> list[dict[str, Any]]:
         with open(path) as f:
@@ -70,6 +85,7 @@ class Checker:
             if history[-1][0] == rec["sent"] and history[-1][1] == float("inf"):
                 in_flight = history.pop()  # the entry of this write's start: replaced by what we now know
             if rec["status"] == 200:
+                self.uncertain.discard(rec["store"])
                 self.counts[f"write {rec['action']}"] += 1
                 if rec.get("state") is not None:
                     history.append((rec["sent"], rec["recv"], rec["state"]))
@@ -81,6 +97,10 @@ class Checker:
                 self.counts["writes cut off (worker killed)"] += 1
                 if in_flight is not None:  # applied or not (or later): both stay possible
                     history.append(in_flight)
+                if rec["action"] in ("create", "remove"):
+                    self.uncertain.add(rec["store"])
+            elif rec["store"] in self.uncertain and self._met_a_cut_off_write(rec):
+                self.counts["repeat met a cut-off write that landed"] += 1
             else:
                 self.violate(
                     "no unexpected error",

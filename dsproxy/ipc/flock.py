@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
 
+from .._lazylog import LazyLogger
 from ..fsutil import UnsafePath, open_file
 
-log = logging.getLogger("dsproxy.flock")
+log = LazyLogger("dsproxy.flock")  # the library path must not pay for importing logging
 
 
 class LockTimeout(Exception):

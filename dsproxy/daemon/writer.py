@@ -42,7 +42,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -170,13 +170,14 @@ class ConfigWriter:
                     raise DigestMismatch()
                 pending = kept.prepare(plan(kept.config), str(self.config_file))
                 hashing = self._hasher.submit(digest, pending.data)  # meanwhile: write and fsync
-                replace_file(self.config_file, pending.data)
-                signature = _stat_signature(self.config_file)
-                if signature is None or signature[1] != len(pending.data):  # replaced meanwhile
-                    signature = None  # the next write reads the file
-                kept.commit(pending, hashing.result())
-                # publish after write; a file changed by hand since the last write: everyone reloads
-                gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else pending.records)
+                with self._replaced_later():
+                    replace_file(self.config_file, pending.data)
+                    signature = _stat_signature(self.config_file)
+                    if signature is None or signature[1] != len(pending.data):  # replaced meanwhile
+                        signature = None  # the next write reads the file
+                    kept.commit(pending, hashing.result())
+                    # publish after write; a file changed by hand since the last write: everyone reloads
+                    gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else pending.records)
         except ParseError as err:
             self.state.error = str(err)
             raise WriteRefused(
@@ -186,6 +187,21 @@ class ConfigWriter:
             raise WriteRefused(_status_of(err), str(err)) from None
         self.state = _FileState(signature, kept.digest, gen, None)
         return kept.digest, gen
+
+    @contextlib.contextmanager
+    def _replaced_later(self) -> Iterator[None]:
+        """Hold the file about to be replaced open, and close it in the helper thread afterwards:
+        the rename then only unlinks it, and freeing its blocks (~2.5 ms for 11 MB on ext4, a
+        quarter of the write floor) happens after the publish, beside the workers' apply."""
+        try:
+            fd = os.open(self.config_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = -1  # missing (the first create) or unreadable: the rename frees it, as it would
+        try:
+            yield
+        finally:
+            if fd >= 0:
+                self._hasher.submit(os.close, fd)
 
     def _current(self) -> tuple[KeptConfig, bool]:
         """The kept config, re-read from the file when it may not be the file any more (a hand edit,

@@ -196,3 +196,14 @@ def test_a_hand_edit_the_watch_has_not_seen_is_kept_by_the_next_write(writer: Co
     os.utime(writer.config_file, ns=(1, 1))  # a new signature, the same bytes
     writer.update("store2", {"comment": "again"})
     assert seg.changes_since(gen + 1, gen + 2) == {"store2"}  # same content: only what changed
+
+
+def test_writes_leave_no_descriptor_of_a_replaced_file_open(writer: ConfigWriter) -> None:
+    writer.create({"name": "store1"})
+    writer._hasher.submit(lambda: None).result()  # the replaced files are closed in the helper thread
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        writer.update("store1", {"comment": f"c{i}"})
+    writer._hasher.submit(lambda: None).result()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert read_config(writer.config_file)[0]["store1"]["comment"] == "c19"

@@ -249,19 +249,29 @@ class Handle(list):  # type: ignore[type-arg]
 
 
 def _read_after(path: str, prefix: bytes) -> bytearray:
-    """``prefix`` followed by the file's bytes (a missing file reads as empty), in one buffer."""
+    """``prefix`` followed by the file's bytes (a missing file reads as empty), in one buffer.
+
+    The buffer is allocated at its final size: trimming a spare byte off an 11 MB ``bytearray``
+    reallocates and copies it (~1 ms of a ~6 ms apply at 100,000 stores, cProfile); a file that
+    grew after the ``fstat`` (an edit in place) is noticed by one more one-byte read.
+    """
     try:
-        f = open(path, "rb")  # noqa: SIM115 -- closed below, after one fstat and one readinto
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed below, after one fstat and one readinto
     except FileNotFoundError:
         return bytearray(prefix)
     with f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(len(prefix) + size + 1)  # one byte more: a file that grew is read whole below
+        buf = bytearray(len(prefix) + size)
         buf[: len(prefix)] = prefix
-        got = f.readinto(memoryview(buf)[len(prefix) :])
-        if got > size:
-            return bytearray(prefix) + buf[len(prefix) : len(prefix) + got] + f.read()
-        del buf[len(prefix) + got :]
+        view = memoryview(buf)
+        got = 0
+        while got < size and (n := f.readinto(view[len(prefix) + got :])):
+            got += n
+        view.release()
+        if got < size:  # shrank meanwhile
+            del buf[len(prefix) + got :]
+        elif more := f.read(1):
+            buf += more + f.read()
     return buf
 
 
@@ -1003,7 +1013,10 @@ class Registry:
         return {"read": read, "write": write}
 
     def config(self) -> tuple[SectionConfig, str]:
-        """The config this process serves and its digest (refreshing it first, like a lookup)."""
+        """The config this process serves and its digest (refreshing it first, like a lookup).
+
+        The mapping is the registry's own, read-only: a later lookup or refresh that applies the
+        ring's changes updates it in place (copy it to keep a snapshot)."""
         if self._words is not None and self.mode != "off":
             gen = self._words[_GEN]
             cache = self._cache

@@ -22,8 +22,10 @@ always exactly ``parse(new_file)``, or ``None`` (then the caller parses the whol
   mapping; one that appears after the last unchanged byte goes to the end, in file order; that is
   where :func:`parse` puts them too.
 
-Cost at 100,000 sections (11.5 MB), one changed store: one ``find`` (~1-2 ms), the compares
-(~0.3 ms), two dict copies (~1 ms), the parse of one section -- against ~700 ms for a full parse.
+Cost at 100,000 sections (11.5 MB), one changed store: one ``find`` (~1 ms), the compares
+(~0.3 ms), the parse of one section -- against ~700 ms for a full parse.  ``old`` is updated in
+place once everything is proven (the caller drops the old cache): the copy of a 100,000-entry
+dict it saves was ~2 ms of a ~6 ms apply on the loaded project machine (cProfile).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def splice(
 ) -> tuple[SectionConfig, dict[str, dict[str, Value] | None]] | None:
     """``parse(new_text)`` computed from ``old`` (which is ``parse(old_text)``), or None.
 
-    Both texts carry the virtual leading ``"\\n"``.  Returns the new config and, per changed
-    store, its new properties (None: removed) -- what the caller rebuilds.
+    Both texts carry the virtual leading ``"\\n"``.  Returns the new config -- ``old`` itself,
+    updated in place; untouched when the answer is None -- and, per changed store, its new
+    properties (None: removed): what the caller rebuilds.
     """
     if old.duplicates or not old:
         return None  # no splice of a file with a name twice, or into an empty one (cheap to parse)
@@ -132,7 +135,7 @@ def _merged(
     names: set[str],
     total: int,
 ) -> tuple[SectionConfig, dict[str, dict[str, Value] | None]]:
-    config = SectionConfig(old)
+    config = old  # in place: every check has passed, nothing below can fail
     in_place = {name for _, _, name in cuts if name in found and found[name][0] < total}
     for _, _, name in cuts:
         if name not in in_place:

@@ -2,8 +2,10 @@
 
 Everything here runs in the manager's single writer thread, so writes and watch checks never
 interleave inside this process; against other processes the config lock (``.datastore.lck``)
-serialises them.  Every write takes that lock, compares the digest, writes from the kept section
-texts in O(changed) (:mod:`dsproxy.daemon.kept`; temp file + fsync + rename + directory fsync)
+serialises them.  Every write takes that lock, checks the file is still the one it kept (stat
+signature, else digest), writes from the kept section texts in O(changed)
+(:mod:`dsproxy.daemon.kept`; temp file + fsync + rename + directory fsync, the digest of the new
+bytes computed by a helper thread meanwhile)
 and publishes what changed in the shared invalidation ring with the generation bump, from inside
 the lock, *after* the rename: publish after write.  A write that finds the file changed by hand
 publishes "everything"; so does the watch when it notices a hand edit.
@@ -34,12 +36,13 @@ Decisions the spec leaves open (recorded here, enforced below):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -143,6 +146,8 @@ class ConfigWriter:
         self.group = os.getegid()
         self.journal = CreateJournal(paths.config_dir)
         self.kept: KeptConfig | None = None  # the file as last written or read (O(changed) writes)
+        #: hashes the bytes being written while they are written and synced (hashlib drops the GIL)
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._watched: int | None = None  # stores in the file as the watch last parsed it
         #: the retired segment processes are still moving from (the manager's), for the totals
         self._previous: Callable[[], shm.Segment | None] = lambda: None
@@ -163,12 +168,16 @@ class ConfigWriter:
                 kept, reread = self._current()
                 if expected_digest is not None and expected_digest != kept.digest:
                     raise DigestMismatch()
-                new, data, records = kept.apply(plan(kept.config), str(self.config_file))
-                replace_file(self.config_file, data)
-                new.commit(kept, records)
-                self.kept = new
-                # publish after write; a file changed by hand since the last write: everyone reloads
-                gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else records)
+                pending = kept.prepare(plan(kept.config), str(self.config_file))
+                hashing = self._hasher.submit(digest, pending.data)  # meanwhile: write and fsync
+                with self._replaced_later():
+                    replace_file(self.config_file, pending.data)
+                    signature = _stat_signature(self.config_file)
+                    if signature is None or signature[1] != len(pending.data):  # replaced meanwhile
+                        signature = None  # the next write reads the file
+                    kept.commit(pending, hashing.result())
+                    # publish after write; a file changed by hand since the last write: everyone reloads
+                    gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else pending.records)
         except ParseError as err:
             self.state.error = str(err)
             raise WriteRefused(
@@ -176,18 +185,50 @@ class ConfigWriter:
             ) from None
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
-        self.state = _FileState(_stat_signature(self.config_file), new.digest, gen, None)
-        return new.digest, gen
+        self.state = _FileState(signature, kept.digest, gen, None)
+        return kept.digest, gen
+
+    @contextlib.contextmanager
+    def _replaced_later(self) -> Iterator[None]:
+        """Hold the file about to be replaced open, and close it in the helper thread afterwards:
+        the rename then only unlinks it, and freeing its blocks (~2.5 ms for 11 MB on ext4, a
+        quarter of the write floor) happens after the publish, beside the workers' apply."""
+        try:
+            fd = os.open(self.config_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = -1  # missing (the first create) or unreadable: the rename frees it, as it would
+        try:
+            yield
+        finally:
+            if fd >= 0:
+                self._hasher.submit(os.close, fd)
 
     def _current(self) -> tuple[KeptConfig, bool]:
-        """The kept config, re-read from the file when its digest is not the kept one (a hand edit,
-        or the first write); and whether it was re-read after a hand edit."""
+        """The kept config, re-read from the file when it may not be the file any more (a hand edit,
+        or the first write); and whether it was re-read after a hand edit.
+
+        The file is trusted to be what was kept while its stat signature is the one taken right
+        after the last write or check (inode, size, mtime, ctime: a rename or a write in place
+        changes one); otherwise it is read and its digest compared, as before.
+        """
+        kept, state = self.kept, self.state
+        trusted = kept is not None and state.digest == kept.digest and state.signature is not None
+        if trusted and _stat_signature(self.config_file) == state.signature:
+            assert kept is not None
+            return kept, False
         data = read_raw(self.config_file)
-        kept = self.kept
         if kept is not None and digest(data) == kept.digest:
             return kept, False
         self.kept = KeptConfig.read(data, str(self.config_file))
         return self.kept, kept is not None
+
+    def _kept_of(self, data: bytes, file_digest: str) -> KeptConfig:
+        """The kept config for the file ``data`` as the watch read it: the next write starts from it
+        (the whole file rendered once here, at start or after a hand edit, not in that write)."""
+        if self.kept is None or self.kept.digest != file_digest:
+            self.kept = KeptConfig.read(data, str(self.config_file))
+            self.kept.joined()
+        return self.kept
 
     def rebase(self, generation: int) -> None:
         """A new segment serves ``generation``: the file as last seen is what it publishes, so a
@@ -445,7 +486,7 @@ class ConfigWriter:
         current_gen = None if seg is None else seg.generation()
         state = self.state
         try:
-            self._watched = len(parse(data, filename=str(self.config_file)))
+            self._watched = len(self._kept_of(data, file_digest).config)
             error = None
         except ParseError as err:
             error = str(err)

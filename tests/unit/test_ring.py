@@ -124,6 +124,8 @@ def test_a_splice_is_a_fresh_parse_or_nothing(seed: int) -> None:
     named = set(changed) if rng.random() < 0.8 else set(list(changed)[:-1])  # the ring may miss one
     result = splice(b"\n" + old_text.encode(), old, b"\n" + new_text.encode(), named)
     fresh = parse(new_text)
+    if result is None:  # refused: the old config is as it was (the caller parses the file instead)
+        assert old == parse(old_text) and list(old) == list(parse(old_text))
     if result is not None:
         config, props = result
         assert config == fresh and list(config) == list(fresh)

@@ -180,3 +180,30 @@ def test_without_shared_memory_writes_still_work_unpublished(paths: Paths) -> No
 def test_each_config_error_a_write_meets_has_its_status(err: Exception, status: int) -> None:
     assert isinstance(err, dsproxy.config.ConfigError)
     assert _status_of(err) == status
+
+
+def test_a_hand_edit_the_watch_has_not_seen_is_kept_by_the_next_write(writer: ConfigWriter, seg: shm.Segment) -> None:
+    writer.create({"name": "store1"})
+    writer.create({"name": "store2"})
+    gen = seg.generation()
+    text = writer.config_file.read_text()
+    writer.config_file.write_text(text + "\tcomment by hand\n")  # in place, no check_file in between
+    writer.update("store1", {"comment": "through the API"})
+    cfg, _ = read_config(writer.config_file)
+    assert cfg["store2"].get("comment") == "by hand" and cfg["store1"].get("comment") == "through the API"
+    assert seg.generation() == gen + 1 and seg.changes_since(gen, gen + 1) is None  # everyone reloads whole
+
+    os.utime(writer.config_file, ns=(1, 1))  # a new signature, the same bytes
+    writer.update("store2", {"comment": "again"})
+    assert seg.changes_since(gen + 1, gen + 2) == {"store2"}  # same content: only what changed
+
+
+def test_writes_leave_no_descriptor_of_a_replaced_file_open(writer: ConfigWriter) -> None:
+    writer.create({"name": "store1"})
+    writer._hasher.submit(lambda: None).result()  # the replaced files are closed in the helper thread
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        writer.update("store1", {"comment": f"c{i}"})
+    writer._hasher.submit(lambda: None).result()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert read_config(writer.config_file)[0]["store1"]["comment"] == "c19"

@@ -1,0 +1,77 @@
+"""The manager's kept config (dsproxy.daemon.kept): a write spliced into the kept file bytes is
+byte for byte the full dump of the new config, whatever the changes and wherever the stores sit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dsproxy.config import Value, dump, parse
+from dsproxy.daemon.kept import SPLICE_LIMIT, Change, KeptConfig
+from dsproxy.ipc.shm import ChangeKind
+
+
+def _props(rng: random.Random, name: str) -> dict[str, Value]:
+    props: dict[str, Value] = {"path": f"/srv/{name}"}
+    if rng.random() < 0.6:
+        props["comment"] = rng.choice(["", "a comment", "x" * rng.randrange(1, 60)])
+    if rng.random() < 0.2:
+        props["maintenance-mode"] = "read-only"
+    return props
+
+
+def _batch(rng: random.Random, expected: dict[str, dict[str, Value]], serial: int) -> list[Change]:
+    """Up to SPLICE_LIMIT + 2 changes (creates, updates, removes; sometimes one store twice),
+    applied to ``expected`` as the file should then say."""
+    changes: list[Change] = []
+    for i in range(rng.randrange(1, SPLICE_LIMIT + 3)):
+        op = rng.random()
+        if op < 0.35 or not expected:
+            name = f"new{serial}x{i}" if rng.random() < 0.8 or not changes else changes[-1][0]
+            props: dict[str, Value] | None = _props(rng, name)
+        elif op < 0.75:
+            name = rng.choice(list(expected))
+            props = _props(rng, name)
+        else:
+            name = rng.choice(list(expected))
+            props = None
+        if props is None:
+            del expected[name]
+        else:
+            expected[name] = props  # an update keeps its place (dict assignment), a create appends
+        changes.append((name, props))
+    return changes
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_spliced_write_is_the_full_dump_of_the_new_config(seed: int) -> None:
+    rng = random.Random(seed)
+    expected = {f"s{i:03d}": _props(rng, f"s{i:03d}") for i in range(rng.randrange(0, 25))}
+    kept = KeptConfig.read(dump(expected).encode(), "datastore.cfg")
+    for serial in range(15):
+        before, texts = kept.joined(), dict(kept.texts)
+        changes = _batch(rng, expected, serial)
+        pending = kept.prepare(changes, "datastore.cfg")
+        assert kept.joined() == before and kept.texts == texts  # nothing changes before the commit
+        assert pending.data == dump(expected).encode()
+        assert {name for _, name in pending.records} == {name for name, _ in changes}
+        kept.commit(pending, "digest")
+        assert kept.config == parse(pending.data) and list(kept.config) == list(expected)
+        assert kept.joined() == pending.data
+
+
+def test_a_hand_edited_file_is_written_canonically_from_the_first_change() -> None:
+    text = b"datastore: aaa\n  path /srv/a\n\n\n\ndatastore: bbb\n\tpath /srv/b\n"
+    kept = KeptConfig.read(text, "datastore.cfg")
+    pending = kept.prepare([("bbb", {"path": "/srv/b", "comment": "x"})], "datastore.cfg")
+    assert pending.data == dump({"aaa": {"path": "/srv/a"}, "bbb": {"path": "/srv/b", "comment": "x"}}).encode()
+    assert pending.records == [(ChangeKind.UPDATED, "bbb")]
+
+
+def test_the_path_index_follows_spliced_writes() -> None:
+    kept = KeptConfig.read(dump({"aaa": {"path": "/srv/a"}}).encode(), "datastore.cfg")
+    kept.commit(kept.prepare([("bbb", {"path": "/srv/b"})], "datastore.cfg"), "d1")
+    assert kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv")
+    kept.commit(kept.prepare([("bbb", None)], "datastore.cfg"), "d2")
+    assert not kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv/a/x")

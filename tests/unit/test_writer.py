@@ -195,7 +195,7 @@ def test_a_hand_edit_the_watch_has_not_seen_is_kept_by_the_next_write(writer: Co
 
     os.utime(writer.config_file, ns=(1, 1))  # a new signature, the same bytes
     writer.update("store2", {"comment": "again"})
-    assert seg.changes_since(gen + 1, gen + 2) == {"store2"}  # same content: only what changed
+    assert seg.changes_since(gen + 1, gen + 2) == frozenset({"store2"})  # same content: only what changed
 
 
 def test_writes_leave_no_descriptor_of_a_replaced_file_open(writer: ConfigWriter) -> None:

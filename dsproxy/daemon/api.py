@@ -472,6 +472,8 @@ class WorkerApp:
             "degraded": reg.degraded,
             "config-error": reg.config_error,
             "instances": len(reg.instances),
+            # the answering worker's: loads that applied the ring's per-store changes (issue 9)
+            "changes-applied": reg.changes_applied,
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),

@@ -319,6 +319,8 @@ class Registry:
         self.changes_applied = 0  #: loads that applied the ring's changes instead of parsing the whole file
         # counts carried to a new segment: (old words, {old counter index: new index}, new words)
         self._carried: list[tuple[memoryview, dict[int, int], memoryview]] = []
+        #: the segment this process moved from, while others may still count there (active_operations)
+        self._previous: shm.Segment | None = None
         self.errors = 0  #: config errors: the file could not be read or parsed (SLOT_CONFIG_ERRORS)
         self._closed = False
         self._attach()  # also with cache=off: the slot makes the process visible, totals need the segment
@@ -389,6 +391,8 @@ class Registry:
         self._slot = -1
 
     def _detach(self) -> None:
+        self._close_old(self._previous, -1)
+        self._previous = None
         seg = self._seg
         if seg is not None:
             with contextlib.suppress(Exception):
@@ -405,6 +409,8 @@ class Registry:
         self._instances.clear()
         self._cache = None
         self._carried = []
+        self._close_old(self._previous, -1)  # unmaps the child's copy only
+        self._previous = None
         if self._seg is not None:
             self._words = self._fast_words = None
             self._seg.close()
@@ -776,7 +782,7 @@ class Registry:
                     i, j = old.counter_index(old_slot, before), seg.counter_index(slot, after)
                     mapping[i], mapping[i + 1] = j, j + 1
             self._carried.append((old_words, mapping, seg.words))
-        self._close_old(old, old_slot)
+        self._keep_previous(old, old_slot)
         self._seg, self._words, self._slot = seg, seg.words, slot
         self._fast_words = seg.words if self._fast else None
         self.degraded = None
@@ -794,11 +800,35 @@ class Registry:
                 out[store] = counts
         return out
 
+    def _keep_previous(self, old: shm.Segment | None, slot: int) -> None:
+        """Free our slot in the segment moved from, but keep it mapped while other processes may
+        still count there: :meth:`active_operations` sums both meanwhile, as the manager does."""
+        if old is None:
+            return
+        with contextlib.suppress(Exception):
+            old.free_slot(slot)
+        self._close_old(self._previous, -1)
+        self._previous = old
+
+    def _moving_from(self) -> shm.Segment | None:
+        """The segment moved from, while a live process in it has not moved yet (else closed)."""
+        prev, seg = self._previous, self._seg
+        if prev is None:
+            return None
+        if seg is not None:
+            superseded = {s.origin - 1 for s in seg.slots() if s.origin}
+            if not all(s.slot in superseded for s in prev.slots()):
+                return prev
+        self._previous = None
+        self._close_old(prev, -1)
+        return None
+
     @staticmethod
     def _close_old(old: shm.Segment | None, slot: int) -> None:
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.free_slot(slot)
+            if slot >= 0:
+                with contextlib.suppress(Exception):
+                    old.free_slot(slot)
             old.close()
 
     def _release_carried(self, words: memoryview, index: int) -> None:
@@ -998,8 +1028,11 @@ class Registry:
     # -- queries ----------------------------------------------------------------------------------------
 
     def active_operations(self, name: str) -> dict[str, int]:
-        """``{"read": N, "write": M}`` over every live process (shared memory and counter files)."""
-        read, write = shm.total_operations(name, self._seg, self._files)
+        """``{"read": N, "write": M}`` over every live process (shared memory and counter files;
+        while processes move to a new segment, in both: :func:`dsproxy.ipc.shm.moving_totals`)."""
+        if self._seg is not None and self._seg.retired:  # its slots moved away: count where they went
+            self._reattach()
+        read, write = shm.total_operations(name, self._seg, self._files, self._moving_from())
         return {"read": read, "write": write}
 
     def config(self) -> tuple[SectionConfig, str]:

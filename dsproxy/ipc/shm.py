@@ -429,6 +429,8 @@ class Segment:
         try:
             st = os.fstat(handle.fd)
             if self.inode and st.st_ino != self.inode:
+                if self.retired:  # moved (a store-table move, a replacement): move too, carrying operations
+                    return SegmentProblem(ProblemKind.RETIRED, f"shared memory {name} is retired")
                 return SegmentProblem(ProblemKind.REPLACED, f"shared memory {name} was replaced by another object")
             # the header page is safe to read while the object is not empty (SIGBUS is for pages past its end)
             header = bytes(self.mm[:_HEADER_BYTES]) if st.st_size >= _HEADER_BYTES else b""

@@ -15,10 +15,8 @@ hand edit (which the manager publishes as "everything", having re-read the file)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +35,6 @@ STORES = 50
 STEPS = 60
 WORKERS = 2
 DISCARD = {"DSPROXY_DEBUG_DISCARD_CACHES": "1"}
-
-
-@contextlib.contextmanager
-def _one_connection_per_worker(d: Daemons) -> Iterator[dict[int, Client]]:
-    """A keep-alive connection to each worker, by pid (connections are opened until every worker
-    holds one; the extra ones stay open meanwhile, so the balancing sends the next one elsewhere)."""
-    held: dict[int, Client] = {}
-    extra: list[Client] = []
-    try:
-        for _ in range(200):
-            if len(held) == WORKERS:
-                break
-            c = d.client(timeout=30)
-            pid = int(c.get(f"{API}/ping").raise_for_status().headers[WORKER_HEADER])
-            if pid in held:
-                extra.append(c)
-            else:
-                held[pid] = c
-        assert len(held) == WORKERS, f"only reached workers {sorted(held)}"
-        for c in extra:
-            c.close()
-        extra.clear()
-        yield held
-    finally:
-        for c in [*held.values(), *extra]:
-            c.close()
 
 
 def _ask(c: Client, pid: int, path: str, method: str = "GET") -> Response:
@@ -225,7 +197,7 @@ def test_every_worker_serves_a_fresh_parse_after_each_write_and_hand_edit(tmp_pa
     discard = mode == "discard" or registry_mod.DISCARD_CACHES  # the daemons inherit the test's env
     with Daemons(tmp_path / "base", workers=WORKERS, stores=STORES, env=DISCARD if mode == "discard" else None) as d:
         d.start()
-        with _one_connection_per_worker(d) as workers, d.client() as writer:
+        with d.worker_clients() as workers, d.client() as writer:
             before = _changes_applied(workers)
             applied, hand_edits, kinds = _run_steps(d, workers, writer)
             assert hand_edits >= 5 and min(kinds.values()) >= 2, (hand_edits, kinds)  # the seed exercises all

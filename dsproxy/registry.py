@@ -758,7 +758,8 @@ class Registry:
         The new slot is claimed with the operations already in its counters and the old slot as
         its origin, and only then is the old slot freed (see :func:`dsproxy.ipc.shm.moving_totals`),
         so a remove or maintenance transition counting meanwhile sees each operation once.  A
-        handle of the old segment is released against the new counter it moved to.
+        handle of the old segment is released against the new counter it moved to.  The old
+        segment stays mapped while others still count there (:meth:`active_operations`).
         """
         old, old_slot, old_words = self._seg, self._slot, self._words
         log.info("shared memory %s was replaced; reopening", old.name if old else "?")

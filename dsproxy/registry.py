@@ -364,6 +364,8 @@ class Registry:
                 shm.ProblemKind.OVERWRITTEN, f"the process slot {self._slot} of {seg.name} was taken over"
             )
         if problem is None:
+            if self._previous is not None:
+                self._moving_from()  # unmaps the segment moved from once nobody counts there
             return
         if problem.kind is shm.ProblemKind.RETIRED:
             self._reattach()

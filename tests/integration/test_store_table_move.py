@@ -127,6 +127,12 @@ def _poll_until_moved(workers: dict[int, Client], before: dict[int, Any], writer
     raise AssertionError("unreachable")
 
 
+def _maps_old_segment(pid: int, name: str) -> bool:
+    """Whether ``pid`` still maps a segment of ``name`` that the name no longer holds."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return any(line.rstrip().endswith(f"/dev/shm{name} (deleted)") for line in maps)
+
+
 @contextmanager
 def _stopped(pid: int) -> Iterator[None]:
     """``pid`` (a worker of this test) frozen: it cannot move while the block runs."""
@@ -175,6 +181,7 @@ def test_leases_stay_counted_exactly_across_a_store_table_move(tmp_path: Path) -
             _check_refused(writer, name)
             time.sleep(0.5)
         assert _segments(workers) == after  # one move: the manager's checks since found nothing to move
+        wait_for(lambda: not any(_maps_old_segment(pid, seg["name"]) for pid in pids), what="the old segment unmapped")
 
         _drop_leases(workers, pids)
         held.close()  # ends the streamed lease's body (and closes the connections)

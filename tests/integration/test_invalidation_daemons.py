@@ -3,20 +3,28 @@
 A manager and a proxy with two workers serve ~50 stores; a seeded sequence of API writes (creates,
 comment updates, maintenance read-only/offline/none, removes) and hand edits of ``datastore.cfg``
 (under the config lock, as the stress run's chaos actor makes them; some non-canonical) runs one
-step at a time.  After each step, once every worker serves the shared generation, each worker is
-asked -- on a keep-alive connection of its own, told apart by ``x-dsproxy-worker`` -- for the
-config list, which must equal the file parsed afresh, rendered as ``config_list`` renders it.
+step at a time; some steps are bursts of writes while one worker is frozen (SIGSTOP), which then
+catches up on several generations at once.  After each step, once every worker serves the shared
+generation, each worker is asked -- on a keep-alive connection of its own, told apart by
+``x-dsproxy-worker`` -- for the config list, which must equal the file parsed afresh, rendered as
+``config_list`` renders it, and for READ and WRITE on the stores in maintenance and a few others,
+granted or refused as the file says.
 
 The ring must also have been used: each worker's ``changes-applied`` (node status) grows by one
-for every write it applied as per-store changes -- every API write except the first after a
-hand edit (which the manager publishes as "everything", having re-read the file).  Under
+for every load that applied per-store changes -- every API write except the first after a hand
+edit (which the manager publishes as "everything", having re-read the file), and one per burst
+for the frozen worker.  Under
 ``DSPROXY_DEBUG_DISCARD_CACHES=1`` every load is a full one and the count stays 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +51,15 @@ def _ask(c: Client, pid: int, path: str, method: str = "GET") -> Response:
     return r.raise_for_status()
 
 
-def _settled(c: Client, pid: int, before: int | None) -> int:
-    """The shared generation once every worker serves it (and it moved past ``before``)."""
+def _settled(c: Client, pid: int, before: int | None, alone: bool = False) -> int:
+    """The shared generation once every worker (``alone``: the one asked) serves it, and it
+    moved past ``before``."""
 
     def check() -> tuple[int] | None:
         node = _ask(c, pid, f"{API}/nodes/localhost/status").data
         gen = node["generation"]
-        served = [w["generation"] for w in node["workers"]]
-        if gen != before and len(served) == WORKERS and all(g == gen for g in served):
+        served = [w["generation"] for w in node["workers"] if not alone or w["pid"] == pid]
+        if gen != before and len(served) == (1 if alone else WORKERS) and all(g == gen for g in served):
             return (int(gen),)
         return None
 
@@ -127,8 +136,11 @@ _MAINTENANCE: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def _api_write(c: Client, rng: random.Random, names: list[str], step: int) -> tuple[str, Response]:
-    """One random write through the proxy: ``(what it was, the answer)``."""
+def _api_write(
+    c: Client, rng: random.Random, names: list[str], step: int, transitions: bool = True
+) -> tuple[str, Response]:
+    """One random write through the proxy: ``(what it was, the answer)``; without ``transitions``
+    no ``offline`` (its transition waits for every worker to acknowledge)."""
     op = rng.random()
     if op < 0.3 or len(names) < 5:
         body = {"name": f"api{step:03d}", "comment": rng.choice(["", f"new {step}"])}
@@ -139,7 +151,7 @@ def _api_write(c: Client, rng: random.Random, names: list[str], step: int) -> tu
             "PUT", f"{API}/config/datastore/{name}", {"comment": f"step {step} {rng.random():.6f}"}
         )
     if op < 0.85:
-        kind, body = rng.choice(_MAINTENANCE)
+        kind, body = rng.choice(_MAINTENANCE if transitions else _MAINTENANCE[:2])
         return kind, c.request("PUT", f"{API}/config/datastore/{name}", body)
     return "remove", c.request("DELETE", f"{API}/config/datastore/{name}")
 
@@ -167,29 +179,71 @@ def _changes_applied(workers: dict[int, Client]) -> dict[int, int]:
     return out
 
 
-def _run_steps(d: Daemons, workers: dict[int, Client], writer: Client) -> tuple[int, int, dict[str, int]]:
-    """The seeded steps, each checked once settled; ``(writes applied as changes, hand edits, writes by kind)``."""
-    rng, sample = random.Random(9), random.Random(10)
-    pid, first = next(iter(workers.items()))
-    gen = _settled(first, pid, None)
-    _assert_views(workers, d.config_file, gen)
-    applied, dirty, hand_edits = 0, False, 0
-    kinds = dict.fromkeys(("create", "comment", "read-only", "offline", "none", "remove"), 0)
-    for step in range(STEPS):
-        if rng.random() < 0.15:
-            _hand_edit(d, rng, step)
-            hand_edits += 1
-            dirty = True  # the next write re-reads the file and publishes "everything"
-        else:
-            kind, r = _api_write(writer, rng, _configured(d.config_file), step)
-            assert r.status == 200, (step, kind, r.status, r.body[:300])
-            kinds[kind] += 1
-            applied += 0 if dirty else 1
-            dirty = False
-        gen = _settled(first, pid, gen)  # a hand edit: once the manager's watch has published it
-        _assert_views(workers, d.config_file, gen)
-        _assert_decisions(workers, d.config_file, _sample(d.config_file, sample))
-    return applied, hand_edits, kinds
+class _Steps:
+    """The seeded steps, each checked once settled, with what each worker's ``changes-applied``
+    must have grown by: one per write it applied, except the first write after a hand edit."""
+
+    def __init__(self, d: Daemons, workers: dict[int, Client], writer: Client) -> None:
+        self.d, self.workers, self.writer = d, workers, writer
+        self.rng, self.sample = random.Random(9), random.Random(10)
+        self.first, self.second = sorted(workers)
+        self.gen = _settled(workers[self.first], self.first, None)
+        self.applied = dict.fromkeys(workers, 0)
+        self.dirty = False  # a hand edit since the last write: the next one publishes "everything"
+        self.hand_edits = self.bursts = 0
+        self.kinds = dict.fromkeys(("create", "comment", "read-only", "offline", "none", "remove"), 0)
+
+    def run(self) -> None:
+        self.check()
+        for step in range(STEPS):
+            choice = self.rng.random()
+            if choice < 0.15:
+                self.hand_edit(step)
+            elif choice < 0.25:
+                self.burst(step)
+            else:
+                self.write(step, self.writer)
+            self.gen = _settled(self.workers[self.first], self.first, self.gen)
+            self.check()
+
+    def check(self) -> None:
+        _assert_views(self.workers, self.d.config_file, self.gen)
+        _assert_decisions(self.workers, self.d.config_file, _sample(self.d.config_file, self.sample))
+
+    def hand_edit(self, step: int) -> None:
+        _hand_edit(self.d, self.rng, step)  # the manager's watch publishes it (the step settles on that)
+        self.hand_edits += 1
+        self.dirty = True
+
+    def write(self, step: int, via: Client, transitions: bool = True) -> None:
+        kind, r = _api_write(via, self.rng, _configured(self.d.config_file), step, transitions)
+        assert r.status == 200, (step, kind, r.status, r.body[:300])
+        self.kinds[kind] += 1
+        for pid in self.applied:
+            self.applied[pid] += 0 if self.dirty else 1
+        self.dirty = False
+
+    def burst(self, step: int) -> None:
+        """A few writes while the second worker is frozen: it catches up on all of them in one load
+        (the ring names every store they changed), or one full reload if the first was "everything"."""
+        self.bursts += 1
+        dirty, applied = self.dirty, self.applied[self.second]
+        first, gen = self.workers[self.first], self.gen  # (the step settles after the burst)
+        with _stopped(self.second):
+            for _ in range(self.rng.randrange(2, 5)):
+                self.write(step, first, transitions=False)  # forwarded by the worker that runs
+                gen = _settled(first, self.first, gen, alone=True)
+        self.applied[self.second] = applied + (0 if dirty else 1)
+
+
+@contextlib.contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    """``pid`` (a worker of this test) frozen while the block runs."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("mode", ["delta", "discard"])
@@ -199,11 +253,13 @@ def test_every_worker_serves_a_fresh_parse_after_each_write_and_hand_edit(tmp_pa
         d.start()
         with d.worker_clients() as workers, d.client() as writer:
             before = _changes_applied(workers)
-            applied, hand_edits, kinds = _run_steps(d, workers, writer)
-            assert hand_edits >= 5 and min(kinds.values()) >= 2, (hand_edits, kinds)  # the seed exercises all
+            steps = _Steps(d, workers, writer)
+            steps.run()
+            # the seed exercises every kind
+            assert steps.hand_edits >= 5 and steps.bursts >= 3 and min(steps.kinds.values()) >= 2, vars(steps)
             after = _changes_applied(workers)
     for pid in workers:
         if discard:
             assert after[pid] == 0
-        else:  # every write but the first after a hand edit was applied as per-store changes, on every worker
-            assert after[pid] - before[pid] == applied, (pid, before, after, applied)
+        else:  # the ring was used for every write it could be
+            assert after[pid] - before[pid] == steps.applied[pid], (pid, before, after, steps.applied)

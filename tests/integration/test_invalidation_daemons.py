@@ -13,8 +13,8 @@ granted or refused as the file says.
 The ring must also have been used: each worker's ``changes-applied`` (node status) grows by one
 for every load that applied per-store changes -- every API write except the first after a hand
 edit (which the manager publishes as "everything", having re-read the file), and one per burst
-for the frozen worker.  Under
-``DSPROXY_DEBUG_DISCARD_CACHES=1`` every load is a full one and the count stays 0.
+for the frozen worker.  Under ``DSPROXY_DEBUG_DISCARD_CACHES=1`` every load is a full one and
+the count stays 0.
 """
 
 from __future__ import annotations

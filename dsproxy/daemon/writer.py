@@ -204,6 +204,11 @@ class ConfigWriter:
             return len(kept.config)
         return self._watched
 
+    def counted(self) -> bool:
+        """Whether :meth:`configured` describes the file as it is (no change since the watch or a
+        write last looked: a registry may register a hand edit's names before the watch parses it)."""
+        return _stat_signature(self.config_file) == self.state.signature
+
     def active_operations(self, name: str) -> tuple[int, int]:
         return shm.total_operations(name, self._segment(), self.files, self._previous())
 

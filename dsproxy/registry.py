@@ -329,6 +329,8 @@ class Registry:
         self.changes_applied = 0  #: loads that applied the ring's changes instead of parsing the whole file
         # counts carried to a new segment: (old words, {old counter index: new index}, new words)
         self._carried: list[tuple[memoryview, dict[int, int], memoryview]] = []
+        #: the segment this process moved from, while others may still count there (active_operations)
+        self._previous: shm.Segment | None = None
         self.errors = 0  #: config errors: the file could not be read or parsed (SLOT_CONFIG_ERRORS)
         self._closed = False
         self._attach()  # also with cache=off: the slot makes the process visible, totals need the segment
@@ -372,6 +374,8 @@ class Registry:
                 shm.ProblemKind.OVERWRITTEN, f"the process slot {self._slot} of {seg.name} was taken over"
             )
         if problem is None:
+            if self._previous is not None:
+                self._moving_from()  # unmaps the segment moved from once nobody counts there
             return
         if problem.kind is shm.ProblemKind.RETIRED:
             self._reattach()
@@ -399,6 +403,8 @@ class Registry:
         self._slot = -1
 
     def _detach(self) -> None:
+        self._close_old(self._previous, -1)
+        self._previous = None
         seg = self._seg
         if seg is not None:
             with contextlib.suppress(Exception):
@@ -415,6 +421,8 @@ class Registry:
         self._instances.clear()
         self._cache = None
         self._carried = []
+        self._close_old(self._previous, -1)  # unmaps the child's copy only
+        self._previous = None
         if self._seg is not None:
             self._words = self._fast_words = None
             self._seg.close()
@@ -762,7 +770,8 @@ class Registry:
         The new slot is claimed with the operations already in its counters and the old slot as
         its origin, and only then is the old slot freed (see :func:`dsproxy.ipc.shm.moving_totals`),
         so a remove or maintenance transition counting meanwhile sees each operation once.  A
-        handle of the old segment is released against the new counter it moved to.
+        handle of the old segment is released against the new counter it moved to.  The old
+        segment stays mapped while others still count there (:meth:`active_operations`).
         """
         old, old_slot, old_words = self._seg, self._slot, self._words
         log.info("shared memory %s was replaced; reopening", old.name if old else "?")
@@ -786,7 +795,7 @@ class Registry:
                     i, j = old.counter_index(old_slot, before), seg.counter_index(slot, after)
                     mapping[i], mapping[i + 1] = j, j + 1
             self._carried.append((old_words, mapping, seg.words))
-        self._close_old(old, old_slot)
+        self._keep_previous(old, old_slot)
         self._seg, self._words, self._slot = seg, seg.words, slot
         self._fast_words = seg.words if self._fast else None
         self.degraded = None
@@ -804,11 +813,35 @@ class Registry:
                 out[store] = counts
         return out
 
+    def _keep_previous(self, old: shm.Segment | None, slot: int) -> None:
+        """Free our slot in the segment moved from, but keep it mapped while other processes may
+        still count there: :meth:`active_operations` sums both meanwhile, as the manager does."""
+        if old is None:
+            return
+        with contextlib.suppress(Exception):
+            old.free_slot(slot)
+        self._close_old(self._previous, -1)
+        self._previous = old
+
+    def _moving_from(self) -> shm.Segment | None:
+        """The segment moved from, while a live process in it has not moved yet (else closed)."""
+        prev, seg = self._previous, self._seg
+        if prev is None:
+            return None
+        if seg is not None:
+            superseded = {s.origin - 1 for s in seg.slots() if s.origin}
+            if not all(s.slot in superseded for s in prev.slots()):
+                return prev
+        self._previous = None
+        self._close_old(prev, -1)
+        return None
+
     @staticmethod
     def _close_old(old: shm.Segment | None, slot: int) -> None:
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.free_slot(slot)
+            if slot >= 0:
+                with contextlib.suppress(Exception):
+                    old.free_slot(slot)
             old.close()
 
     def _release_carried(self, words: memoryview, index: int) -> None:
@@ -1008,8 +1041,11 @@ class Registry:
     # -- queries ----------------------------------------------------------------------------------------
 
     def active_operations(self, name: str) -> dict[str, int]:
-        """``{"read": N, "write": M}`` over every live process (shared memory and counter files)."""
-        read, write = shm.total_operations(name, self._seg, self._files)
+        """``{"read": N, "write": M}`` over every live process (shared memory and counter files;
+        while processes move to a new segment, in both: :func:`dsproxy.ipc.shm.moving_totals`)."""
+        if self._seg is not None and self._seg.retired:  # its slots moved away: count where they went
+            self._reattach()
+        read, write = shm.total_operations(name, self._seg, self._files, self._moving_from())
         return {"read": read, "write": write}
 
     def config(self) -> tuple[SectionConfig, str]:

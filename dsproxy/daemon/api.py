@@ -472,11 +472,15 @@ class WorkerApp:
             "degraded": reg.degraded,
             "config-error": reg.config_error,
             "instances": len(reg.instances),
+            # the answering worker's: loads that applied the ring's per-store changes (issue 9)
+            "changes-applied": reg.changes_applied,
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),
             "auth-failures": self.auth_failures,
             "fds": reg.fds,  # the answering worker's fd budget (dsproxy.fdbudget)
+            # the segment the answering worker maps: a store-table move gives a new inode (same name)
+            "shm": None if seg is None else {"name": seg.name, "inode": seg.inode, "store-table": seg.max_stores},
         }
         return data_reply(data)
 

@@ -279,8 +279,8 @@ class Manager:
         dead names (:func:`dsproxy.ipc.shm.move_size`): the replace-and-retire path, with each
         process carrying its operations over, counted meanwhile in both (``moving_totals``)."""
         seg, configured = self.seg, self.writer.configured()
-        if seg is None or configured is None or self.previous is not None:
-            return
+        if seg is None or configured is None or self.previous is not None or not self.writer.counted():
+            return  # (a file edited since it was counted: the watch counts it first, the next check moves)
         size = shm.move_size(seg, configured)
         if size is None:
             return

@@ -261,6 +261,9 @@ class Master:
             self.selector.close()
             for fd in (self.ready_r, self.wake_r, self.wake_w):
                 os.close(fd)
+            if self.seg is not None:  # the worker maps its own; this copy would outlive a store-table move
+                self.seg.close()
+                self.seg = None
             worker.run(self.spec, self.sock, self.ready_w, [(s, self.tls_context) for s in self.listeners])
         self.workers[pid] = _Worker(pid, time.monotonic(), self.reload_generation)
 

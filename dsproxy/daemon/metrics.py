@@ -7,6 +7,7 @@ worker answers for the whole proxy; the per-worker series are labelled by pid.  
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Iterator
 
@@ -39,6 +40,13 @@ class _SlotCollector(Collector):
         nofile.add_metric([], float(soft))
         yield nofile
         yield from _fd_figures(reg)
+        applied = CounterMetricFamily(
+            "dsproxy_worker_changes_applied",
+            "Config loads of the answering worker that applied the ring's per-store changes",
+            labels=["pid"],
+        )
+        applied.add_metric([str(os.getpid())], float(reg.changes_applied))
+        yield applied
         lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])

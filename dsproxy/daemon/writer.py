@@ -236,8 +236,19 @@ class ConfigWriter:
         self.state.generation = generation
 
     def configured(self) -> int | None:
-        """How many stores the kept config has (None before the first write or check)."""
-        return self._watched if self.kept is None else len(self.kept.config)
+        """How many stores the file has (None before the first write or check): the kept config's
+        count, or the watch's once it parsed a hand edit (the kept config is re-read only by the
+        next write; until then its count is stale, and a store-table move sized by it would be
+        too small -- and repeated on every check, since the names come back at once)."""
+        kept = self.kept
+        if kept is not None and (self._watched is None or self.state.digest == kept.digest):
+            return len(kept.config)
+        return self._watched
+
+    def counted(self) -> bool:
+        """Whether :meth:`configured` describes the file as it is (no change since the watch or a
+        write last looked: a registry may register a hand edit's names before the watch parses it)."""
+        return _stat_signature(self.config_file) == self.state.signature
 
     def active_operations(self, name: str) -> tuple[int, int]:
         return shm.total_operations(name, self._segment(), self.files, self._previous())

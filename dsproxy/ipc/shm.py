@@ -101,7 +101,9 @@ process claims its new slot with its held operations already in its counters and
 the slot's *origin*, and frees the old slot after (:meth:`Segment.claim_slot`); the manager keeps
 the old mapping while anyone still counts there and sums both (:func:`moving_totals`: old slots
 first, then new ones, an old slot that a new one names as its origin counted once, in the new
-one), so a remove or a maintenance transition during a move counts every operation exactly once.
+one), so a remove or a maintenance transition during a move counts every operation exactly once;
+a registry that moved does the same for its ``active_operations``.  A mapping that is retired
+checks as retired even once the name holds the new object: it moves, it does not run degraded.
 A handle from before the move is released against the counter its operation moved to.  Past
 2**21 entries (a million configured stores) the table does not grow: creates still work, but
 lookups of names that find no room fail with "store table is full".
@@ -429,6 +431,8 @@ class Segment:
         try:
             st = os.fstat(handle.fd)
             if self.inode and st.st_ino != self.inode:
+                if self.retired:  # moved (a store-table move, a replacement): move too, carrying operations
+                    return SegmentProblem(ProblemKind.RETIRED, f"shared memory {name} is retired")
                 return SegmentProblem(ProblemKind.REPLACED, f"shared memory {name} was replaced by another object")
             # the header page is safe to read while the object is not empty (SIGBUS is for pages past its end)
             header = bytes(self.mm[:_HEADER_BYTES]) if st.st_size >= _HEADER_BYTES else b""

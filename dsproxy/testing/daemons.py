@@ -6,7 +6,8 @@ options as attributes: ``start()`` starts the manager (making ``stores`` demo da
 proxy (``workers`` workers, ``cache``, ``ttl``) and returns once every worker has booted;
 ``env`` is added to both daemons' environment (``scripts/bench-scale``'s ``DSPROXY_INVALIDATION``);
 ``stop()`` (or leaving the ``with`` block) stops both, kills what is left and unlinks the shared
-memory -- also when the test failed.
+memory -- also when the test failed.  ``worker_clients()`` holds a keep-alive connection to each
+worker, to ask every worker for its own view.
 
     with Daemons(tmp / "base", workers=2, stores=5).start() as d:
         assert d.get("/api2/json/admin/datastore").status == 200
@@ -14,14 +15,16 @@ memory -- also when the test failed.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from ..client import Response
-from ..daemon.run import DaemonPair
+from ..client import Client, Response
+from ..daemon.protocol import WORKER_HEADER
+from ..daemon.run import API, DaemonPair
 from ..paths import Paths
 
 T = TypeVar("T")
@@ -103,3 +106,33 @@ class Daemons(DaemonPair):
 
     def worker_pids(self) -> set[int]:
         return set(self.booted_workers(self.node()))
+
+    @contextlib.contextmanager
+    def worker_clients(self, timeout: float = 30.0, attempts: int = 200) -> Iterator[dict[int, Client]]:
+        """A keep-alive connection to each of the ``workers`` workers, by pid (``x-dsproxy-worker``).
+
+        Connections are opened until every worker holds one; the extra ones stay open meanwhile,
+        so that the workers' balancing sends the next one elsewhere.  A caller checks the header
+        of each answer: a connection the server closed would reconnect to any worker.
+        """
+        held: dict[int, Client] = {}
+        extra: list[Client] = []
+        try:
+            for _ in range(attempts):
+                if len(held) >= self.workers:
+                    break
+                c = self.client(timeout)
+                pid = int(c.get(f"{API}/ping").raise_for_status().headers[WORKER_HEADER])
+                if pid in held:
+                    extra.append(c)
+                else:
+                    held[pid] = c
+            if len(held) < self.workers:
+                raise AssertionError(f"reached only workers {sorted(held)} in {attempts} connections")
+            for c in extra:
+                c.close()
+            extra.clear()
+            yield held
+        finally:
+            for c in [*held.values(), *extra]:
+                c.close()

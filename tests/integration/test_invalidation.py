@@ -140,8 +140,12 @@ def _moved(reg: Registry, manager: _Manager) -> bool:
     return seg is not None and manager.seg is not None and seg.inode == manager.seg.inode
 
 
-def _totals(manager: _Manager, name: str) -> tuple[int, int]:
-    return manager.writer.active_operations(name)
+def _totals(manager: _Manager, name: str, workers: list[Registry] | None = None) -> tuple[int, int]:
+    """The manager's totals of ``name``, checked to be what each of ``workers`` answers too."""
+    totals = manager.writer.active_operations(name)
+    for reg in workers or []:
+        assert reg.active_operations(name) == {"read": totals[0], "write": totals[1]}
+    return totals
 
 
 def test_a_move_carries_held_operations_over_and_a_remove_is_refused_throughout(
@@ -154,29 +158,43 @@ def test_a_move_carries_held_operations_over_and_a_remove_is_refused_throughout(
     try:
         handles = [workers[0].lookup("held1", Operation.WRITE), workers[1].lookup("held1", Operation.READ)]
         handles += [workers[1].lookup("held2", Operation.READ) for _ in range(3)]
-        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        assert _totals(manager, "held1", workers) == (1, 1) and _totals(manager, "held2", workers) == (3, 0)
         manager.move(shm.MAX_STORES * 2)
         # nobody has moved yet: the old segment still counts
         assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
         with pytest.raises(WriteRefused, match="active operations"):
             w.remove("held1", None)
         workers[0].refresh()  # moves this one; the other is still in the old segment
-        assert _moved(workers[0], manager)
-        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        assert _moved(workers[0], manager) and not _moved(workers[1], manager)
+        # the moved one counts the other's operations where they still are
+        assert _totals(manager, "held1", workers[:1]) == (1, 1) and _totals(manager, "held2", workers[:1]) == (3, 0)
         with pytest.raises(WriteRefused, match="active operations"):
             w.remove("held2", None)
         workers[1].lookup("idle", Operation.READ).release()  # moves on its slow path
         assert _moved(workers[1], manager)
-        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        assert _totals(manager, "held1", workers) == (1, 1) and _totals(manager, "held2", workers) == (3, 0)
         manager.previous = None  # every process has moved: the new segment alone counts
-        assert _totals(manager, "held1") == (1, 1) and _totals(manager, "held2") == (3, 0)
+        assert _totals(manager, "held1", workers) == (1, 1) and _totals(manager, "held2", workers) == (3, 0)
         for h in handles:
             h.release()  # released against the counters they moved to
-        assert _totals(manager, "held1") == (0, 0) and _totals(manager, "held2") == (0, 0)
+        assert _totals(manager, "held1", workers) == (0, 0) and _totals(manager, "held2", workers) == (0, 0)
         w.remove("held1", None)
     finally:
         for reg in workers:
             reg.close()
+
+
+def test_a_move_is_sized_by_the_stores_a_hand_edit_configured(paths: Paths, manager: _Manager) -> None:
+    """The kept config is re-read only by the next write: until then the count of the watch's parse
+    rules (a move sized by the stale one was too small, and repeated on every check)."""
+    w = manager.writer
+    w.create({"name": "api"})
+    assert w.configured() == 1
+    paths.config_file.write_text(dump({f"hand{i}": {"path": f"{paths.data_dir}/hand{i}"} for i in range(40)}))
+    w.check_file()
+    assert w.configured() == 40
+    w.create({"name": "api2"})
+    assert w.configured() == 41
 
 
 def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Manager) -> None:
@@ -202,6 +220,7 @@ def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Ma
             assert _moved(reg, manager) and reg.segment is not None
             assert reg.segment.store_index(names[-1]) is not None  # registered: it has counters
         assert moves >= 2
-        assert manager.seg is not None and manager.seg.max_stores == shm.MAX_STORES  # compacted, not grown: 2,000 stores live
+        # compacted, not grown: 2,000 stores live
+        assert manager.seg is not None and manager.seg.max_stores == shm.MAX_STORES
     finally:
         reg.close()

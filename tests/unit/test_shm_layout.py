@@ -302,6 +302,19 @@ def test_a_retired_segment_opens_and_check_says_retired(run_dir: Path) -> None:
         seg.close()
 
 
+def test_a_segment_moved_away_from_checks_retired_not_replaced(run_dir: Path) -> None:
+    """After a move the name points to the new object: a process that checks before it noticed
+    the bump must move (carrying its operations), not run degraded (dropping them)."""
+    seg = shm.Segment.open(run_dir, create=True)
+    new = shm.recreate(run_dir, mapped=seg, stores=shm.MAX_STORES * 2)
+    try:
+        problem = seg.check(contents=False)
+        assert problem is not None and problem.kind is shm.ProblemKind.RETIRED
+    finally:
+        new.close()
+        seg.close()
+
+
 def test_a_check_without_a_free_descriptor_says_nothing_is_wrong(seg: shm.Segment) -> None:
     """A connection flood can use up a worker's descriptors; the periodic check must then not raise
     (an uncaught OSError there ended the worker, and repeated, the whole proxy)."""

@@ -167,20 +167,26 @@ def update_config(
         return written, digest(data), generation
 
 
-def verified_bytes(config: SectionConfig, filename: str = "datastore.cfg") -> tuple[bytes, SectionConfig]:
-    """The file bytes for ``config``, and the config they parse to -- which is checked to be
-    ``config`` (typed).  Raises :class:`PropertyError` naming the first key that would not read
-    back as intended (a value the checkers let through but the file cannot hold)."""
-    text, typed = render(config, filename)
+def reparse(text: str, filename: str, key_at: Callable[[int], str]) -> tuple[bytes, SectionConfig]:
+    """``text`` as the bytes to write and the config they parse to; :class:`PropertyError` (naming
+    ``key_at(line)`` of the first bad line) when they would not parse back."""
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:  # the checkers refuse surrogates; this is the last line of defence
         raise PropertyError("value", "not representable in UTF-8") from None
     try:
-        again = parse(data, filename)
+        return data, parse(data, filename)
     except ParseError as err:
         line, reason = err.errors[0]
-        raise PropertyError(_key_at(text, line), f"the value would not parse back: {reason}") from None
+        raise PropertyError(key_at(line), f"the value would not parse back: {reason}") from None
+
+
+def verified_bytes(config: SectionConfig, filename: str = "datastore.cfg") -> tuple[bytes, SectionConfig]:
+    """The file bytes for ``config``, and the config they parse to -- which is checked to be
+    ``config`` (typed).  Raises :class:`PropertyError` naming the first key that would not read
+    back as intended (a value the checkers let through but the file cannot hold)."""
+    text, typed = render(config, filename)
+    data, again = reparse(text, filename, lambda line: _key_at(text, line))
     if again != typed or list(again) != list(typed):
         raise PropertyError(_first_difference(typed, again), "the value would not read back as written")
     return data, again

@@ -37,7 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..config import ParseError, PropertyError, SectionConfig, Value, digest, parse
+from ..config import PropertyError, SectionConfig, Value, digest, parse
+from ..config.file import reparse
 from ..config.section import SECTION_SEPARATOR, render_section
 from ..fsutil import components
 from ..ipc.shm import ChangeKind
@@ -240,14 +241,7 @@ def _section_at(data: bytes, text: bytes) -> int:
 def _section_bytes(name: str, props: dict[str, Value], filename: str) -> tuple[bytes, dict[str, Value]]:
     """One section's canonical bytes, checked to parse back to exactly its typed properties."""
     text, typed = render_section(name, props, filename)
-    try:
-        raw = text.encode("utf-8")
-    except UnicodeEncodeError:  # the checkers refuse surrogates; this is the last line of defence
-        raise PropertyError("value", "not representable in UTF-8") from None
-    try:
-        again = parse(raw, filename)
-    except ParseError as err:
-        raise PropertyError("value", f"the value would not parse back: {err.errors[0][1]}") from None
+    raw, again = reparse(text, filename, lambda line: "value")
     if again != {name: typed}:
         got = again.get(name, {})
         key = next((k for k in sorted(set(typed) | set(got)) if typed.get(k) != got.get(k)), "name")

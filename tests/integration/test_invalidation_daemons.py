@@ -19,12 +19,8 @@ the count stays 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +31,7 @@ from dsproxy.client import Client, Response
 from dsproxy.config import MaintenanceMode, config_lock, digest, parse, read_raw, replace_file
 from dsproxy.daemon.protocol import WORKER_HEADER
 from dsproxy.fsutil import make_store
+from dsproxy.testing.daemons import frozen
 from dsproxy.testing.stores import store_path
 from tests.daemons import Daemons, wait_for
 
@@ -229,21 +226,11 @@ class _Steps:
         self.bursts += 1
         dirty, applied = self.dirty, self.applied[self.second]
         first, gen = self.workers[self.first], self.gen  # (the step settles after the burst)
-        with _stopped(self.second):
+        with frozen(self.second):
             for _ in range(self.rng.randrange(2, 5)):
                 self.write(step, first, transitions=False)  # forwarded by the worker that runs
                 gen = _settled(first, self.first, gen, alone=True)
         self.applied[self.second] = applied + (0 if dirty else 1)
-
-
-@contextlib.contextmanager
-def _stopped(pid: int) -> Iterator[None]:
-    """``pid`` (a worker of this test) frozen while the block runs."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("mode", ["delta", "discard"])

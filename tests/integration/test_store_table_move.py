@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 from dsproxy.client import Client, Response
 from dsproxy.config import config_lock, read_raw, replace_file
 from dsproxy.daemon.protocol import WORKER_HEADER
+from dsproxy.testing.daemons import frozen
 from tests.daemons import Daemons, wait_for
 
 API = "/api2/json"
@@ -133,16 +133,6 @@ def _maps_old_segment(pid: int, name: str) -> bool:
         return any(line.rstrip().endswith(f"/dev/shm{name} (deleted)") for line in maps)
 
 
-@contextmanager
-def _stopped(pid: int) -> Iterator[None]:
-    """``pid`` (a worker of this test) frozen: it cannot move while the block runs."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def _move_with_one_worker_behind(d: Daemons, workers: dict[int, Client], writer: Client) -> dict[int, Any]:
     """The hand edit, then the move polled through: first with the second worker frozen in the
     old segment (the first one, moved, must still count the other's leases where they are; the
@@ -150,7 +140,7 @@ def _move_with_one_worker_behind(d: Daemons, workers: dict[int, Client], writer:
     first, second = sorted(workers)
     before = _segments(workers)
     assert all(seg["store-table"] == 65_536 for seg in before.values())
-    with _stopped(second):
+    with frozen(second):
         _hand_edit_bulk(d)
         # no remove before the move: a write re-reads the edited file, the move must not need one
         _poll_until_moved({first: workers[first]}, before, None)

@@ -18,8 +18,8 @@ prints, saves and plots it).  Per row, on one base dir:
   directory fsync, the manager's own write path -- of a file as large as ``datastore.cfg``, in
   the same directory; p50 of ``--floor-repeats``.
 * then per invalidation mode (``delta``: the server as built; ``full``: ``DSPROXY_INVALIDATION=full``
-  in both daemons' environment, which forces a full reload for every change once the per-store ring
-  honours it -- until then both modes run the same code) a manager + proxy:
+  in both daemons' environment: the registry then never applies the ring's per-store changes and
+  reloads the whole file on every bump, as before the ring) a manager + proxy:
 
   - **ready** (s): ``start_proxy`` until every worker has booted (prewarm included, as by default);
   - **write acknowledged by every worker** (ms, p50/p99 of ``--writes``): a comment update through

@@ -425,12 +425,13 @@ def _token_path(tokenid: str) -> str:
     return path_for("access", "users", user, "token", name)
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options the user gave (not None), as a request body."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {}
-    if args.comment is not None:
-        body["comment"] = args.comment
-    if args.expire is not None:
-        body["expire"] = args.expire
+    body = _given(args, "comment", "expire")
     answer = _call(args, "POST", _token_path(args.tokenid), body)
     if args.json:
         _print_json(answer["data"])
@@ -460,13 +461,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_update(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {}
-    if args.enable is not None:
-        body["enable"] = args.enable
-    if args.comment is not None:
-        body["comment"] = args.comment
-    if args.expire is not None:
-        body["expire"] = args.expire
+    body = _given(args, "enable", "comment", "expire")
     if not body:
         raise CommandError("nothing to change: give --enable, --disable, --comment or --expire")
     data = _call(args, "PUT", _token_path(args.tokenid), body)["data"]

@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from dsproxy.ipc import shm

@@ -298,7 +298,8 @@ class Etcd:
     async def connect(self) -> None:
         """Open the channel and check that some member answers (EtcdUnavailable otherwise)."""
         self._closed = False
-        await self.revision()
+        request = rpc.RangeRequest(key=b"\0", count_only=True)
+        await self._call("connect", lambda c, t: c.kv.Range(request, timeout=t, metadata=_METADATA))
 
     async def close(self) -> None:
         """Stop every lease's refresh (the leases are NOT revoked: they expire), close the channel."""

@@ -14,7 +14,9 @@ reference (``/work/shared/reference/etcd.md``) lists, filled here:
   "request timed out", "no leader") closes that channel (in-flight calls on it are cancelled and
   retry too), rotates to the next endpoint and tries again, with a short backoff once every endpoint
   failed in a row, until ``timeout * len(endpoints)`` has passed; then it raises
-  :class:`EtcdUnavailable`, naming every endpoint and the last error.  Every attempt has a gRPC
+  :class:`EtcdUnavailable`, naming every endpoint and the last error.  That budget should cover a
+  leader election (~1.2 s here; during one, a follower holds a write until the call's deadline):
+  the default 2 s x 3 members does, 0.5 s x 3 does not always.  Every attempt has a gRPC
   deadline (``timeout``, whatever is left of the budget); etcd's own refusals (too many operations,
   request too large, compacted revision, no space) raise :class:`EtcdRequestError` at once.
   ``connected`` / ``disconnected_since`` / ``endpoint`` are updated by every call and by the watch.
@@ -388,9 +390,14 @@ class Etcd:
                     raise EtcdRequestError(what, err.code().name, err.details() or "") from None
                 last = f"{conn.endpoint}: {_describe(err)}"
                 self._failed(conn, err)
-            except (TimeoutError, OSError) as err:
+            except (TimeoutError, OSError, asyncio.InvalidStateError) as err:  # the last: a stream already ended
                 last = f"{conn.endpoint}: {_describe(err)}"
                 self._failed(conn, err)
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+                last = f"{conn.endpoint}: the channel was closed under the call (another call failed over)"
+                self._failed(conn, ChannelClosed(last))
             else:
                 self._succeeded()
                 return result
@@ -729,7 +736,15 @@ class Etcd:
                     events = [_event(e) for e in reply.events]
                     next_revision = events[-1].mod_revision + 1
                     yield WatchBatch(events[-1].mod_revision, events)
-            except (grpc.aio.AioRpcError, _StreamEnded, OSError) as err:
+            except (
+                grpc.aio.AioRpcError,
+                _StreamEnded,
+                OSError,
+                asyncio.InvalidStateError,
+                asyncio.CancelledError,
+            ) as err:
+                if isinstance(err, asyncio.CancelledError) and _cancelled_by_caller():
+                    raise
                 if isinstance(err, grpc.aio.AioRpcError) and err.code() not in _TRANSPORT:
                     raise EtcdRequestError(f"watch of {prefix!r}", err.code().name, err.details() or "") from None
                 failures += 1
@@ -772,13 +787,24 @@ class Etcd:
                 read = asyncio.ensure_future(call.read())
                 yield reply
         finally:
+            if read.done() and not read.cancelled():
+                read.exception()  # retrieved: it is the stream's end, already handled or moot
             read.cancel()
-            with contextlib.suppress(BaseException):
-                await read
 
 
 class _StreamEnded(Exception):
     """A watch stream ended, was canceled by etcd or went silent."""
+
+
+class ChannelClosed(Exception):
+    """gRPC cancelled a call because its channel was closed by a failover (not the caller's cancellation)."""
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError is this task's own cancellation -- else gRPC raised it for a call on a
+    channel another call's failover closed, and it is just another transport error."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _event(event: Any) -> Event:

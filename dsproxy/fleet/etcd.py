@@ -80,7 +80,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -710,9 +710,9 @@ class Etcd:
 
     async def watch_prefix(
         self, prefix: bytes, start_revision: int, *, heartbeat: float = DEFAULT_HEARTBEAT
-    ) -> AsyncIterator[WatchBatch]:
+    ) -> AsyncGenerator[WatchBatch, None]:
         """Every change under ``prefix`` from ``start_revision`` on, as batches (see the module); never ends
-        by itself (stop iterating, or cancel the task, to end it)."""
+        by itself (``aclose()`` it, or cancel the task that iterates, to end it)."""
         next_revision = start_revision
         failures = 0
         while True:

@@ -433,7 +433,7 @@ def test_a_compacted_watch_relists_then_goes_on(etcd_cluster: EtcdCluster, etcd_
                 assert second.relist is None and second.revision == after
                 assert [(e.kind, e.key) for e in second.events] == [("put", etcd_prefix + b"k5")]
             finally:
-                await batches.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()
 
     run(main())
 

@@ -147,7 +147,7 @@ class KeptConfig:
                 records.append((ChangeKind.REMOVED, name))
                 sections[name] = None
                 continue
-            raw, typed = _section_bytes(name, props, filename)
+            raw, typed = section_bytes(name, props, filename)
             records.append((ChangeKind.UPDATED if name in self.config else ChangeKind.CREATED, name))
             sections[name] = (raw, typed)
         data = _splice(self.joined(), self.texts, sections)
@@ -164,7 +164,7 @@ class KeptConfig:
                 del config[name], texts[name]
                 records.append((ChangeKind.REMOVED, name))
                 continue
-            raw, typed = _section_bytes(name, props, filename)
+            raw, typed = section_bytes(name, props, filename)
             records.append((ChangeKind.UPDATED if name in config else ChangeKind.CREATED, name))
             config[name], texts[name] = typed, raw
         sections = {name: (texts[name], config[name]) if name in config else None for _, name in records}
@@ -238,7 +238,7 @@ def _section_at(data: bytes, text: bytes) -> int:
     return at if at < 0 else at + 1 + len(_SEPARATOR)
 
 
-def _section_bytes(name: str, props: dict[str, Value], filename: str) -> tuple[bytes, dict[str, Value]]:
+def section_bytes(name: str, props: dict[str, Value], filename: str) -> tuple[bytes, dict[str, Value]]:
     """One section's canonical bytes, checked to parse back to exactly its typed properties."""
     text, typed = render_section(name, props, filename)
     raw, again = reparse(text, filename, lambda line: "value")

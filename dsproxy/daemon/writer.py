@@ -801,20 +801,27 @@ class ConfigWriter:
                 self._lay_out(layout)
             value = section_bytes(name, typed, str(self.config_file))[0]
         except ConfigError as err:
-            self.fleet_finish(FleetWrite(name, None, 0, layout=layout), done=False)
+            self.fleet_finish(FleetWrite(name, None, 0, layout=layout), False)
             raise WriteRefused(_status_of(err), str(err)) from None
         except BaseException:
-            self.fleet_finish(FleetWrite(name, None, 0, layout=layout), done=False)
+            self.fleet_finish(FleetWrite(name, None, 0, layout=layout), False)
             raise
         return FleetWrite(name, value, 0, layout=layout)
 
-    def fleet_finish(self, write: FleetWrite, *, done: bool) -> None:
-        """After the transaction of a create: undo the lay-out unless ``done``; close the journal."""
-        if write.layout is None:
+    def fleet_finish(self, write: FleetWrite, done: bool | None) -> None:
+        """After the transaction of a create: undo the lay-out unless ``done``, close the journal
+        entry; ``done=None`` (outcome unknown): leave both -- the next start removes the lay-out
+        if no section names it then (:meth:`recover_interrupted_creates`)."""
+        layout = write.layout
+        if layout is None:
+            return
+        if done is None:
+            if layout.chain is not None:
+                layout.chain.close()
             return
         if not done:
-            _remove_created(write.layout)
-        self._finish(write.layout)
+            _remove_created(layout)
+        self._finish(layout)
 
     def fleet_update(self, name: str, body: dict[str, Any]) -> FleetWrite:
         """Validate an update against the mirror; the section to put and the mod_revision to compare."""

@@ -158,7 +158,7 @@ def test_api_writes_are_validated_against_the_mirror_and_compare_its_mod_revisio
     assert create.mod_revision == 0 and create.value is not None
     assert parse(create.value)["beta"] == _props(paths, "beta", comment="new")
     assert (paths.data_dir / "beta" / ".lock").is_file()  # laid out before the transaction
-    writer.fleet_finish(create, done=False)  # the transaction lost: the lay-out goes
+    writer.fleet_finish(create, False)  # the transaction lost: the lay-out goes
     assert not (paths.data_dir / "beta").exists()
     assert not read_config(paths.config_file)[0].get("beta")  # nothing local was written
     update = writer.fleet_update("alpha", {"comment": "x"})

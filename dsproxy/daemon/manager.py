@@ -164,7 +164,9 @@ class Manager:
 
     # -- start ----------------------------------------------------------------------------------------
 
-    def open_segment(self) -> None:
+    def open_segment(self, publish: bool = True) -> None:
+        """Open (or create) the segment and bump the generation once -- unless not ``publish``:
+        in fleet mode the first mirror write publishes what changed, per store."""
         stores = shm.table_size(_configured_estimate(self.paths.config_file))
         try:
             self.seg = shm.Segment.open(self.paths.run_dir, create=True, stores=stores)
@@ -176,7 +178,8 @@ class Manager:
                 log.error("running without shared memory (workers run degraded): %s", err2)
                 return
         self._adopt(self.seg)
-        gen = self.seg.bump_generation()  # publish whatever changed while no manager ran
+        # publish whatever changed while no manager ran
+        gen = self.seg.bump_generation() if publish else self.seg.generation()
         log.info("shared memory %s ready, generation %d", self.seg.name, gen)
 
     def _adopt(self, seg: shm.Segment) -> None:
@@ -196,7 +199,7 @@ class Manager:
         except OSError as err:
             log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
             return EXIT_BOOT_FAILURE
-        self.open_segment()
+        self.open_segment(publish=not self.options.etcd)
         await self.in_writer(self.writer.recover_interrupted_creates)
         if self.options.etcd and self.options.demo_stores:
             log.error("--demo-stores and --etcd: in fleet mode the datastores are etcd's (see dsproxy fleet import)")

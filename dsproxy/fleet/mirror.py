@@ -273,11 +273,14 @@ class Mirror:
         """Fleet mode on; read etcd once if it answers (else keep serving the file and retry)."""
         await self.in_writer(self.writer.enable_fleet)
         try:
-            await self.load()
+            await self.load()  # its write publishes what changed since the workers last loaded
         except EtcdError as err:
             log.error(
                 "fleet: cannot read etcd at start (serving %s as it is; retrying): %s", self.writer.config_file, err
             )
+            seg = self.segment()
+            if seg is not None:  # the manager's start bump, left to the first mirror write
+                await self.in_writer(seg.publish, [(shm.ChangeKind.EVERYTHING, "*")])
         self.tasks = [
             asyncio.ensure_future(self._follow()),
             asyncio.ensure_future(self._report()),

@@ -6,7 +6,8 @@ Tables are drawn with ``rich``; every read command takes ``--json`` for the raw 
 
 Daemons: ``manager``, ``proxy``, ``run``.  Clients of ``<run>/proxy.sock``: ``datastore``,
 ``status``, ``token``, ``acl`` (the last two are forwarded to the manager, the only writer of
-``token.shadow``, ``user.cfg`` and ``acl.cfg``).  Offline: ``config check``, ``cert info``.
+``token.shadow``, ``user.cfg`` and ``acl.cfg``).  Offline: ``config check``, ``cert info``.  Clients
+of etcd: ``fleet import``, ``fleet status`` (:mod:`dsproxy.fleet.admin`; gRPC is imported by them only).
 
 Exit codes: 0 success, 1 failure (bad input, refused request, daemon not reachable), 2 usage error,
 3 a daemon could not start.
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="file to check (default: the instance's datastore.cfg)")
     check.set_defaults(func=cmd_config_check)
 
+    _add_fleet_commands(command)
+
     cert = command("cert", "the certificate of the HTTPS listeners (proxy --listen)")
     cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
     info = cert_sub.add_parser(
@@ -192,6 +195,43 @@ def _add_acl_commands(command: Any) -> None:
 
 
 # -- daemons ------------------------------------------------------------------------------------------
+
+
+def _add_fleet_commands(command: Any) -> None:
+    fleet = command("fleet", "fleet mode: the datastore configuration of many hosts in etcd")
+    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        a: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+        _add_dirs(a, top=False)
+        return a
+
+    def etcd_options(a: argparse.ArgumentParser) -> None:
+        a.add_argument(
+            "--etcd",
+            default="127.0.0.1:2379",
+            metavar="ENDPOINT[,ENDPOINT...]",
+            help="etcd members, host:port or http://host:port (default 127.0.0.1:2379)",
+        )
+        a.add_argument(
+            "--etcd-prefix", default="/dsproxy", metavar="PREFIX", help="key prefix of the fleet (default /dsproxy)"
+        )
+        a.add_argument(
+            "--etcd-timeout",
+            type=options.positive_float,
+            default=2.0,
+            metavar="S",
+            help="deadline of each etcd call, in seconds; a call tries every member (default 2)",
+        )
+
+    a = action("import", "push every datastore of a datastore.cfg into etcd (refused if any exists there)")
+    etcd_options(a)
+    a.add_argument("--config", metavar="FILE", help="file to import (default: the instance's datastore.cfg)")
+    a.set_defaults(func=cmd_fleet_import)
+    a = action("status", "every host of the fleet: the etcd revision it serves and its lag")
+    etcd_options(a)
+    a.add_argument("--json", action="store_true", help="print the raw JSON")
+    a.set_defaults(func=cmd_fleet_status)
 
 
 def cmd_manager(args: argparse.Namespace) -> int:
@@ -553,6 +593,102 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 1
     print(f"{path}: OK, {len(cfg)} datastore{'s' if len(cfg) != 1 else ''}, digest {config.digest(data)}")
+    return 0
+
+
+# -- fleet ------------------------------------------------------------------------------------------
+
+
+def _fleet(args: argparse.Namespace, work: Any) -> Any:
+    """``await work(etcd)`` with a client of ``--etcd`` (gRPC is imported here, never by other commands)."""
+    import asyncio
+    import logging
+
+    from .fleet.etcd import Etcd, EtcdError
+
+    logging.getLogger("dsproxy.fleet").addHandler(logging.NullHandler())  # errors are printed once, below
+
+    try:
+        etcd = Etcd([e for e in args.etcd.split(",") if e.strip()], timeout=args.etcd_timeout)
+    except ValueError as err:
+        raise CommandError(f"--etcd: {err}") from None
+
+    async def main() -> Any:
+        async with etcd:
+            return await work(etcd)
+
+    try:
+        return asyncio.run(main())
+    except EtcdError as err:
+        raise CommandError(f"fleet: {err}") from None
+
+
+def cmd_fleet_import(args: argparse.Namespace) -> int:
+    from .fleet import datastores_prefix
+    from .fleet.admin import import_config
+
+    path = args.config or str(_paths(args).config_file)
+    try:
+        with open(path, "rb") as f:
+            sections = config.parse(f.read(), filename=path)
+    except OSError as err:
+        raise CommandError(f"{path}: {err.strerror}") from None
+    except config.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    base = datastores_prefix(args.etcd_prefix).decode()
+    try:
+        result = _fleet(args, lambda etcd: import_config(etcd, args.etcd_prefix, sections, path))
+    except config.PropertyError as err:
+        raise CommandError(str(err)) from None
+    if result.conflicts:
+        written = f"{result.imported} were imported before that" if result.imported else "nothing was written"
+        print(
+            f"dsproxy: refusing to import {path}: {len(result.conflicts)} of its {len(sections)} datastores "
+            f"exist already under {base} ({written}):",
+            file=sys.stderr,
+        )
+        for kv in result.conflicts:
+            name = kv.key.decode(errors="replace")[len(base) :]
+            same = ", the same text" if result.texts.get(name, "").encode() == kv.value else ""
+            print(f"  {name} (mod_revision {kv.mod_revision}{same})", file=sys.stderr)
+        return 1
+    s = "" if result.imported == 1 else "s"
+    print(f"imported {result.imported} datastore{s} from {path} into {base} at revision {result.revision}")
+    return 0
+
+
+def _ago(updated: Any, key_revision: int) -> str:
+    """A host key's last update: ``3.2 s ago`` from its ``updated`` time, else the key's revision."""
+    import time
+
+    if not isinstance(updated, int | float) or isinstance(updated, bool):
+        return f"at revision {key_revision}"
+    return f"{max(time.time() - updated, 0.0):.1f} s ago"
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    from .fleet import hosts_prefix
+    from .fleet.admin import fleet_status
+
+    status = _fleet(args, lambda etcd: fleet_status(etcd, args.etcd_prefix))
+    if args.json:
+        _print_json(status.as_json())
+        return 0
+    base = hosts_prefix(args.etcd_prefix).decode()
+    s = "" if len(status.hosts) == 1 else "s"
+    print(f"etcd revision {status.revision} ({status.endpoint}), {len(status.hosts)} host{s} under {base}")
+    columns = ["host", "revision", "lag", "workers", "last update"]
+    rows: list[list[str]] = []
+    for host in status.hosts:
+        h = host.as_json(status.revision)
+        served = (_show(h.get(k)) for k in ("revision", "lag", "workers"))
+        rows.append([host.id, *served, _ago(h.get("updated"), host.mod_revision)])
+    if any(host.error for host in status.hosts):
+        columns.append("error")
+        for row, host in zip(rows, status.hosts, strict=True):
+            row.append(host.error)
+    _table(columns, rows)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 * :mod:`.etcd` -- the etcd client (failover, deadlines, compare-and-set writes safe to retry,
   self-refreshing leases, resumable watches); the only module that imports ``grpc``/``aetcd``, which
-  come with the ``fleet`` extra (``pip install dsproxy[fleet]``).
+  come with the ``fleet`` extra (``pip install dsproxy[fleet]``);
+* :mod:`.admin` -- ``dsproxy fleet import`` / ``dsproxy fleet status``: what they do to etcd;
 * :mod:`.mirror` -- the manager's fleet mode: etcd mirrored into the local ``datastore.cfg``.
 
 Layout in etcd (``PREFIX`` default ``/dsproxy``): ``PREFIX/datastores/NAME`` holds the store's

@@ -14,7 +14,9 @@ reference (``/work/shared/reference/etcd.md``) lists, filled here:
   "request timed out", "no leader") closes that channel (in-flight calls on it are cancelled and
   retry too), rotates to the next endpoint and tries again, with a short backoff once every endpoint
   failed in a row, until ``timeout * len(endpoints)`` has passed; then it raises
-  :class:`EtcdUnavailable`, naming every endpoint and the last error.  Every attempt has a gRPC
+  :class:`EtcdUnavailable`, naming every endpoint and the last error.  That budget should cover a
+  leader election (~1.2 s here; during one, a follower holds a write until the call's deadline):
+  the default 2 s x 3 members does, 0.5 s x 3 does not always.  Every attempt has a gRPC
   deadline (``timeout``, whatever is left of the budget); etcd's own refusals (too many operations,
   request too large, compacted revision, no space) raise :class:`EtcdRequestError` at once.
   ``connected`` / ``disconnected_since`` / ``endpoint`` are updated by every call and by the watch.
@@ -78,7 +80,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -298,7 +300,8 @@ class Etcd:
     async def connect(self) -> None:
         """Open the channel and check that some member answers (EtcdUnavailable otherwise)."""
         self._closed = False
-        await self.revision()
+        request = rpc.RangeRequest(key=b"\0", count_only=True)
+        await self._call("connect", lambda c, t: c.kv.Range(request, timeout=t, metadata=_METADATA))
 
     async def close(self) -> None:
         """Stop every lease's refresh (the leases are NOT revoked: they expire), close the channel."""
@@ -387,9 +390,14 @@ class Etcd:
                     raise EtcdRequestError(what, err.code().name, err.details() or "") from None
                 last = f"{conn.endpoint}: {_describe(err)}"
                 self._failed(conn, err)
-            except (TimeoutError, OSError) as err:
+            except (TimeoutError, OSError, asyncio.InvalidStateError) as err:  # the last: a stream already ended
                 last = f"{conn.endpoint}: {_describe(err)}"
                 self._failed(conn, err)
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+                last = f"{conn.endpoint}: the channel was closed under the call (another call failed over)"
+                self._failed(conn, ChannelClosed(last))
             else:
                 self._succeeded()
                 return result
@@ -702,9 +710,9 @@ class Etcd:
 
     async def watch_prefix(
         self, prefix: bytes, start_revision: int, *, heartbeat: float = DEFAULT_HEARTBEAT
-    ) -> AsyncIterator[WatchBatch]:
+    ) -> AsyncGenerator[WatchBatch, None]:
         """Every change under ``prefix`` from ``start_revision`` on, as batches (see the module); never ends
-        by itself (stop iterating, or cancel the task, to end it)."""
+        by itself (``aclose()`` it, or cancel the task that iterates, to end it)."""
         next_revision = start_revision
         failures = 0
         while True:
@@ -728,7 +736,15 @@ class Etcd:
                     events = [_event(e) for e in reply.events]
                     next_revision = events[-1].mod_revision + 1
                     yield WatchBatch(events[-1].mod_revision, events)
-            except (grpc.aio.AioRpcError, _StreamEnded, OSError) as err:
+            except (
+                grpc.aio.AioRpcError,
+                _StreamEnded,
+                OSError,
+                asyncio.InvalidStateError,
+                asyncio.CancelledError,
+            ) as err:
+                if isinstance(err, asyncio.CancelledError) and _cancelled_by_caller():
+                    raise
                 if isinstance(err, grpc.aio.AioRpcError) and err.code() not in _TRANSPORT:
                     raise EtcdRequestError(f"watch of {prefix!r}", err.code().name, err.details() or "") from None
                 failures += 1
@@ -771,13 +787,24 @@ class Etcd:
                 read = asyncio.ensure_future(call.read())
                 yield reply
         finally:
+            if read.done() and not read.cancelled():
+                read.exception()  # retrieved: it is the stream's end, already handled or moot
             read.cancel()
-            with contextlib.suppress(BaseException):
-                await read
 
 
 class _StreamEnded(Exception):
     """A watch stream ended, was canceled by etcd or went silent."""
+
+
+class ChannelClosed(Exception):
+    """gRPC cancelled a call because its channel was closed by a failover (not the caller's cancellation)."""
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError is this task's own cancellation -- else gRPC raised it for a call on a
+    channel another call's failover closed, and it is just another transport error."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _event(event: Any) -> Event:

@@ -1,7 +1,7 @@
 """A real etcd cluster on loopback, for the fleet tests, benchmarks and the stress run.
 
 :class:`EtcdCluster` starts ``size`` plain ``etcd`` processes (``/usr/bin/etcd``, Debian's
-``etcd-server``; ``$DSPROXY_ETCD`` names another binary) on 127.0.0.1 with free ports, private data
+``etcd-server``; ``$DSPROXY_ETCD_BINARY`` names another binary) on 127.0.0.1 with free ports, private data
 dirs under ``base_dir`` and a unique cluster token, each in its own process group with its zap log in
 ``<base_dir>/<name>.log``; :meth:`start` returns once every member answers ``/health`` and a leader
 is elected.  Members are killed, frozen and restarted by index (:meth:`kill`, :meth:`restart`, the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .daemons import free_port
 
-ETCD = os.environ.get("DSPROXY_ETCD", "/usr/bin/etcd")
+ETCD = os.environ.get("DSPROXY_ETCD_BINARY", "/usr/bin/etcd")
 
 
 class EtcdHarnessError(RuntimeError):

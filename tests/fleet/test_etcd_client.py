@@ -369,6 +369,46 @@ def test_watch_resumes_without_lost_or_repeated_events(
     run(main())
 
 
+def test_one_client_shared_by_a_watch_a_lease_and_writers_survives_the_kill_of_its_member(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes
+) -> None:
+    """As the manager uses it (uvloop, one Etcd): whichever call sees the dead member first fails over,
+    and the calls in flight on the closed channel retry instead of raising."""
+    import uvloop
+
+    victim = etcd_cluster.follower()
+
+    async def main() -> None:
+        async with Etcd(starting_with(etcd_cluster, victim), timeout=1.0) as etcd:
+            start = await etcd.revision() + 1
+            lease = await etcd.grant(2)
+            seen: list[tuple[bytes, int]] = []
+            acked: list[tuple[bytes, int]] = []
+
+            async def watch() -> None:
+                async for batch in etcd.watch_prefix(etcd_prefix, start, heartbeat=0.5):
+                    seen.extend((e.key, e.mod_revision) for e in batch.events)
+                    if len(seen) >= 5 * 30:
+                        return
+
+            async def writer(n: int) -> None:
+                for i in range(30):
+                    key = etcd_prefix + b"w%d/%02d" % (n, i)
+                    acked.append((key, await etcd.put(key, b"x", lease=lease.id)))
+                    await asyncio.sleep(0.01)
+
+            watching = asyncio.create_task(watch())
+            writers = asyncio.gather(*(writer(n) for n in range(5)))
+            await asyncio.sleep(0.1)
+            etcd_cluster.kill(victim)
+            await asyncio.wait_for(writers, 15)
+            await asyncio.wait_for(watching, 10)
+            assert seen == sorted(acked, key=lambda a: a[1])
+            assert lease.alive and etcd.endpoint != etcd_cluster.endpoints[victim]
+
+    uvloop.run(main())
+
+
 def test_a_compacted_watch_relists_then_goes_on(etcd_cluster: EtcdCluster, etcd_prefix: bytes) -> None:
     async def main() -> None:
         async with Etcd(etcd_cluster.endpoints) as etcd:
@@ -393,7 +433,7 @@ def test_a_compacted_watch_relists_then_goes_on(etcd_cluster: EtcdCluster, etcd_
                 assert second.relist is None and second.revision == after
                 assert [(e.kind, e.key) for e in second.events] == [("put", etcd_prefix + b"k5")]
             finally:
-                await batches.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()
 
     run(main())
 

@@ -754,10 +754,13 @@ class ConfigWriter:
         return self._sync(None)
 
     def fence(self, reason: str) -> int | None:
-        """``--fleet-fencing offline``: every store offline locally (naming ``reason``) until
-        :meth:`unfence`; the mirror itself is unchanged."""
+        """``--fleet-fencing offline``: every store offline locally until :meth:`unfence`, its
+        maintenance message ``reason`` (cut to the 64 characters a message may have, encoded); the
+        mirror itself is unchanged."""
         m = self._fleet()
         m.fenced = reason
+        while len(urllib.parse.quote(reason)) > MESSAGE_LIMIT:
+            reason = reason[:-1]
         m.fenced_mode = check_value("maintenance-mode", str(MaintenanceMode("offline", urllib.parse.quote(reason))))
         gen = self._sync(None)
         self._record()
@@ -865,6 +868,8 @@ class ConfigWriter:
         return kept
 
 
+#: the longest maintenance message (``MAINTENANCE_SCHEMA``: 64 characters, as PBS)
+MESSAGE_LIMIT: Final = 64
 #: the HTTP status of a config error a write meets (any other -- a bad property -- is the client's: 400)
 #: Lay-out failures that the requested path causes (a name too long, a parent that cannot hold a
 #: directory: ``/proc/1/x``, a read-only mount): 400.  Others (``ENOSPC``, ``EIO``) are the host's: 500.

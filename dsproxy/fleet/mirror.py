@@ -295,8 +295,8 @@ class Mirror:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         lease, self.lease = self.lease, None
-        if lease is not None:
-            with contextlib.suppress(EtcdError):
+        if lease is not None:  # (etcd unreachable: the key goes with the lease's TTL)
+            with contextlib.suppress(EtcdError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await lease.revoke()
         await self.etcd.close()
@@ -501,22 +501,23 @@ class Mirror:
 
     async def _keep_once(self, link: shm.FleetState | None) -> shm.FleetState:
         etcd, state = self.etcd, self.state
-        if state.loaded and etcd.connected and (self.lease is None or not self.lease.alive):
-            await self._new_lease()
         lost = self.lease is None or not self.lease.alive
         if not etcd.connected and lost and self.fencing == "offline" and state.fenced is None:
             since = etcd.disconnected_since or self.started
             if time.time() - since >= self.lease_ttl:
-                reason = (
-                    f"fleet: host {self.host_id} cannot reach etcd since {_when(since)}; its lease expired, "
-                    "so the fleet no longer waits for it (--fleet-fencing offline)"
+                log.error(
+                    "fleet: host %s cannot reach etcd since %s and its lease is gone, so the fleet no longer "
+                    "waits for it: every datastore offline here until etcd is back (--fleet-fencing offline)",
+                    self.host_id,
+                    _when(since),
                 )
-                log.error("%s: every datastore offline here until etcd is back", reason)
-                await self.in_writer(self.writer.fence, reason)
+                await self.in_writer(self.writer.fence, f"fleet: cut off from etcd since {_when(since, short=True)}")
         now = shm.FleetState.CONNECTED if etcd.connected else shm.FleetState.DISCONNECTED
         if now != link:
             cut = None if etcd.connected else (etcd.disconnected_since or time.time())
             await self.in_writer(self.writer.set_link, now, cut)
+        if state.loaded and lost:
+            await self._new_lease()  # also the probe that finds etcd back (the watch may be waiting)
         return now
 
     async def _new_lease(self) -> None:
@@ -705,8 +706,8 @@ def _conflict(write: FleetWrite, txn: Txn) -> str:
     )
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+def _when(t: float, short: bool = False) -> str:
+    return time.strftime("%H:%M:%S" if short else "%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 __all__ = ["FleetRefused", "Mirror", "Transition", "WriteRefused", "decode_all", "decode_section", "waits"]

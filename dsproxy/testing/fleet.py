@@ -102,14 +102,24 @@ class FleetHost(Daemons):
 
 
 class Fleet:
-    """``size`` fleet hosts under ``base`` (``base/hostN``); a context manager that stops them all."""
+    """``size`` fleet hosts under ``base`` (``base/hostN``); a context manager that stops them all.
+
+    ``host_args`` go to every :class:`FleetHost`; ``per_host[i]`` (``endpoints`` too) to host ``i``.
+    """
 
     def __init__(
-        self, base: Path, endpoints: Sequence[str], prefix: str, size: int = 3, **host_args: Any
+        self,
+        base: Path,
+        endpoints: Sequence[str],
+        prefix: str,
+        size: int = 3,
+        per_host: Sequence[dict[str, Any]] = (),
+        **host_args: Any,
     ) -> None:
-        self.hosts = [
-            FleetHost(base / f"host{i}", endpoints, prefix, f"host{i}", **host_args) for i in range(size)
-        ]
+        self.hosts = []
+        for i in range(size):
+            args = {"endpoints": endpoints, **host_args, **(per_host[i] if i < len(per_host) else {})}
+            self.hosts.append(FleetHost(base / f"host{i}", prefix=prefix, host_id=f"host{i}", **args))
 
     def start(self) -> Fleet:
         try:

@@ -224,3 +224,107 @@ def test_a_hand_edit_in_fleet_mode_is_undone_and_reported(fleet: Fleet) -> None:
     assert f"{a.config_file} was edited by hand" in a.log_text(100_000)
     metrics = a.get("/metrics").body.decode()
     assert f"dsproxy_fleet_hand_edits_refused_total {before + 1}.0" in metrics
+
+
+# -- a manager restarted, a host cut off ---------------------------------------------------------------------
+
+
+def _changes_applied(host: FleetHost) -> dict[int, int]:
+    """Each worker's count of config loads that applied per-store changes (not a whole reload)."""
+    with host.worker_clients() as clients:
+        return {
+            pid: c.get(f"{API}/nodes/localhost/status").raise_for_status().data["changes-applied"]
+            for pid, c in clients.items()
+        }
+
+
+def test_a_restarted_manager_catches_up_from_its_revision_with_a_per_store_delta(
+    own_fleet: Callable[..., Fleet],
+) -> None:
+    a, b = own_fleet(2).hosts
+    for name in ("keep1", "keep2", "keep3"):
+        revision = _revision(_create(a, name))
+    b.wait_revision(revision)
+    assert b.manager is not None
+    b.manager.kill()
+    b.manager.wait()
+    _revision(a.request("PUT", "/config/datastore/keep2", {"comment": "while host1 was down"}))
+    revision = _revision(_create(a, "keep4"))
+    assert (b.served_revision() or 0) < revision  # its workers serve what they had
+    before = _changes_applied(b)
+    b.start_manager()
+    b.wait_revision(revision)
+    stores = b.datastores()
+    assert sorted(stores) == ["keep1", "keep2", "keep3", "keep4"]
+    assert stores["keep2"]["comment"] == "while host1 was down"
+    after = _changes_applied(b)
+    assert all(after[pid] > before[pid] for pid in before), (before, after)  # a delta, not a reload
+
+
+def _cut_off(fleet: Fleet) -> tuple[FleetHost, FleetHost]:
+    return fleet.hosts[0], fleet.hosts[1]
+
+
+CUT = ["--etcd-timeout", "1", "--fleet-lease-ttl", "3", "--maintenance-timeout", "2"]
+
+
+def test_a_host_cut_off_from_etcd_keeps_serving_refuses_writes_and_catches_up(
+    own_fleet: Callable[..., Fleet], etcd_cluster: EtcdCluster
+) -> None:
+    """``--fleet-fencing serve`` (the default): the last mirror is served, past the lease too."""
+    cut, other = own_fleet(2, manager_args=CUT, per_host=[{"endpoints": etcd_cluster.endpoints[:1]}]).hosts
+    revision = _revision(_create(other, "part1"))
+    cut.wait_revision(revision)
+    etcd_cluster.kill(0)  # the only member host0 knows
+    wait_for(lambda: cut.fleet_status()["state"] == "disconnected", 10, what="host0 disconnected")
+    refused = _create(cut, "part2")
+    assert refused.status == 503
+    assert re.fullmatch(
+        r"fleet: etcd unreachable since \S+ \S+; config writes are refused until it is back", refused.json()["message"]
+    )
+    assert "dsproxy_fleet_connected 0.0" in cut.get("/metrics").body.decode()
+    revision = _revision(other.request("PUT", "/config/datastore/part1", {"comment": "during the partition"}))
+    time.sleep(3.5)  # past host0's lease: the fleet no longer waits for it
+    offline = other.request("PUT", "/config/datastore/part1", {"maintenance-mode": "read-only"}).raise_for_status()
+    assert "part1" in cut.datastores() and "comment" not in cut.datastores()["part1"]  # the last mirror
+    with _operation(cut, "part1", "write"):
+        pass  # serve: new operations still granted from the last mirror
+    etcd_cluster.restart(0)
+    cut.wait_revision(offline.data["revision"], timeout=15)
+    assert cut.datastores()["part1"]["comment"] == "during the partition"
+    wait_for(lambda: cut.fleet_status()["state"] == "connected", 10, what="host0 connected again")
+    assert _create(cut, "part2").status == 200
+
+
+def test_fencing_offline_takes_every_store_offline_once_the_lease_is_gone_and_restores_after(
+    own_fleet: Callable[..., Fleet], etcd_cluster: EtcdCluster
+) -> None:
+    """``--fleet-fencing offline``: new operations refused (running ones finish) until etcd is back."""
+    fenced, other = own_fleet(
+        2,
+        manager_args=CUT,
+        per_host=[{"endpoints": etcd_cluster.endpoints[:1], "manager_args": [*CUT, "--fleet-fencing", "offline"]}],
+    ).hosts
+    revision = _revision(_create(other, "fence1"))
+    fenced.wait_revision(revision)
+    with _operation(fenced, "fence1") as running:
+        etcd_cluster.kill(0)
+        started = time.monotonic()
+        wait_for(lambda: fenced.fleet_status()["state"] == "fenced", 15, what="host0 fenced")
+        took = time.monotonic() - started
+        refused = fenced.request("POST", "/admin/datastore/fence1/operation", {"operation": "read"})
+        message = refused.json()["message"]
+        assert refused.status >= 400 and "offline maintenance mode: fleet: cut off from etcd since " in message
+        # the other host does not wait for the fenced one: its transition is quick and names nobody
+        answer = other.request("PUT", "/config/datastore/fence1", {"comment": "fenced elsewhere"}).raise_for_status()
+        revision = answer.data["revision"]
+        released = running.request("DELETE", f"{API}/admin/datastore/fence1/operation").raise_for_status()
+        assert released.data == {"released": 1}  # the running one finished normally
+    assert 3.0 <= took < 10.0
+    etcd_cluster.restart(0)
+    fenced.wait_revision(revision, timeout=15)
+    wait_for(lambda: fenced.fleet_status()["state"] == "connected", 10, what="host0 unfenced")
+    section = fenced.datastores()["fence1"]
+    assert section["comment"] == "fenced elsewhere" and "maintenance-mode" not in section
+    with _operation(fenced, "fence1"):
+        pass

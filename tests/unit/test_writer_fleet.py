@@ -128,11 +128,11 @@ def test_fencing_takes_every_store_offline_locally_and_unfencing_restores_the_mi
     }
     writer.mirror_replace(sections, {"alpha": 2, "rostore": 3, "gone": 4}, 4)
     mirrored = paths.config_file.read_bytes()
-    writer.fence("fleet: etcd unreachable and the lease expired")
+    writer.fence("fleet: etcd unreachable, the lease expired and this is longer than a message may be")
     cfg, _ = read_config(paths.config_file)
     for name in ("alpha", "rostore"):
         mode = MaintenanceMode.parse(str(cfg[name]["maintenance-mode"]))
-        assert mode.type == "offline" and "lease expired" in urllib.parse.unquote(mode.message)
+        assert mode.type == "offline" and "lease expired" in urllib.parse.unquote(mode.message) and len(mode.message) <= 64
     assert MaintenanceMode.parse(str(cfg["gone"]["maintenance-mode"])).type == "delete"  # kept: refuses all
     record = seg.fleet()
     assert record is not None and record.state is shm.FleetState.FENCED

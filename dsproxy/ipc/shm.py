@@ -194,6 +194,7 @@ makes their mapping unusable) and skip garbage as above until the replacement ar
 
 from __future__ import annotations
 
+import array
 import contextlib
 import enum
 import hashlib
@@ -984,7 +985,7 @@ class Segment:
     def fleet(self) -> FleetRecord | None:
         """The fleet record, or None outside fleet mode (and when it is torn or garbage)."""
         w, base = self.words, OFF_FLEET // 8
-        for _ in range(4):
+        for _ in range(64):
             seq = w[base + FLEET_SEQ]
             if seq == 0:
                 return None
@@ -1048,9 +1049,12 @@ class Segment:
         if hand_edits is not None:
             v[FLEET_HAND_EDITS] = min(max(hand_edits, 0), STAT_LIMIT - 1)
         seq = v[FLEET_SEQ] + 1  # v[FLEET_SEQ] is even here
+        values = array.array("Q", v[1:])
+        # three stores with no call or loop between them: no other thread of this process runs
+        # in the middle (the GIL is only handed over at those), so readers see the odd sequence
+        # for the time of one memcpy, not of a thread switch
         w[base + FLEET_SEQ] = seq  # odd: readers look again
-        for k in range(1, FLEET_WORDS):
-            w[base + k] = v[k]
+        w[base + 1 : base + FLEET_WORDS] = values
         w[base + FLEET_SEQ] = seq + 1  # even: complete
 
     def changes_since(self, generation: int, now: int) -> frozenset[str] | None:

@@ -328,3 +328,49 @@ def test_fencing_offline_takes_every_store_offline_once_the_lease_is_gone_and_re
     assert section["comment"] == "fenced elsewhere" and "maintenance-mode" not in section
     with _operation(fenced, "fence1"):
         pass
+
+
+def _mod_revision(cluster: EtcdCluster, prefix: str, name: str) -> int:
+    import asyncio
+
+    from dsproxy.fleet.etcd import Etcd
+
+    async def get() -> int:
+        async with Etcd(cluster.endpoints) as etcd:
+            kv = await etcd.get(f"{prefix}/datastores/{name}".encode())
+            assert kv is not None
+            return kv.mod_revision
+
+    return asyncio.run(get())
+
+
+def test_a_host_whose_watch_was_compacted_away_re_lists_and_catches_up(
+    own_fleet: Callable[..., Fleet], etcd_cluster: EtcdCluster
+) -> None:
+    import asyncio
+
+    from dsproxy.fleet.etcd import Etcd
+
+    a, b = own_fleet(2, per_host=[{}, {"endpoints": etcd_cluster.endpoints[:1]}]).hosts
+    for name in ("comp1", "comp2"):
+        revision = _revision(_create(a, name))
+    b.wait_revision(revision)
+    with b.manager_frozen():  # b's watch stands at an old revision...
+        a.request("PUT", "/config/datastore/comp1", {"comment": "after the freeze"}).raise_for_status()
+        _create(a, "comp3").raise_for_status()
+
+        async def change() -> int:  # an admin's etcdctl del, then a compaction: b's history is gone
+            async with Etcd(etcd_cluster.endpoints) as etcd:
+                txn = await etcd.delete_if(f"{a.prefix}/datastores/comp2".encode(), stores_of_a["comp2"])
+                assert txn.succeeded
+                await etcd.compact(txn.revision)
+                return txn.revision
+
+        stores_of_a = {name: _mod_revision(etcd_cluster, a.prefix, name) for name in ("comp2",)}
+        revision = asyncio.run(change())
+        etcd_cluster.kill(0)  # ...and its stream ends: it must watch again, from a compacted revision
+        etcd_cluster.restart(0)
+    b.wait_revision(revision)
+    stores = b.datastores()
+    assert sorted(stores) == ["comp1", "comp3"] and stores["comp1"]["comment"] == "after the freeze"
+    assert "re-listed" in b.log_text(100_000)

@@ -856,13 +856,19 @@ class ConfigWriter:
         return FleetWrite(name, None, m.mod_revisions.get(name, 0))
 
     def _validation_base(self, expected_digest: str | None) -> KeptConfig:
-        """The kept config a write is validated against (the file, under the config lock)."""
+        """The kept config a write is validated against (the file, under the config lock).  A hand
+        edit found here is validated against but not kept: the kept config stays the mirror as
+        written, so the next mirror write or the watch still finds the edit and undoes it (kept, it
+        would pass for the mirror, and a batch's O(changed) write would keep it in the file)."""
+        before = self.kept
         try:
-            kept, _ = self._current()
+            kept, reread = self._current()
         except ParseError as err:
             raise WriteRefused(
                 503, f"refusing to write: the configuration on disk does not parse (it is being restored): {err}"
             ) from None
+        if reread:
+            self.kept = before
         if expected_digest is not None and expected_digest != kept.digest:
             raise DigestMismatch()
         return kept

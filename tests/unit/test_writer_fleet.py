@@ -118,6 +118,27 @@ def test_a_hand_edit_is_counted_undone_and_published_as_everything(
     assert writer.check_file() is None  # restored: nothing more to do
 
 
+def test_a_hand_edit_that_an_api_write_reads_first_is_still_undone(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment
+) -> None:
+    """An API write's validation may be the first to read a hand-edited file (before the watch's
+    next look): the edit must still be counted and undone -- not taken for the mirror, and kept in
+    the file by the next batch's O(changed) write (found by ``scripts/stress --fleet 3``)."""
+    sections = {"alpha": _props(paths, "alpha"), "beta": _props(paths, "beta", comment="mirror")}
+    writer.mirror_replace(sections, {"alpha": 2, "beta": 3}, 3)
+    mirrored = paths.config_file.read_bytes()
+    tmp = paths.config_file.with_suffix(".edit")
+    tmp.write_bytes(mirrored.replace(b"\tcomment mirror\n", b"\tcomment by hand\n"))
+    os.replace(tmp, paths.config_file)
+    writer.fleet_update("alpha", {"comment": "through the API"})  # validated; its transaction is etcd's
+    sections["alpha"] = _props(paths, "alpha", comment="through the API")
+    writer.mirror_apply({"alpha": sections["alpha"]}, {"alpha": 4}, 4)  # the watch brings it back
+    writer.check_file()
+    assert read_config(paths.config_file)[0] == sections
+    record = seg.fleet()
+    assert record is not None and record.hand_edits == 1
+
+
 def test_fencing_takes_every_store_offline_locally_and_unfencing_restores_the_mirror(
     writer: ConfigWriter, paths: Paths, seg: shm.Segment
 ) -> None:

@@ -29,8 +29,8 @@ maintenance transition waits for.
   has loaded (the fleet record in shared memory names the revision of each generation; a worker
   still on an older generation holds the host's revision back), the generation, the workers, and
   ``active``: the operation counts (non-zero ones) of the stores other hosts wait on -- a store
-  that entered a refusing maintenance mode lately, a store another host ``asking`` about for a
-  remove.  A host puts its key when it first serves a revision someone may wait for (a datastore
+  written in a waiting maintenance mode lately, a store another host is ``asking`` about
+  for a remove.  A host puts its key when it first serves a revision someone may wait for (a datastore
   change, or another host's question) and when what it reports changes -- never in answer to a
   plain refresh of another host's key, so the hosts do not ping-pong.
 * **Fleet-wide transitions** (``offline``/``unmount``/``delete``/``s3-refresh``): after the
@@ -396,15 +396,12 @@ class Mirror:
 
     def _apply_events(self, batch: WatchBatch) -> tuple[Decoded, list[str]]:
         """(Writer thread.)  One batch: its datastore events as one local write (or, without any,
-        the record moved to its revision); and the stores that entered a waiting mode with it
-        (this host reports their operation counts for a while: a transition elsewhere waits)."""
+        the record moved to its revision); and the stores it leaves in a waiting mode (the host
+        that wrote it waits for this one -- any write of such a store is a transition to it, as
+        in :meth:`dsproxy.daemon.manager.Manager.update` -- so this host reports at once, with the
+        stores' operation counts, and keeps reporting them for a while)."""
         decoded = decode_events(self.datastores, batch)
-        before = self.state.sections
-        entered = [
-            name
-            for name, props in decoded.sections.items()
-            if props is not None and waits(mode := _mode(props)) and _mode(before.get(name)) != mode
-        ]
+        entered = [name for name, props in decoded.sections.items() if props is not None and waits(_mode(props))]
         if decoded.mod_revisions or batch.revision > self.state.revision:
             self.writer.mirror_apply(decoded.sections, decoded.mod_revisions, batch.revision)
         return decoded, entered

@@ -29,8 +29,8 @@ maintenance transition waits for.
   has loaded (the fleet record in shared memory names the revision of each generation; a worker
   still on an older generation holds the host's revision back), the generation, the workers, and
   ``active``: the operation counts (non-zero ones) of the stores other hosts wait on -- a store
-  that entered a refusing maintenance mode lately, a store another host ``asking`` about for a
-  remove.  A host puts its key when it first serves a revision someone may wait for (a datastore
+  written in a waiting maintenance mode lately, a store another host is ``asking`` about
+  for a remove.  A host puts its key when it first serves a revision someone may wait for (a datastore
   change, or another host's question) and when what it reports changes -- never in answer to a
   plain refresh of another host's key, so the hosts do not ping-pong.
 * **Fleet-wide transitions** (``offline``/``unmount``/``delete``/``s3-refresh``): after the
@@ -114,11 +114,28 @@ def decode_section(name: str, kv: KV) -> dict[str, Value] | str:
 
 @dataclass
 class Decoded:
-    """Datastore keys decoded: the sections to mirror, every key's mod_revision, what was refused."""
+    """Datastore keys decoded: the sections to mirror, every key's mod_revision, what was refused,
+    and (a full read's) the values that are well-formed section texts, to be written as they are."""
 
     sections: dict[str, dict[str, Value] | None] = field(default_factory=dict)
     mod_revisions: dict[str, int | None] = field(default_factory=dict)
     refused: int = 0
+    texts: dict[str, bytes] = field(default_factory=dict)
+
+
+def well_formed(name: str, value: bytes) -> bool:
+    """Whether ``value`` (which parses to exactly the section of ``name``) can be a kept text as it
+    is: it starts with its header line, ends with a newline and holds no blank or comment line --
+    so it is one block the O(changed) splice finds by its header (:mod:`dsproxy.daemon.kept`).
+    What dsproxy writes (the canonical text) always is; a value put by other means that is not
+    is rendered again.  (Checking canonical form itself costs a render per store: ~0.6 s at
+    100,000.)"""
+    return (
+        value.startswith(b"datastore: " + name.encode() + b"\n")
+        and value.endswith(b"\n")
+        and b"\n\n" not in value
+        and b"\n#" not in value
+    )
 
 
 def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
@@ -133,9 +150,12 @@ def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
             if list(cfg) == names:
                 out.sections = dict(cfg.items())
                 out.mod_revisions = {n: kv.mod_revision for n, kv in zip(names, kvs, strict=True)}
+                out.texts = {n: kv.value for n, kv in zip(names, kvs, strict=True) if well_formed(n, kv.value)}
                 return out
     for name, kv in zip(names, kvs, strict=True):
         _decode_into(out, name, kv)
+        if out.sections.get(name) is not None and well_formed(name, kv.value):
+            out.texts[name] = kv.value
     return out
 
 
@@ -333,7 +353,7 @@ class Mirror:
         decoded = decode_all(self.datastores, kvs)
         sections = {n: s for n, s in decoded.sections.items() if s is not None}
         mods = {n: m for n, m in decoded.mod_revisions.items() if m is not None}
-        return self.writer.mirror_replace(sections, mods, revision)
+        return self.writer.mirror_replace(sections, mods, revision, decoded.texts)
 
     # -- the watch ----------------------------------------------------------------------------------
 
@@ -376,15 +396,12 @@ class Mirror:
 
     def _apply_events(self, batch: WatchBatch) -> tuple[Decoded, list[str]]:
         """(Writer thread.)  One batch: its datastore events as one local write (or, without any,
-        the record moved to its revision); and the stores that entered a waiting mode with it
-        (this host reports their operation counts for a while: a transition elsewhere waits)."""
+        the record moved to its revision); and the stores it leaves in a waiting mode (the host
+        that wrote it waits for this one -- any write of such a store is a transition to it, as
+        in :meth:`dsproxy.daemon.manager.Manager.update` -- so this host reports at once, with the
+        stores' operation counts, and keeps reporting them for a while)."""
         decoded = decode_events(self.datastores, batch)
-        before = self.state.sections
-        entered = [
-            name
-            for name, props in decoded.sections.items()
-            if props is not None and waits(mode := _mode(props)) and _mode(before.get(name)) != mode
-        ]
+        entered = [name for name, props in decoded.sections.items() if props is not None and waits(_mode(props))]
         if decoded.mod_revisions or batch.revision > self.state.revision:
             self.writer.mirror_apply(decoded.sections, decoded.mod_revisions, batch.revision)
         return decoded, entered

@@ -953,8 +953,9 @@ class Segment:
         now current.  More changes than a quarter of the ring, or a name that does not fit, are
         recorded as one ``EVERYTHING``.  With ``revision`` (fleet mode), the fleet record names
         the new generation and that etcd revision, written before the generation word."""
-        raws = [(kind, name.encode()) for kind, name in changes]
-        if len(raws) > RING_SIZE // 4 or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
+        many = len(changes) > RING_SIZE // 4  # (100,000 names of a full read are not encoded first)
+        raws = [] if many else [(kind, name.encode()) for kind, name in changes]
+        if many or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
             raws = [(ChangeKind.EVERYTHING, b"")]
         i = OFF_GENERATIONS // 8 + GEN_DATASTORE
         w, mm = self.words, self.mm

@@ -200,7 +200,8 @@ class Manager:
             log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
             return EXIT_BOOT_FAILURE
         self.open_segment(publish=not self.options.etcd)
-        await self.in_writer(self.writer.recover_interrupted_creates)
+        if not self.options.etcd:  # fleet mode: after the first read of etcd, which names the stores (Mirror.load)
+            await self.in_writer(self.writer.recover_interrupted_creates)
         if self.options.etcd and self.options.demo_stores:
             log.error("--demo-stores and --etcd: in fleet mode the datastores are etcd's (see dsproxy fleet import)")
             return EXIT_BOOT_FAILURE

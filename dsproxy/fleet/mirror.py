@@ -272,6 +272,7 @@ class Mirror:
         self.maintenance_timeout = maintenance_timeout
         self.etcd = Etcd(self.endpoints, timeout=timeout)
         self.started = time.time()
+        self.recovered = False  # interrupted creates cleaned up (after the first read of etcd)
         # Per-connection state: the lease, the watch's progress, the other hosts as last seen
         self.lease: Lease | None = None
         self.connected_since: float | None = None
@@ -334,6 +335,12 @@ class Mirror:
         read = time.monotonic() - started
         kvs = [kv for kv in every if kv.key.startswith(self.datastores)]
         gen = await self.in_writer(self._replace, kvs, revision)
+        if not self.recovered:
+            # creates interrupted by a crash: only now does the file name every store etcd has -- a
+            # create whose transaction applied before the crash keeps its lay-out (no API write is
+            # in flight yet: they wait for this first read)
+            await self.in_writer(self.writer.recover_interrupted_creates)
+            self.recovered = True
         self.hosts = {}
         self._hosts_seen([kv for kv in every if kv.key.startswith(self.hosts_key)])
         self.revision = revision

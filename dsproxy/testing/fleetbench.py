@@ -42,7 +42,9 @@ prints, saves and plots it).  Each row has its own 3-member etcd cluster
   populated prefix: until its manager answers (it read etcd, decoded every value and wrote the
   file), then its proxy is spawned, until each of its workers answers a status request with
   ``x-dsproxy-revision`` >= the etcd revision read just before the spawn.  Polled every 5 ms, not
-  at :class:`~dsproxy.daemon.run.DaemonPair`'s 50 ms.
+  at :class:`~dsproxy.daemon.run.DaemonPair`'s 50 ms.  The JSON adds the manager's own account of
+  its first read (``fleet: mirrored ... (read X s, written Y s)``: the etcd Range, then decoding and
+  writing the file).
 
 A failure (a daemon or member that does not start, a refused write, a lagging host, a timeout) ends
 the row with an ``error`` entry; the figures measured before it stay, the next row runs.
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import sys
 import time
@@ -381,9 +384,18 @@ def cold_start(base: Path, endpoints: list[str], workers: int, store: str, timeo
         host.spawn_proxy()
         _uv(_workers_serving(host, store, revision, timeout))
         serving = time.perf_counter() - t0
+        mirrored = _MIRRORED.search(host.log_text(tail=100_000))
     finally:
         host.stop()
-    return {"manager_s": manager, "serving_s": serving, "revision": revision}
+    out = {"manager_s": manager, "serving_s": serving, "revision": revision}
+    if mirrored:  # the manager's own account of its first read: the etcd read, then decoding + the file
+        out |= {"etcd_read_s": float(mirrored["read"]), "mirror_written_s": float(mirrored["written"])}
+    return out
+
+
+_MIRRORED = re.compile(
+    r"fleet: mirrored \d+ datastores of etcd revision \d+ \(read (?P<read>[\d.]+) s, written (?P<written>[\d.]+) s\)"
+)
 
 
 # -- one row ----------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
     assert row["online_p50_ms"] > 0
     cold = row["cold_start"]
     assert 0 < cold["manager_s"] < cold["serving_s"] and cold["revision"] > row["populate"]["revision"]
+    assert 0 <= cold["etcd_read_s"] <= cold["manager_s"] and "cold start at 50 stores: the manager answered" in out
     targets = {t["target"]: t for t in data["targets"]}
     assert set(targets) == {
         "served everywhere p99 / etcd put->watch p99 at 50 <= 3",

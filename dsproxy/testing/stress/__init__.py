@@ -124,7 +124,7 @@ CHAOS = {
 # an etcd member (the leader half of the time) every N s, down for a moment; a host's manager likewise
 FLEET_CHAOS = {
     "light": None,
-    "heavy": {"etcd_every": 4.0, "etcd_down": (0.2, 1.5), "manager_every": 4.0, "manager_down": (0.1, 1.0)},
+    "heavy": {"etcd_every": 4.0, "etcd_down": (0.2, 1.5), "manager_every": 4.0, "manager_down": (0.1, 3.0)},
 }
 FLEET_PREFIX = "/stress"
 FLEET_LEASE_TTL = 10  # s: a killed manager's key outlives its restart, so its host is named lagging

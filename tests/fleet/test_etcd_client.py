@@ -394,7 +394,11 @@ def test_one_client_shared_by_a_watch_a_lease_and_writers_survives_the_kill_of_i
             async def writer(n: int) -> None:
                 for i in range(30):
                     key = etcd_prefix + b"w%d/%02d" % (n, i)
-                    acked.append((key, await etcd.put(key, b"x", lease=lease.id)))
+                    # create-only: a retried write whose first answer was lost is applied once (a plain
+                    # put would be applied twice, both in the history -- harmless for host keys)
+                    txn = await etcd.put_if(key, b"x", 0, lease=lease.id)
+                    assert txn.succeeded, txn
+                    acked.append((key, txn.revision))
                     await asyncio.sleep(0.01)
 
             watching = asyncio.create_task(watch())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,18 @@ def _fd_line(fds: dict[str, int]) -> str:
     )
 
 
+def _fleet_line(fleet: dict[str, Any]) -> str:
+    """Fleet mode: the revision served and the link to etcd, one line."""
+    served = f"fleet: serving etcd revision {fleet['revision']} (mirror {fleet['mirror-revision']})"
+    edits = f", {fleet['hand-edits-refused']} hand edits refused" if fleet["hand-edits-refused"] else ""
+    if fleet["state"] == "connected":
+        return f"{served}, connected{edits}"
+    since = fleet["disconnected-since"]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "start"
+    fenced = "; FENCED: every datastore offline here until etcd is back" if fleet["state"] == "fenced" else ""
+    return f"{served}; disconnected since {when}, config writes refused{fenced}{edits}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .client import path_for
 
@@ -443,6 +456,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(_fd_line(n["fds"]))
     if n["config-error"]:
         print(f"CONFIG ERROR (serving the last good config): {n['config-error']}")
+    if "fleet" in n:
+        print(_fleet_line(n["fleet"]))
     _table(
         ("worker", "generation", "lookups", "cache hits", "reloads", "errors"),
         [(w["pid"], w["generation"], w["requests"], w["cache-hits"], w["reloads"], w["errors"]) for w in n["workers"]],

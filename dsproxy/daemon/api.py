@@ -2,7 +2,12 @@
 
 Every answer carries ``x-dsproxy-generation``: the generation of the config the worker served it
 under (the stress script checks that it never goes behind an acknowledged write), and
-``x-dsproxy-worker``: the worker's pid.
+``x-dsproxy-worker``: the worker's pid.  In fleet mode (``dsproxy manager --etcd``) it also carries
+``x-dsproxy-revision``: the etcd revision of that config, from the fleet record in shared memory --
+the one the manager wrote for the generation the worker loaded, or, when the manager has
+published again since, the revision the worker knew for an earlier generation (a lower bound:
+never a revision newer than what it serves; 0 before it knew any).  A degraded worker (no shared
+memory) cannot tell and sends none.
 
 Reads are answered in the worker.  Config writes are forwarded to the manager over
 ``manager.sock`` with the end client's ``SO_PEERCRED`` in ``x-dsproxy-client``; the manager decides
@@ -50,7 +55,7 @@ from ..ipc import shm
 from ..registry import DISCARD_CACHES, Handle, Registry
 from . import limits
 from .http import Connection, Handler, HTTPError, Reply, Request, Router, data_reply, error_reply
-from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, GENERATION_HEADER, WORKER_HEADER
+from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, GENERATION_HEADER, REVISION_HEADER, WORKER_HEADER
 
 _FALSE = schema.FALSE | {""}  # a bare ``?verbose=`` is false
 _BACKUP_TYPES = ("vm", "ct", "host")
@@ -102,6 +107,11 @@ class WorkerApp:
         self.lookup_errors = 0
         self._worker_header = f"{WORKER_HEADER}: {os.getpid()}\r\n".encode()
         self._generation_header = f"{GENERATION_HEADER}: %d\r\n".encode()
+        self._revision_header = f"{REVISION_HEADER}: %d\r\n".encode()
+        # fleet mode: the record's sequence and our generation when last looked, and the revision of
+        # the last generation the record named as ours
+        self._fleet_seen: tuple[int, int | None] = (0, None)
+        self._fleet_revision = 0
 
     def router(self) -> Router:
         r = Router()
@@ -205,9 +215,31 @@ class WorkerApp:
 
     def response_headers(self) -> bytes:
         """The headers of every answer: ``x-dsproxy-worker`` (this pid) and ``x-dsproxy-generation``
-        (the generation this worker serves, once it has loaded one)."""
+        (the generation this worker serves, once it has loaded one); in fleet mode
+        ``x-dsproxy-revision`` too."""
         gen = self.registry.loaded_generation
-        return self._worker_header if gen is None else self._worker_header + self._generation_header % gen
+        if gen is None:
+            return self._worker_header
+        headers = self._worker_header + self._generation_header % gen
+        revision = self.served_revision()
+        return headers if revision is None else headers + self._revision_header % revision
+
+    def served_revision(self) -> int | None:
+        """Fleet mode: the etcd revision of the config this worker serves (never a newer one; see
+        the module); None outside fleet mode or without shared memory.  One load while nothing moved."""
+        seg = self.registry.segment
+        if seg is None:
+            return None
+        seq = seg.fleet_sequence()
+        if seq == 0:
+            return None
+        gen = self.registry.loaded_generation
+        if (seq, gen) != self._fleet_seen:
+            record = seg.fleet()
+            if record is not None and record.generation == gen:
+                self._fleet_revision = record.revision
+            self._fleet_seen = (seq, gen)
+        return self._fleet_revision
 
     # -- lookups --------------------------------------------------------------------------------------
 
@@ -482,13 +514,30 @@ class WorkerApp:
             # the segment the answering worker maps: a store-table move gives a new inode (same name)
             "shm": None if seg is None else {"name": seg.name, "inode": seg.inode, "store-table": seg.max_stores},
         }
+        fleet = self.fleet_status()
+        if fleet is not None:
+            data["fleet"] = fleet
         return data_reply(data)
+
+    def fleet_status(self) -> dict[str, Any] | None:
+        """Fleet mode: the revision this worker serves and the manager's link to etcd (the record)."""
+        seg = self.registry.segment
+        record = None if seg is None else seg.fleet()
+        if record is None:
+            return None
+        return {
+            "revision": self.served_revision(),  # of the answering worker
+            "mirror-revision": record.revision,  # what the manager has written to the file
+            "state": record.state.name.lower(),
+            "disconnected-since": record.disconnected_since,
+            "hand-edits-refused": record.hand_edits,
+        }
 
     def metrics(self, request: Request) -> Reply:
         from .metrics import render
 
         self._require(request, acl.SYS_AUDIT, *_STATUS_PATH)
-        body, content_type = render(self.registry)
+        body, content_type = render(self.registry, self.fleet_status())
         body += (
             b"# HELP dsproxy_auth_failures_total Failed token authentications answered by this worker\n"
             b"# TYPE dsproxy_auth_failures_total counter\n"

@@ -22,7 +22,10 @@ One process, one asyncio loop, one writer thread.  It
   the ACL from the files;
 * completes maintenance transitions (§5.1): after setting ``offline``/``unmount``/``delete`` it
   waits until every live process serving datastores has loaded the new generation (or
-  ``--maintenance-timeout`` passes) and reports the operations still active and who lags.
+  ``--maintenance-timeout`` passes) and reports the operations still active and who lags;
+* in fleet mode (``--etcd``, :mod:`dsproxy.fleet.mirror`, imported only then) mirrors etcd into
+  ``datastore.cfg``: config writes become etcd transactions, hand edits are undone, and a
+  maintenance transition waits for every host of the fleet.
 
 Exit codes: 0 stopped by a signal, 1 runtime failure, 3 cannot start (socket in use, no access).
 """
@@ -41,7 +44,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 
@@ -54,7 +57,10 @@ from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
 from .options import ManagerOptions as ManagerOptions  # re-exported: it used to live here
 from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, EXIT_BOOT_FAILURE
-from .writer import ConfigWriter, WriteRefused, WriteResult
+from .writer import ConfigWriter, FleetWrite, WriteRefused, WriteResult
+
+if TYPE_CHECKING:
+    from ..fleet.mirror import Mirror
 
 log = logging.getLogger("dsproxy.manager")
 
@@ -154,10 +160,13 @@ class Manager:
         )
         self.access = AccessWriter(self.paths.config_dir, lambda: self.seg)
         self.stopping = asyncio.Event()
+        self.fleet: Mirror | None = None  # fleet mode (--etcd)
 
     # -- start ----------------------------------------------------------------------------------------
 
-    def open_segment(self) -> None:
+    def open_segment(self, publish: bool = True) -> None:
+        """Open (or create) the segment and bump the generation once -- unless not ``publish``:
+        in fleet mode the first mirror write publishes what changed, per store."""
         stores = shm.table_size(_configured_estimate(self.paths.config_file))
         try:
             self.seg = shm.Segment.open(self.paths.run_dir, create=True, stores=stores)
@@ -169,7 +178,8 @@ class Manager:
                 log.error("running without shared memory (workers run degraded): %s", err2)
                 return
         self._adopt(self.seg)
-        gen = self.seg.bump_generation()  # publish whatever changed while no manager ran
+        # publish whatever changed while no manager ran
+        gen = self.seg.bump_generation() if publish else self.seg.generation()
         log.info("shared memory %s ready, generation %d", self.seg.name, gen)
 
     def _adopt(self, seg: shm.Segment) -> None:
@@ -189,8 +199,12 @@ class Manager:
         except OSError as err:
             log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
             return EXIT_BOOT_FAILURE
-        self.open_segment()
-        await self.in_writer(self.writer.recover_interrupted_creates)
+        self.open_segment(publish=not self.options.etcd)
+        if not self.options.etcd:  # fleet mode: after the first read of etcd, which names the stores (Mirror.load)
+            await self.in_writer(self.writer.recover_interrupted_creates)
+        if self.options.etcd and self.options.demo_stores:
+            log.error("--demo-stores and --etcd: in fleet mode the datastores are etcd's (see dsproxy fleet import)")
+            return EXIT_BOOT_FAILURE
         if self.options.demo_stores:
             try:
                 added = await self.in_writer(self.writer.ensure_demo_stores, self.options.demo_stores)
@@ -201,6 +215,8 @@ class Manager:
                 log.info("added %d demo datastores", added)
         await self.in_writer(self.writer.check_file)
         await self.in_writer(self.access.check_files)  # the files as they are now: later changes are edits
+        if self.options.etcd:
+            await self.start_fleet()
         server = Server(self.router(), Limits(request_timeout=30.0))
         await server.serve(sock)
         loop = asyncio.get_running_loop()
@@ -215,9 +231,33 @@ class Manager:
         systemd.notify("STOPPING=1")
         watch.cancel()
         await server.drain(5.0)
+        if self.fleet is not None:
+            await self.fleet.stop()
         self.executor.shutdown(wait=True)
         self.close()
         return 0
+
+    async def start_fleet(self) -> None:
+        """Fleet mode: etcd read (if it answers) and followed from now on."""
+        from ..fleet.mirror import Mirror
+
+        options = self.options
+        assert options.etcd
+        self.fleet = Mirror(
+            self.writer,
+            self.in_writer,
+            lambda: self.seg,
+            endpoints=options.etcd,
+            prefix=options.etcd_prefix,
+            host_id=options.host_id,
+            lease_ttl=options.fleet_lease_ttl,
+            fencing=options.fleet_fencing,
+            timeout=options.etcd_timeout,
+            maintenance_timeout=options.maintenance_timeout,
+        )
+        etcd = ",".join(options.etcd)
+        log.info("fleet mode: host '%s', etcd %s, prefix %s", self.fleet.host_id, etcd, options.etcd_prefix)
+        await self.fleet.start()
 
     async def reload(self) -> None:
         """SIGHUP: re-check the file now (publishing a manual edit) and the segment."""
@@ -404,12 +444,82 @@ class Manager:
         log.debug("write by uid %d pid %d: generation %s", client.uid, client.pid, result.generation)
         return result
 
+    # -- fleet mode: a write is an etcd transaction (dsproxy.fleet.mirror) ----------------------------
+
+    async def _fleet_write(
+        self, request: Request, fn: Callable[..., FleetWrite], *args: Any
+    ) -> tuple[Mirror, FleetWrite, int]:
+        """Validate (writer thread), commit to etcd, wait for the mirror here: ``(fleet, write,
+        revision)``.  A create's lay-out is undone when the transaction did not apply."""
+        from ..fleet.mirror import FleetRefused
+
+        fleet = self.fleet
+        assert fleet is not None
+        client = self.authorizer.check_writer(request)
+        try:
+            fleet.check_writable()
+            write = await self.in_writer(fn, *args)
+        except (WriteRefused, FleetRefused) as err:
+            raise HTTPError(err.status, err.message) from None
+        done: bool | None = False
+        try:
+            if write.value is None:
+                await fleet.check_idle_everywhere(write.name)
+            txn = await fleet.commit(write)
+            done = True
+        except FleetRefused as err:
+            done = None if err.unknown else False
+            raise HTTPError(err.status, err.message) from None
+        finally:
+            await self.in_writer(self.writer.fleet_finish, write, done)
+        await self.in_writer(self.check_names)
+        log.debug("fleet write by uid %d pid %d: etcd revision %d", client.uid, client.pid, txn.revision)
+        return fleet, write, txn.revision
+
+    def _fleet_reply(self, name: str, revision: int, extra: dict[str, Any] | None = None) -> Reply:
+        kept = self.writer.kept
+        data = {"name": name, "generation": self.writer.state.generation, "revision": revision, **(extra or {})}
+        return data_reply(data, digest=None if kept is None else kept.digest)
+
+    async def fleet_update(self, request: Request, name: str) -> Reply:
+        from ..fleet.mirror import waits
+
+        fleet, write, revision = await self._fleet_write(request, self.writer.fleet_update, name, request.json())
+        if not waits(write.maintenance):
+            return self._fleet_reply(name, revision)
+        timeout = self.options.maintenance_timeout
+        lagging, others = await asyncio.gather(
+            fleet.wait_served(revision, timeout), fleet.transition(name, revision, timeout)
+        )
+        read, write_ops = await self.in_writer(self.writer.active_operations, name)
+        if lagging:
+            log.warning(
+                "maintenance of '%s': %d processes here had not loaded etcd revision %d after %.0f s: %s",
+                name, len(lagging), revision, timeout, ", ".join(str(s.pid) for s in lagging),
+            )  # fmt: skip
+        return self._fleet_reply(
+            name,
+            revision,
+            {
+                "active-operations": {"read": read + others.active[0], "write": write_ops + others.active[1]},
+                "lagging-processes": [s.pid for s in lagging],
+                "lagging-hosts": others.lagging_hosts,
+            },
+        )
+
+    # -- the config writes ------------------------------------------------------------------------------
+
     async def create(self, request: Request) -> Reply:
+        if self.fleet is not None:
+            _, write, revision = await self._fleet_write(request, self.writer.fleet_create, request.json())
+            return self._fleet_reply(write.name, revision)
         result = await self._do(request, self.writer.create, request.json())
         return data_reply({"name": result.name, "generation": result.generation}, digest=result.digest)
 
     async def update(self, request: Request) -> Reply:
         name = request.params["name"]
+        if self.fleet is not None:
+            return await self.fleet_update(request, name)
         result = await self._do(request, self.writer.update, name, request.json())
         data: dict[str, Any] = {"name": name, "generation": result.generation}
         mode = result.maintenance
@@ -421,6 +531,9 @@ class Manager:
         name = request.params["name"]
         query = request.query()
         expected = query.get("digest") or request.json().get("digest")
+        if self.fleet is not None:
+            _, _, revision = await self._fleet_write(request, self.writer.fleet_remove, name, expected)
+            return self._fleet_reply(name, revision)
         result = await self._do(request, self.writer.remove, name, expected)
         return data_reply({"name": name, "generation": result.generation}, digest=result.digest)
 

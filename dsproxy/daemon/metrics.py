@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,8 +22,9 @@ from ..registry import Registry
 
 
 class _SlotCollector(Collector):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, fleet: Mapping[str, Any] | None = None) -> None:
         self.registry = registry
+        self.fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         reg = self.registry
@@ -79,6 +81,27 @@ class _SlotCollector(Collector):
                 lag.add_metric([pid], 0.0 if s.generation == current else 1.0)
         workers.add_metric([], float(count))
         yield from (workers, lookups, hits, reloads, errors, config_errors, lookup_errors, lag)
+        if self.fleet is not None:
+            yield from _fleet_figures(self.fleet)
+
+
+def _fleet_figures(fleet: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Fleet mode (``dsproxy manager --etcd``): the revision served and the link to etcd."""
+    since = fleet["disconnected-since"]
+    for name, kind, text, value in (
+        ("revision", GaugeMetricFamily, "etcd revision of the config the answering worker serves", fleet["revision"]),
+        ("mirror_revision", GaugeMetricFamily, "etcd revision the manager mirrors", fleet["mirror-revision"]),
+        ("connected", GaugeMetricFamily, "1 if the manager reaches etcd", fleet["state"] == "connected"),
+        ("fenced", GaugeMetricFamily, "1 if every store is offline here (--fleet-fencing offline)",
+         fleet["state"] == "fenced"),
+        ("disconnected_since_seconds", GaugeMetricFamily, "Unix time since when etcd is unreachable (0: reached)",
+         since or 0),
+        ("hand_edits_refused", CounterMetricFamily, "Hand edits of datastore.cfg undone (fleet mode)",
+         fleet["hand-edits-refused"]),
+    ):  # fmt: skip
+        family = kind(f"dsproxy_fleet_{name}", text)
+        family.add_metric([], float(value or 0))
+        yield family
 
 
 def _fd_figures(reg: Registry) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -97,8 +120,9 @@ def _fd_figures(reg: Registry) -> Iterator[GaugeMetricFamily | CounterMetricFami
         yield family
 
 
-def render(registry: Registry) -> tuple[bytes, bytes]:
-    """The exposition of ``registry``'s view of the proxy: ``(body, content type)``."""
+def render(registry: Registry, fleet: Mapping[str, Any] | None = None) -> tuple[bytes, bytes]:
+    """The exposition of ``registry``'s view of the proxy: ``(body, content type)``; with the
+    fleet figures of node status' ``fleet`` in fleet mode."""
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(_SlotCollector(registry))
+    collectors.register(_SlotCollector(registry, fleet))
     return generate_latest(collectors), CONTENT_TYPE_LATEST.encode()

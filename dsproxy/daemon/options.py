@@ -89,6 +89,43 @@ def endpoint(text: str) -> Endpoint:
     return Endpoint(host, int(port))
 
 
+def etcd_endpoints(text: str) -> tuple[str, ...]:
+    """``HOST:PORT[,HOST:PORT...]`` (each may start with ``http://``) -> the endpoints, in order."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        bare = item.removeprefix("http://")
+        if bare.startswith("https://"):
+            raise argparse.ArgumentTypeError(f"'{item}': TLS to etcd is not supported; give http://HOST:PORT")
+        if not bare:
+            raise argparse.ArgumentTypeError(f"'{text}': an empty etcd endpoint (give HOST:PORT[,HOST:PORT...])")
+        endpoint(bare)  # the same rules as --listen: a usage error naming the item
+        out.append(bare)
+    return tuple(out)
+
+
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def etcd_prefix(text: str) -> str:
+    """A key prefix: ``/`` and path components of letters, digits, ``.``, ``_``, ``-``."""
+    parts = text.strip("/").split("/")
+    if not text.startswith("/") or not all(_KEY_PART.fullmatch(p) for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a key prefix like /dsproxy (components of A-Z a-z 0-9 . _ -)"
+        )
+    return "/" + "/".join(parts)
+
+
+def host_id(text: str) -> str:
+    """A host's id in the fleet (the last component of its key): letters, digits, ``.``, ``_``, ``-``."""
+    if not _KEY_PART.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a host id (1-63 of A-Z a-z 0-9 . _ -, a letter or digit first)"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class Setting(Generic[T]):
     """One option of a daemon.
@@ -192,6 +229,30 @@ STORE_OWNER = Setting[str | None](
     "store_owner", None, "owner of created datastore directories", "manager", metavar="USER",
     doc="systemd setup: owner of new datastore directories",
 )  # fmt: skip
+ETCD = Setting[tuple[str, ...] | None](
+    "etcd", None, "fleet mode: the datastore configuration lives in etcd at these endpoints", "manager",
+    etcd_endpoints, "ENDPOINT[,ENDPOINT...]",
+    doc="fleet mode: the datastore configuration is etcd's, mirrored into datastore.cfg (see Fleet mode)",
+)  # fmt: skip
+ETCD_PREFIX = Setting(
+    "etcd_prefix", "/dsproxy", "the fleet's key prefix in etcd", "manager", etcd_prefix, "PREFIX",
+    doc="the fleet's keys: `PREFIX/datastores/NAME`, `PREFIX/hosts/ID`",
+)  # fmt: skip
+HOST_ID = Setting[str | None](
+    "host_id", None, "this host's id in the fleet", "manager", host_id, "ID", default_text="the host name",
+)  # fmt: skip
+FLEET_LEASE_TTL = Setting(
+    "fleet_lease_ttl", 10, "TTL of this host's key in etcd: a host silent that long is not waited for", "manager",
+    positive_int, "S",
+)  # fmt: skip
+FLEET_FENCING = Setting(
+    "fleet_fencing", "serve", "what a host cut off from etcd past its lease does with new operations", "manager",
+    choices=("serve", "offline"),
+    doc="cut off from etcd past its lease: `serve` the last mirror, or take every store `offline` locally",
+)  # fmt: skip
+ETCD_TIMEOUT = Setting(
+    "etcd_timeout", 2.0, "deadline of each etcd call (per endpoint)", "manager", positive_float, "S"
+)  # fmt: skip
 
 WORKERS = Setting(
     "workers", os.cpu_count() or 1, "worker processes", "proxy", positive_int, "N", run=True, default_text="CPU count"
@@ -241,6 +302,7 @@ PREWARM = Setting(
 #: every daemon option, in the order ``--help`` lists them
 SETTINGS: tuple[Setting[Any], ...] = (
     DEMO_STORES, WATCH_INTERVAL, MAINTENANCE_TIMEOUT, ADMIN_GROUP, PROXY_USER, STORE_OWNER,
+    ETCD, ETCD_PREFIX, HOST_ID, FLEET_LEASE_TTL, FLEET_FENCING, ETCD_TIMEOUT,
     WORKERS, CACHE, TTL, GRACEFUL_TIMEOUT, FORWARD_TIMEOUT, CRASH_LIMIT, WORKER_TIMEOUT, PREWARM,
     LISTEN, TLS_CERT, TLS_KEY,
 )  # fmt: skip
@@ -258,6 +320,12 @@ class ManagerOptions:
     proxy_user: str | None = PROXY_USER.default
     store_owner: str | None = STORE_OWNER.default
     demo_stores: int = DEMO_STORES.default
+    etcd: tuple[str, ...] | None = ETCD.default
+    etcd_prefix: str = ETCD_PREFIX.default
+    host_id: str | None = HOST_ID.default
+    fleet_lease_ttl: int = FLEET_LEASE_TTL.default
+    fleet_fencing: str = FLEET_FENCING.default
+    etcd_timeout: float = ETCD_TIMEOUT.default
     socket_mode: int = 0o660
 
 

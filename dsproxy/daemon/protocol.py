@@ -17,6 +17,9 @@ CLIENT_HEADER: Final = "x-dsproxy-client"
 AUTH_ID_HEADER: Final = "x-dsproxy-auth-id"
 #: on every answer of a worker: the generation of the config it served the answer under
 GENERATION_HEADER: Final = "x-dsproxy-generation"
+#: on every answer of a worker in fleet mode: the etcd revision of the config it served the answer
+#: under (never a newer one than it has loaded: see "The fleet record" in dsproxy.ipc.shm)
+REVISION_HEADER: Final = "x-dsproxy-revision"
 #: on every answer of a worker: its pid (the stress checker logs it with each answer)
 WORKER_HEADER: Final = "x-dsproxy-worker"
 

@@ -13,7 +13,11 @@ whole life.  The child
    acknowledged, and idle instances evicted, without waiting for a request), builds the instances
    of stores it has not opened yet (``prewarm``, a few ms per tick; all of them before it reports
    ready), publishes its statistics into its slot, and checks that the master is still alive (if
-   it is not, it exits: an orphaned worker would hold the socket and its fds forever).
+   it is not, it exits: an orphaned worker would hold the socket and its fds forever).  In fleet
+   mode the manager nudges its workers with ``SIGUSR2`` after each mirror write, and the tick
+   comes at once: a fleet-wide transition waits for the slowest of many workers, and the max of
+   six ticks' phases was ~90 ms of its ~100 ms (measured with 3 hosts of 2 workers); the signal
+   is ignored until the loop takes it, so a nudge can never end a worker that is still booting.
 
 Exit codes: 0 drained, 3 could not boot (the master counts boot failures separately: a worker
 that cannot boot will not boot on retry either).
@@ -69,7 +73,7 @@ def run(spec: WorkerSpec, sock: socket.socket, ready_fd: int, listeners: Sequenc
     try:
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
-        for sig in (signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         systemd.setup_logging("dsproxy-worker")
@@ -122,14 +126,23 @@ async def _main(
     for tcp_sock, context in listeners:
         await server.serve(tcp_sock, balance=True, ssl=context)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    tick = asyncio.Event()  # set by a stop or by the manager's nudge (SIGUSR2): the tick comes now
+    loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        stop.set()
+        tick.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stopping)
+    loop.add_signal_handler(signal.SIGUSR2, tick.set)
     app.publish()
     os.write(ready_fd, os.getpid().to_bytes(4, "little"))
     os.close(ready_fd)
     log.info("ready: generation %s, %d stores open", registry.loaded_generation, len(registry.instances))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), TICK)
+            await asyncio.wait_for(tick.wait(), TICK)
+        tick.clear()
         registry.refresh()
         if spec.prewarm:
             registry.prewarm(PREWARM_BUDGET)  # stores added (or rebuilt) by a config change

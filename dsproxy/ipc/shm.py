@@ -23,7 +23,12 @@ them)::
       56        pid of the creator
       64        number of ring entries (4096)
       72        ring head: ring entries ever written
-      128       generation counters, 16 words: [0] datastore, [1] token, [2..15] reserved
+      80        the fleet record, 6 words (all 0 outside fleet mode; "The fleet record"):
+                  80 sequence (seqlock: odd while written)   88 etcd revision served
+                  96 the generation that revision was published under   104 state (1 connected,
+                  2 disconnected, 3 fenced)   112 disconnected since (unix ms, 0 while connected)
+                  120 hand edits refused
+      128       generation counters, 16 words: [0] datastore, [1] token, [2] ACL, [3..15] reserved
     4096      process slots, 128 x 128 bytes, word index within a slot:
       0 pid (0 = free)   1 start time (ticks, /proc field 22)   2 role   3 booted
       4 heartbeat (CLOCK_MONOTONIC ns)   5 generation of the config this process serves
@@ -55,6 +60,8 @@ Who writes what
 * The store-name table maps a datastore name to the index of its counters in every block.  Entries
   are added under the writers' lock (name bytes first, tag last) and never removed, so readers probe
   it without a lock.  (How it still never runs out: "Store names" below.)
+* The fleet record is written by the manager only (:meth:`Segment.publish` with a ``revision``,
+  :meth:`Segment.set_fleet`), under the writers' lock.
 * The invalidation ring and its head are written by :meth:`Segment.publish` only (the manager's
   writes and its hand-edit watch), under the writers' lock, together with the bump.
 
@@ -88,6 +95,22 @@ reloads the whole file.  A bump without entries (a registry that noticed a hand 
 segment) leaves a gap, so it also means a full reload.  The ring is a hint: what the registry
 does with it is verified against the file (:mod:`dsproxy.config.splice`), so garbage in the ring
 can cost a full reload, never a wrong answer; its words are range-checked all the same.
+
+The fleet record
+----------------
+In fleet mode (``dsproxy manager --etcd``, :mod:`dsproxy.fleet.mirror`) the configuration is a
+mirror of etcd, and a worker says which etcd revision it serves (``x-dsproxy-revision``, status,
+metrics) without ever claiming a newer one.  The manager writes ``(revision, generation)`` *inside*
+:meth:`Segment.publish`, before the generation word: a process that loaded generation G and then
+reads the record finds G in it -- or a later generation, when the manager published again
+meanwhile; it then keeps the revision it knew for an earlier generation (older than what it
+serves: a lower bound, never a claim too new).  A watch batch without datastore changes moves the
+revision of the current generation forward without a bump (the config at it is the same).  The
+record is a seqlock: the writer makes the sequence odd, writes the words, makes it even again; a
+reader takes the words only when the sequence is even, non-zero and the same before and after.
+Its words are range-checked like every other (revision below 2**63, a known state, times and
+counts below 2**53); a torn or garbage record reads as "no fleet information", and the manager's
+contents check reports garbage in it so that the segment is replaced.
 
 Store names
 -----------
@@ -171,6 +194,7 @@ makes their mapping unusable) and skip garbage as above until the replacement ar
 
 from __future__ import annotations
 
+import array
 import contextlib
 import enum
 import hashlib
@@ -208,6 +232,14 @@ OFF_CREATED: Final = 48
 OFF_CREATOR: Final = 56
 OFF_RING_SIZE: Final = 64
 OFF_RING_HEAD: Final = 72
+OFF_FLEET: Final = 80  # the fleet record (see "The fleet record"), word index within it:
+FLEET_SEQ: Final = 0
+FLEET_REVISION: Final = 1
+FLEET_GENERATION: Final = 2
+FLEET_STATE: Final = 3
+FLEET_DISCONNECTED: Final = 4
+FLEET_HAND_EDITS: Final = 5
+FLEET_WORDS: Final = 6
 OFF_GENERATIONS: Final = 128
 NUM_GENERATIONS: Final = 16
 GEN_DATASTORE: Final = 0
@@ -302,6 +334,45 @@ class Role(enum.IntEnum):
 
 
 _ROLES: Final = frozenset(int(r) for r in Role)
+
+
+class FleetState(enum.IntEnum):
+    """The manager's link to etcd in fleet mode (a layout value of the fleet record)."""
+
+    CONNECTED = 1
+    DISCONNECTED = 2  # serving the last mirror, config writes refused
+    FENCED = 3  # disconnected past the lease: ``--fleet-fencing offline`` took every store offline
+
+
+_FLEET_STATES: Final = frozenset(int(s) for s in FleetState)
+REVISION_LIMIT: Final = 2**63  # etcd revisions are int64
+
+
+class FleetRecord(NamedTuple):
+    """What the fleet record says (:meth:`Segment.fleet`)."""
+
+    revision: int  #: the etcd revision of the config published under ``generation``
+    generation: int
+    state: FleetState
+    disconnected_since: float | None  #: unix time, while not connected
+    hand_edits: int  #: hand edits of datastore.cfg the manager refused (and undid)
+
+    @property
+    def connected(self) -> bool:
+        return self.state is FleetState.CONNECTED
+
+
+def _fleet_garbage(v: Sequence[int]) -> str | None:
+    """What is wrong with the fleet record's words ``v`` (sequence even and non-zero), or None."""
+    if v[FLEET_REVISION] >= REVISION_LIMIT:
+        return f"revision {v[FLEET_REVISION]} out of range"
+    if v[FLEET_STATE] not in _FLEET_STATES:
+        return f"unknown state {v[FLEET_STATE]}"
+    if v[FLEET_DISCONNECTED] >= STAT_LIMIT or (v[FLEET_STATE] == FleetState.CONNECTED and v[FLEET_DISCONNECTED]):
+        return f"disconnected-since {v[FLEET_DISCONNECTED]} out of range for state {v[FLEET_STATE]}"
+    if v[FLEET_HAND_EDITS] >= STAT_LIMIT:
+        return f"hand edits {v[FLEET_HAND_EDITS]} out of range"
+    return None
 
 
 class SegmentError(Exception):
@@ -466,6 +537,12 @@ class Segment:
         return SegmentProblem(ProblemKind.GARBAGE, f"shared memory {self.name} holds garbage: {found}")
 
     def _scan_contents(self, fd: int, scan: _Scan) -> str | None:
+        fleet = self.words[OFF_FLEET // 8 : OFF_FLEET // 8 + FLEET_WORDS].tolist()
+        if fleet[FLEET_SEQ] % 2:  # (seen again under the lock, where no write is under way)
+            return f"the fleet record: sequence {fleet[FLEET_SEQ]} is odd"
+        bad = None if fleet[FLEET_SEQ] == 0 else _fleet_garbage(fleet)
+        if bad is not None:
+            return f"the fleet record: {bad}"
         vals = self._slot_words()
         start_limit, clock_limit = start_time_limit(CLOCK_MARGIN), _clock_limit()
         claimed = []
@@ -867,14 +944,18 @@ class Segment:
 
     # -- the invalidation ring ---------------------------------------------------------------------
 
-    def publish(self, changes: Sequence[tuple[ChangeKind, str]], expected: int | None = None) -> int:
+    def publish(
+        self, changes: Sequence[tuple[ChangeKind, str]], expected: int | None = None, revision: int | None = None
+    ) -> int:
         """Record ``changes`` in the ring and bump the datastore generation (publish after write:
         the entries are complete before the bump makes them current).  With ``expected``, only
         if the generation still equals it (like :meth:`bump_generation`).  Returns the generation
         now current.  More changes than a quarter of the ring, or a name that does not fit, are
-        recorded as one ``EVERYTHING``."""
-        raws = [(kind, name.encode()) for kind, name in changes]
-        if len(raws) > RING_SIZE // 4 or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
+        recorded as one ``EVERYTHING``.  With ``revision`` (fleet mode), the fleet record names
+        the new generation and that etcd revision, written before the generation word."""
+        many = len(changes) > RING_SIZE // 4  # (100,000 names of a full read are not encoded first)
+        raws = [] if many else [(kind, name.encode()) for kind, name in changes]
+        if many or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
             raws = [(ChangeKind.EVERYTHING, b"")]
         i = OFF_GENERATIONS // 8 + GEN_DATASTORE
         w, mm = self.words, self.mm
@@ -895,8 +976,87 @@ class Segment:
                 head += 1
                 w[base // 8 + RING_SEQ] = head  # last: entry number head - 1 is complete
             w[OFF_RING_HEAD // 8] = head
+            if revision is not None:
+                self._write_fleet(revision=revision, generation=new)
             w[i] = new
             return new
+
+    # -- the fleet record --------------------------------------------------------------------------
+
+    def fleet(self) -> FleetRecord | None:
+        """The fleet record, or None outside fleet mode (and when it is torn or garbage)."""
+        w, base = self.words, OFF_FLEET // 8
+        for _ in range(64):
+            seq = w[base + FLEET_SEQ]
+            if seq == 0:
+                return None
+            v = w[base : base + FLEET_WORDS].tolist()
+            if seq % 2 or w[base + FLEET_SEQ] != seq or v[FLEET_SEQ] != seq:
+                continue  # being written: look again
+            if _fleet_garbage(v) is not None:
+                return None
+            since = v[FLEET_DISCONNECTED]
+            return FleetRecord(
+                v[FLEET_REVISION],
+                v[FLEET_GENERATION],
+                FleetState(v[FLEET_STATE]),
+                since / 1000 if since else None,
+                v[FLEET_HAND_EDITS],
+            )
+        return None
+
+    def fleet_sequence(self) -> int:
+        """The record's sequence word: unchanged means the record is unchanged (one load)."""
+        seq: int = self.words[OFF_FLEET // 8 + FLEET_SEQ]
+        return seq
+
+    def set_fleet(
+        self,
+        *,
+        revision: int | None = None,
+        generation: int | None = None,
+        state: FleetState | None = None,
+        disconnected_since: float | None = None,
+        hand_edits: int | None = None,
+    ) -> None:
+        """Manager only: change the fleet record (the words not given keep their values; a
+        record written for the first time starts connected at revision 0)."""
+        with self.writer_lock():
+            self._write_fleet(revision, generation, state, disconnected_since, hand_edits)
+
+    def _write_fleet(
+        self,
+        revision: int | None = None,
+        generation: int | None = None,
+        state: FleetState | None = None,
+        disconnected_since: float | None = None,
+        hand_edits: int | None = None,
+    ) -> None:
+        """The seqlock write (the caller holds the writers' lock)."""
+        w, base = self.words, OFF_FLEET // 8
+        v = w[base : base + FLEET_WORDS].tolist()
+        if v[FLEET_SEQ] == 0 or v[FLEET_SEQ] % 2 or v[FLEET_SEQ] >= MASK64 - 2 or _fleet_garbage(v) is not None:
+            v = [0, 0, self.generation(), int(FleetState.CONNECTED), 0, 0]  # first write, or over garbage
+        if revision is not None:
+            v[FLEET_REVISION] = min(max(revision, 0), REVISION_LIMIT - 1)
+        if generation is not None:
+            v[FLEET_GENERATION] = generation & MASK64
+        if state is not None:
+            v[FLEET_STATE] = int(state)
+            if state is FleetState.CONNECTED:
+                v[FLEET_DISCONNECTED] = 0
+        if disconnected_since is not None and v[FLEET_STATE] != FleetState.CONNECTED:
+            v[FLEET_DISCONNECTED] = min(max(int(disconnected_since * 1000), 1), STAT_LIMIT - 1)
+        if hand_edits is not None:
+            v[FLEET_HAND_EDITS] = min(max(hand_edits, 0), STAT_LIMIT - 1)
+        seq = v[FLEET_SEQ] + 1  # v[FLEET_SEQ] is even here
+        values = array.array("Q", v[1:])
+        # three stores with no call or loop between them: no other thread of this process runs
+        # in the middle (the GIL is only handed over at those), so readers see the odd sequence
+        # for the time of one memcpy, not of a thread switch
+        w[base + FLEET_SEQ] = seq  # odd: readers look again
+        w[base + 1 : base + FLEET_WORDS] = values
+        w[base + FLEET_SEQ] = seq + 1  # even: complete
 
     def changes_since(self, generation: int, now: int) -> frozenset[str] | None:
         """The stores that changed from ``generation`` to ``now`` (a generation read before), or

@@ -24,6 +24,7 @@ PROXY_FLAGS = [
 ]  # fmt: skip
 MANAGER_FLAGS = ["--demo-stores", "--watch-interval", "--maintenance-timeout", "--admin-group", "--proxy-user"]
 MANAGER_FLAGS += ["--store-owner"]
+MANAGER_FLAGS += ["--etcd", "--etcd-prefix", "--host-id", "--fleet-lease-ttl", "--fleet-fencing", "--etcd-timeout"]
 
 
 def parse(*argv: str) -> Any:
@@ -62,6 +63,11 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (m.watch_interval, m.maintenance_timeout, m.admin_group, m.proxy_user, m.store_owner) == (
         0.5, 10.0, None, None, None,
     )  # fmt: skip
+    assert (m.etcd, m.etcd_prefix, m.host_id, m.fleet_lease_ttl, m.fleet_fencing, m.etcd_timeout) == (
+        None, "/dsproxy", None, 10, "serve", 2.0,
+    )  # fmt: skip
+    fleet = parse("manager", "--etcd", "http://10.0.0.1:2379, e2:2379", "--etcd-prefix", "/x/y/")
+    assert (fleet.etcd, fleet.etcd_prefix) == (("10.0.0.1:2379", "e2:2379"), "/x/y")
 
 
 @pytest.mark.parametrize(
@@ -71,6 +77,12 @@ def test_defaults_are_the_documented_ones() -> None:
         (["run", "--ttl", "soon"], "argument --ttl: 'soon' is not a number"),
         (["manager", "--watch-interval", "-1"], "argument --watch-interval: must be positive, not -1"),
         (["proxy", "--cache", "maybe"], "argument --cache: invalid choice: 'maybe'"),
+        (["manager", "--etcd", "127.0.0.1:2379,"], "argument --etcd: '127.0.0.1:2379,': an empty etcd endpoint"),
+        (["manager", "--etcd", "https://e1:2379"], "argument --etcd: 'https://e1:2379': TLS to etcd is not supported"),
+        (["manager", "--etcd", "e1"], "argument --etcd: 'e1' is not HOST:PORT"),
+        (["manager", "--etcd-prefix", "dsproxy"], "argument --etcd-prefix: 'dsproxy' is not a key prefix"),
+        (["manager", "--host-id", "a/b"], "argument --host-id: 'a/b' is not a host id"),
+        (["manager", "--fleet-fencing", "maybe"], "argument --fleet-fencing: invalid choice: 'maybe'"),
     ],
 )
 def test_a_bad_value_is_a_usage_error_naming_the_flag(

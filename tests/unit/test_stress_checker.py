@@ -124,3 +124,141 @@ def test_a_repeat_that_meets_a_cut_off_create_is_forgiven_but_a_plain_409_is_not
     checker.poll(final=True)
     assert checker.counts["repeat met a cut-off write that landed"] == 1
     assert list(checker.violations) == ["no unexpected error"]  # the second 409 had no cut-off write before it
+
+
+# -- a fleet (scripts/stress --fleet N): each record names its host ------------------------------------------
+
+
+class FleetLogs(Logs):
+    def write_on(
+        self, host: int, store: str, sent: float, recv: float, state: str | None, gen: int, **extra: Any
+    ) -> None:
+        action = extra.pop("action", "maintenance")
+        self.add("writer.jsonl", phase="start", action=action, store=store, host=host, sent=sent, state=state)
+        self.add("writer.jsonl", action=action, store=store, host=host, sent=sent, recv=recv, status=200, gen=gen,
+                 state=state, **extra)  # fmt: skip
+
+    def refused_on(
+        self, host: int, store: str, sent: float, status: int, message: str, action: str = "comment"
+    ) -> None:
+        self.add("writer.jsonl", phase="start", action=action, store=store, host=host, sent=sent, state=None)
+        self.add("writer.jsonl", action=action, store=store, host=host, sent=sent, recv=sent + 0.1, status=status,
+                 message=message)  # fmt: skip
+
+    def answer_on(
+        self, host: int, kind: str, store: str, sent: float, status: int, gen: int = 10, **extra: Any
+    ) -> None:
+        self.add("client-1.jsonl", kind=kind, store=store, host=host, sent=sent, recv=sent + 0.1, status=status,
+                 gen=gen, **extra)  # fmt: skip
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> tuple[FleetLogs, Checker]:
+    return FleetLogs(tmp_path), Checker(tmp_path, {"st01": "ok", "vol01": "absent", "manual01": "ok"}, hosts=3)
+
+
+def test_a_fleet_wide_offline_transition_holds_on_every_host_it_waited_for(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.write_on(0, "st01", sent=1.0, recv=1.5, state="offline", gen=11, revision=40, lagging=["host2"])
+    logs.answer_on(1, "lease-read", "st01", sent=1.6, status=200)  # host1 was waited for: a violation
+    logs.answer_on(2, "lease-read", "st01", sent=1.6, status=200)  # host2 was named lagging: may be behind
+    logs.answer_on(0, "lease-read", "st01", sent=1.6, status=409, gen=11)
+    checker.poll(final=True)
+    assert list(checker.violations) == ["fresh answer"]
+    assert "on host 1" in checker.violations["fresh answer"][0]
+
+
+def test_a_host_whose_manager_was_down_around_a_transition_is_not_held_to_it(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.add("fleet-chaos.jsonl", event="manager-kill", host=1, t=0.5)
+    logs.add("fleet-chaos.jsonl", event="manager-up", host=1, t=0.9)  # within FLEET_GRACE before the write
+    logs.write_on(0, "st01", sent=1.0, recv=1.5, state="offline", gen=11, revision=40, lagging=[])
+    logs.answer_on(1, "lease-read", "st01", sent=1.6, status=200)
+    logs.answer_on(2, "lease-read", "st01", sent=1.6, status=200)
+    checker.poll(final=True)
+    assert len(checker.violations["fresh answer"]) == 1 and "on host 2" in checker.violations["fresh answer"][0]
+
+
+def test_a_plain_write_holds_at_once_only_on_the_host_that_acknowledged_it(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.write_on(0, "st01", sent=1.0, recv=1.1, state="read-only", gen=11, revision=40)
+    logs.answer_on(1, "lease-write", "st01", sent=1.2, status=200)  # host1's watch may not have it yet
+    logs.answer_on(0, "lease-write", "st01", sent=1.2, status=200, gen=11)  # host0 answered it: a violation
+    checker.poll(final=True)
+    assert list(checker.violations) == ["fresh answer"] and "on host 0" in checker.violations["fresh answer"][0]
+
+
+def test_generations_are_judged_per_host(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.write_on(0, "st01", sent=1.0, recv=1.1, state=None, gen=50, action="comment", revision=40)
+    logs.answer_on(1, "status", "st01", sent=1.2, status=200, gen=12)  # host1 counts its own generations
+    logs.answer_on(0, "status", "st01", sent=1.2, status=200, gen=49)
+    checker.poll(final=True)
+    assert list(checker.violations) == ["fresh generation"] and "on host 0" in checker.violations["fresh generation"][0]
+
+
+def test_a_hand_edit_is_undone_on_its_host_and_never_seen_on_another(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.add("chaos.jsonl", event="edit", value="hand edit 1", host=1, t0=1.0, t=1.01)
+    logs.add("writer.jsonl", phase="start", action="comment", store="st01", host=0, sent=9.0, state=None)
+    logs.answer_on(1, "config", "manual01", sent=1.5, status=200, comment="hand edit 1")  # not undone yet: fine
+    logs.answer_on(1, "config", "manual01", sent=4.0, status=200, comment="hand edit 1")  # 3 s later: a violation
+    logs.answer_on(2, "config", "manual01", sent=1.5, status=200, comment="hand edit 1")  # another host: a violation
+    logs.answer_on(2, "config", "manual01", sent=1.5, status=200, comment="initial")
+    checker.poll(final=True)
+    found = checker.violations["hand edits undone"]
+    assert len(found) == 2 and "on host 1 sent 4.000" in found[0] and "on host 2" in found[1]
+
+
+def test_a_hand_edit_on_a_host_whose_manager_is_down_lasts_until_it_is_back(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.add("fleet-chaos.jsonl", event="manager-kill", host=1, t=0.9)
+    logs.add("chaos.jsonl", event="edit", value="hand edit 1", host=1, t0=1.0, t=1.01)
+    logs.add("fleet-chaos.jsonl", event="manager-up", host=1, t=5.0)
+    logs.add("writer.jsonl", phase="start", action="comment", store="st01", host=0, sent=9.0, state=None)
+    logs.answer_on(1, "config", "manual01", sent=6.5, status=200, comment="hand edit 1")
+    logs.answer_on(1, "config", "manual01", sent=7.5, status=200, comment="hand edit 1")
+    checker.poll(final=True)
+    assert (
+        len(checker.violations["hand edits undone"]) == 1 and "sent 7.500" in checker.violations["hand edits undone"][0]
+    )
+
+
+def test_a_fleet_refuses_what_a_host_behind_cannot_know_and_only_that(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.write_on(0, "vol01", sent=1.0, recv=1.1, state="ok", gen=11, action="create", revision=40)
+    logs.write_on(0, "vol01", sent=2.0, recv=2.1, state="absent", gen=12, action="remove", revision=41)
+    logs.refused_on(1, "vol01", 2.2, 409, "datastore 'vol01' already exists.", "create")  # host1 still has it
+    logs.refused_on(0, "vol01", 2.4, 409, "datastore 'vol01' already exists.", "create")  # host0 removed it itself
+    logs.refused_on(2, "st01", 2.6, 409, "datastore 'st01' was changed on another host (...); read it again")
+    logs.refused_on(2, "st01", 2.8, 503, "the manager is not running (x: Connection refused)")  # it was running
+    checker.poll(final=True)
+    found = checker.violations["no unexpected error"]
+    assert len(found) == 2 and "create vol01 on host 0: 409" in found[0] and "st01 on host 2: 503" in found[1]
+    assert checker.counts["creates/removes refused by the host's state (behind)"] == 1
+
+
+def test_a_write_cut_off_by_a_manager_kill_may_or_may_not_have_landed(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.add("fleet-chaos.jsonl", event="manager-kill", host=1, t=1.05)
+    logs.add("writer.jsonl", phase="start", action="maintenance", store="st01", host=1, sent=1.0, state="offline")
+    logs.add("writer.jsonl", action="maintenance", store="st01", host=1, sent=1.0, recv=1.1, status=503,
+             message="the manager closed the connection: ...")  # fmt: skip
+    logs.answer_on(2, "lease-read", "st01", sent=1.5, status=409)
+    logs.answer_on(2, "lease-read", "st01", sent=1.6, status=200)
+    checker.poll(final=True)
+    assert not checker.violations and checker.counts["writes cut off (the host's manager was killed)"] == 1
+    checker.final_config_check(
+        {"st01": {"maintenance-mode": "type=offline"}, "manual01": {"comment": "initial"}}, "etcd"
+    )
+    assert not checker.violations
+
+
+def test_the_end_of_a_fleet_holds_etcd_s_text_of_the_hand_edited_store(fleet: tuple[FleetLogs, Checker]) -> None:
+    logs, checker = fleet
+    logs.add("chaos.jsonl", event="edit", value="hand edit 1", host=1, t0=1.0, t=1.01)
+    checker.poll(final=True)
+    checker.final_config_check({"st01": {}, "manual01": {"comment": "hand edit 1"}}, "host1 datastore.cfg")
+    assert checker.violations["hand edits undone"] == [
+        "host1 datastore.cfg: manual01: comment 'hand edit 1' at the end, not 'initial'"
+    ]

@@ -100,3 +100,38 @@ def test_a_backup_type_dir_that_cannot_be_listed_is_an_inline_count_error(tmp_pa
     counts = _counts(str(tmp_path))
     assert counts["ct"] == {"groups": 1, "snapshots": 1}
     assert "unable to list backup groups" in counts["vm"]["error"]
+
+
+def _revision_header(app: WorkerApp) -> int | None:
+    for line in app.response_headers().decode().splitlines():
+        name, _, value = line.partition(": ")
+        if name == "x-dsproxy-revision":
+            return int(value)
+    return None
+
+
+def test_a_worker_names_the_etcd_revision_it_serves_in_fleet_mode_and_never_a_newer_one(app: WorkerApp) -> None:
+    reg = app.registry
+    seg = reg.segment
+    assert seg is not None
+    reg.refresh()
+    assert _revision_header(app) is None and "fleet" not in _node_status(app)  # not in fleet mode
+    gen = seg.publish([(shm.ChangeKind.UPDATED, "store1")], revision=40)  # the manager mirrored revision 40
+    reg.refresh()
+    assert reg.loaded_generation == gen and _revision_header(app) == 40
+    seg.set_fleet(revision=41, generation=gen)  # a batch of host keys: same config, later revision
+    assert _revision_header(app) == 41
+    seg.publish([(shm.ChangeKind.UPDATED, "store1")], revision=45)  # not loaded by this worker yet
+    assert _revision_header(app) == 41
+    reg.refresh()
+    assert _revision_header(app) == 45
+    fleet = _node_status(app)["fleet"]
+    assert (fleet["revision"], fleet["mirror-revision"], fleet["state"]) == (45, 45, "connected")
+    seg.set_fleet(state=shm.FleetState.DISCONNECTED, disconnected_since=1_700_000_000.5, hand_edits=2)
+    fleet = _node_status(app)["fleet"]
+    assert (fleet["state"], fleet["disconnected-since"], fleet["hand-edits-refused"]) == (
+        "disconnected", 1_700_000_000.5, 2,
+    )  # fmt: skip
+    body = metrics.render(reg, app.fleet_status())[0].decode()
+    assert "dsproxy_fleet_revision 45.0" in body and "dsproxy_fleet_connected 0.0" in body
+    assert "dsproxy_fleet_hand_edits_refused_total 2.0" in body

@@ -1,14 +1,15 @@
 """The stress run's actors: clients, the writer and chaos, each in its own process.
 
-    python -m dsproxy.testing.stress.actors client BASE SEED STOP_AT STORES
-    python -m dsproxy.testing.stress.actors writer BASE SEED STOP_AT STORES PAUSE
-    python -m dsproxy.testing.stress.actors chaos BASE SEED STOP_AT STORES KILL_EVERY EDIT_EVERY
+    python -m dsproxy.testing.stress.actors client BASE SEED STOP_AT STORES HOSTS
+    python -m dsproxy.testing.stress.actors writer BASE SEED STOP_AT STORES HOSTS PAUSE
+    python -m dsproxy.testing.stress.actors chaos BASE SEED STOP_AT STORES HOSTS KILL_EVERY EDIT_EVERY
 
-Each talks to ``BASE/run/proxy.sock`` until ``STOP_AT`` (on :data:`~dsproxy.testing.stress.now`'s
-clock), on the stores of a run with STORES stable ones (:class:`~dsproxy.testing.stress.Stores`),
-and appends what it did and what it was answered to ``BASE/logs/<actor>.jsonl``, one JSON
-object a line, for :class:`~dsproxy.testing.stress.checker.Checker`.  :func:`command` builds
-those command lines.
+Each talks to ``BASE/run/proxy.sock`` (with HOSTS > 0, fleet mode: to the proxy.sock of each
+host's dir, :func:`~dsproxy.testing.stress.host_dirs`, a random one per request) until ``STOP_AT``
+(on :data:`~dsproxy.testing.stress.now`'s clock), on the stores of a run with STORES stable ones
+(:class:`~dsproxy.testing.stress.Stores`), and appends what it did and what it was answered to
+``BASE/logs/<actor>.jsonl``, one JSON object a line with the ``host`` index, for
+:class:`~dsproxy.testing.stress.checker.Checker`.  :func:`command` builds those command lines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from ...client import ApiError, Client
 from ...config import config_lock, read_raw, replace_file
-from . import API, MANUAL, VOLATILE, Stores, now
+from . import API, MANUAL, VOLATILE, Stores, host_dirs, now
 
 
 class Log:
@@ -38,12 +39,18 @@ class Log:
         self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def run_client(base: Path, seed: int, stop_at: float, stores: Stores) -> None:
+def _sock(host_dir: Path) -> str:
+    return str(host_dir / "run" / "proxy.sock")
+
+
+def run_client(base: Path, seed: int, stop_at: float, stores: Stores, dirs: list[Path]) -> None:
     rng = random.Random(seed)
     log = Log(base / "logs" / f"client-{seed}.jsonl")
-    client = Client(str(base / "run" / "proxy.sock"), timeout=30)
-    prev = now()  # when the current connection last answered (a kill after it explains a reset)
+    clients = [Client(_sock(d), timeout=30) for d in dirs]
+    prev = [now()] * len(dirs)  # when each host's connection last answered (a kill after it explains a reset)
     while now() < stop_at:
+        host = rng.randrange(len(dirs))
+        client = clients[host]
         store = stores.any_one(rng)
         roll = rng.random()
         if roll < 0.6:
@@ -62,13 +69,16 @@ def run_client(base: Path, seed: int, stop_at: float, stores: Stores) -> None:
         try:
             resp = client.request(method, path, body)
         except OSError as err:
-            log.write(kind=kind, store=store, sent=sent, recv=now(), status=-1, error=type(err).__name__, prev=prev)
+            log.write(
+                kind=kind, store=store, host=host, sent=sent, recv=now(), status=-1, error=type(err).__name__,
+                prev=prev[host],
+            )  # fmt: skip
             client.close()
-            prev = now()
+            prev[host] = now()
             continue
-        prev = now()
+        prev[host] = now()
         record: dict[str, Any] = {
-            "kind": kind, "store": store, "sent": sent, "recv": now(), "status": resp.status,
+            "kind": kind, "store": store, "host": host, "sent": sent, "recv": now(), "status": resp.status,
             "gen": resp.generation,
         }  # fmt: skip
         if resp.status == 200 and kind == "config":
@@ -83,18 +93,21 @@ def run_client(base: Path, seed: int, stop_at: float, stores: Stores) -> None:
                 client.request("DELETE", f"{API}/admin/datastore/{store}/operation")
             except OSError:
                 client.close()  # the lease died with the connection (a killed worker): also fine
-    client.close()
+    for client in clients:
+        client.close()
 
 
-def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: float) -> None:
+def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, dirs: list[Path], pause: float) -> None:
     rng = random.Random(seed)
     log = Log(base / "logs" / "writer.jsonl")
-    client = Client(str(base / "run" / "proxy.sock"), timeout=60)
+    clients = [Client(_sock(d), timeout=60) for d in dirs]
     present = set()  # volatile stores we created
     n = 0
-    prev = now()  # when the current connection last answered
+    prev = [now()] * len(dirs)  # when each host's connection last answered
     while now() < stop_at:
         n += 1
+        host = rng.randrange(len(dirs))
+        client = clients[host]
         roll = rng.random()
         if roll < 0.35:
             store = stores.stable_one(rng)
@@ -121,13 +134,13 @@ def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: flo
         sent = now()
         # the intent first: the checker must know of a write in flight before judging answers
         # that arrive while it is (they may already reflect it)
-        log.write(phase="start", action=action, store=store, sent=sent, state=state)
+        log.write(phase="start", action=action, store=store, host=host, sent=sent, state=state)
         try:
             resp = client.request(method, path, body or None)
         except OSError as err:
             log.write(
-                action=action, store=store, sent=sent, recv=now(), status=-1, error=type(err).__name__, prev=prev,
-                comment=body.get("comment"),
+                action=action, store=store, host=host, sent=sent, recv=now(), status=-1, error=type(err).__name__,
+                prev=prev[host], comment=body.get("comment"),
             )  # fmt: skip
             client.close()
             if action in ("create", "remove"):
@@ -138,15 +151,20 @@ def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: flo
                         present.add(store)
                     else:
                         present.discard(store)
-            prev = now()
+            prev[host] = now()
             continue
-        recv = prev = now()
-        record: dict[str, Any] = {"action": action, "store": store, "sent": sent, "recv": recv, "status": resp.status}
+        recv = prev[host] = now()
+        record: dict[str, Any] = {
+            "action": action, "store": store, "host": host, "sent": sent, "recv": recv, "status": resp.status,
+            "comment": body.get("comment"),
+        }  # fmt: skip
         if resp.status == 200:
             data = resp.json()["data"]
             record["gen"] = data.get("generation")
             record["state"] = state
-            record["comment"] = body.get("comment")
+            if "revision" in data:  # fleet mode: the etcd revision, and who had not acknowledged it
+                record["revision"] = data["revision"]
+                record["lagging"] = data.get("lagging-hosts", [])
             if action == "create":
                 present.add(store)
             elif action == "remove":
@@ -161,58 +179,71 @@ def run_writer(base: Path, seed: int, stop_at: float, stores: Stores, pause: flo
         log.write(**record)
         if pause:
             time.sleep(rng.random() * pause * 2)
-    client.close()
+    for client in clients:
+        client.close()
 
 
-def run_chaos(base: Path, seed: int, stop_at: float, kill_every: float, edit_every: float) -> None:
+def run_chaos(base: Path, seed: int, stop_at: float, dirs: list[Path], kill_every: float, edit_every: float) -> None:
     rng = random.Random(seed)
     log = Log(base / "logs" / "chaos.jsonl")
-    cfg_file = base / "etc" / "datastore.cfg"
     next_kill, next_edit, edits = now() + kill_every, now() + edit_every, 0
     while now() < stop_at:
         time.sleep(0.05)
         if now() >= next_kill:
             next_kill = now() + kill_every * (0.5 + rng.random())
+            host = rng.randrange(len(dirs))
             try:
-                with Client(str(base / "run" / "proxy.sock"), timeout=10) as c:
+                with Client(_sock(dirs[host]), timeout=10) as c:
                     workers = [w["pid"] for w in c.get(f"{API}/nodes/localhost/status").data["workers"]]
                 victim = rng.choice(workers)
+                log.write(event="kill", pid=victim, host=host, t=now())  # before: the checker knows of it first
                 os.kill(victim, signal.SIGKILL)
-                log.write(event="kill", pid=victim, t=now())
             except (OSError, ApiError, IndexError) as err:
-                log.write(event="kill-failed", error=repr(err), t=now())
+                log.write(event="kill-failed", host=host, error=repr(err), t=now())
         if now() >= next_edit:
             next_edit = now() + edit_every * (0.5 + rng.random())
             edits += 1
-            value = f"hand edit {edits}"
-            # an admin with a locking editor: the manager's writes and this one never interleave
-            with config_lock(base / "etc" / ".datastore.lck"):
-                text = read_raw(cfg_file).decode()
-                lines = text.split("\n")
-                start = lines.index(f"datastore: {MANUAL}")
-                for i in range(start + 1, len(lines)):
-                    if lines[i].startswith("\tcomment "):
-                        lines[i] = f"\tcomment {value}"
-                        break
-                replace_file(cfg_file, "\n".join(lines).encode())
-                log.write(event="edit", value=value, t=now())
+            host = rng.randrange(len(dirs))
+            _hand_edit(dirs[host] / "etc", f"hand edit {edits}", host, log)
+        log.write(event="tick", t=now())
 
 
-def command(role: str, base: Path, seed: int, stop_at: float, stores: int, *rest: float) -> list[str]:
+def _hand_edit(config_dir: Path, value: str, host: int, log: Log) -> None:
+    """The comment of :data:`MANUAL` set to ``value`` in ``config_dir/datastore.cfg``, as an admin
+    with a locking editor would (the manager's writes and this one never interleave)."""
+    cfg_file = config_dir / "datastore.cfg"
+    with config_lock(config_dir / ".datastore.lck"):
+        lines = read_raw(cfg_file).decode().split("\n")
+        try:
+            start = lines.index(f"datastore: {MANUAL}")
+        except ValueError:  # a fleet host whose file does not hold it (yet): nothing to edit
+            log.write(event="edit-skipped", host=host, t=now())
+            return
+        for i in range(start + 1, len(lines)):
+            if lines[i].startswith("\tcomment "):
+                lines[i] = f"\tcomment {value}"
+                break
+        t0 = now()  # the edit may be visible from here on, and is certainly in the file from t
+        replace_file(cfg_file, "\n".join(lines).encode())
+        log.write(event="edit", value=value, host=host, t0=t0, t=now())
+
+
+def command(role: str, base: Path, seed: int, stop_at: float, stores: int, hosts: int, *rest: float) -> list[str]:
     """The command line of one actor process (see the module)."""
-    head = [sys.executable, "-m", __name__, role, str(base), str(seed), str(stop_at), str(stores)]
+    head = [sys.executable, "-m", __name__, role, str(base), str(seed), str(stop_at), str(stores), str(hosts)]
     return [*head, *map(str, rest)]
 
 
 def main(argv: list[str]) -> None:
-    role, base, seed, stop_at, count, *rest = argv
+    role, base, seed, stop_at, count, hosts, *rest = argv
     stores = Stores(int(count))
+    dirs = host_dirs(Path(base), int(hosts))
     if role == "client":
-        run_client(Path(base), int(seed), float(stop_at), stores)
+        run_client(Path(base), int(seed), float(stop_at), stores, dirs)
     elif role == "writer":
-        run_writer(Path(base), int(seed), float(stop_at), stores, float(rest[0]))
+        run_writer(Path(base), int(seed), float(stop_at), stores, dirs, float(rest[0]))
     elif role == "chaos":
-        run_chaos(Path(base), int(seed), float(stop_at), float(rest[0]), float(rest[1]))
+        run_chaos(Path(base), int(seed), float(stop_at), dirs, float(rest[0]), float(rest[1]))
     else:
         sys.exit(f"unknown stress actor {role!r}")
 

@@ -468,7 +468,7 @@ class Manager:
             txn = await fleet.commit(write)
             done = True
         except FleetRefused as err:
-            done = None if err.unknown else False
+            done = True if err.committed else None if err.unknown else False
             raise HTTPError(err.status, err.message) from None
         finally:
             await self.in_writer(self.writer.fleet_finish, write, done)

@@ -222,13 +222,16 @@ def decode_host(host: str, kv: KV) -> HostState:
 
 class FleetRefused(Exception):
     """A fleet config write refused; ``status`` is the HTTP status; ``unknown``: the transaction
-    was sent and whether it applied is not known."""
+    was sent and whether it applied is not known; ``committed``: it applied in etcd, but this host
+    did not serve it in time (the answer is an error all the same: a 200 here promises that this
+    host's workers serve the change)."""
 
-    def __init__(self, status: int, message: str, unknown: bool = False) -> None:
+    def __init__(self, status: int, message: str, unknown: bool = False, committed: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.unknown = unknown
+        self.committed = committed
 
 
 @dataclass
@@ -620,7 +623,14 @@ class Mirror:
             raise FleetRefused(503, f"fleet: {err}") from None
         if not txn.succeeded:
             raise FleetRefused(409, _conflict(write, txn))
-        await self.wait_revision(txn.revision, self.maintenance_timeout)
+        if not await self.wait_revision(txn.revision, self.maintenance_timeout):
+            raise FleetRefused(
+                504,
+                f"fleet: the change of '{write.name}' is in etcd (revision {txn.revision}) but this host's mirror "
+                f"had not applied it after {self.maintenance_timeout:g} s (it is at revision {self.revision}); "
+                "it is not lost: every host applies it as its watch catches up",
+                committed=True,
+            )
         return txn
 
     async def wait_revision(self, revision: int, timeout: float) -> bool:

@@ -81,7 +81,7 @@ from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
-from .kept import Change, KeptConfig
+from .kept import Change, KeptConfig, pieces_digest
 
 log = logging.getLogger("dsproxy.writer")
 
@@ -169,11 +169,11 @@ class ConfigWriter:
                 if expected_digest is not None and expected_digest != kept.digest:
                     raise DigestMismatch()
                 pending = kept.prepare(plan(kept.config), str(self.config_file))
-                hashing = self._hasher.submit(digest, pending.data)  # meanwhile: write and fsync
+                hashing = self._hasher.submit(pieces_digest, pending.pieces)  # meanwhile: write and fsync
                 with self._replaced_later():
-                    replace_file(self.config_file, pending.data)
+                    replace_file(self.config_file, pending.pieces)
                     signature = _stat_signature(self.config_file)
-                    if signature is None or signature[1] != len(pending.data):  # replaced meanwhile
+                    if signature is None or signature[1] != pending.size:  # replaced meanwhile
                         signature = None  # the next write reads the file
                     kept.commit(pending, hashing.result())
                     # publish after write; a file changed by hand since the last write: everyone reloads
@@ -224,10 +224,9 @@ class ConfigWriter:
 
     def _kept_of(self, data: bytes, file_digest: str) -> KeptConfig:
         """The kept config for the file ``data`` as the watch read it: the next write starts from it
-        (the whole file rendered once here, at start or after a hand edit, not in that write)."""
+        (the whole file parsed and rendered once here, at start or after a hand edit, not in that write)."""
         if self.kept is None or self.kept.digest != file_digest:
             self.kept = KeptConfig.read(data, str(self.config_file))
-            self.kept.joined()
         return self.kept
 
     def rebase(self, generation: int) -> None:

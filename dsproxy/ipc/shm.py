@@ -1144,9 +1144,7 @@ def _names_garbage(table: bytes | bytearray, first: int = 0) -> str | None:
     return f"entry {first + index}: tag {tag:#x} is not a tag"
 
 
-def _names_crc_garbage(
-    table: bytes, indexes: Iterable[int], stores: int = MAX_STORES, first: int = 0
-) -> str | None:
+def _names_crc_garbage(table: bytes, indexes: Iterable[int], stores: int = MAX_STORES, first: int = 0) -> str | None:
     """Recompute the tags of the entries ``indexes`` of ``table`` (which starts at entry ``first``)
     from their names (a window per check)."""
     for index in indexes:

@@ -82,7 +82,7 @@ from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
-from .kept import Change, KeptConfig, pieces_digest
+from .kept import Change, KeptConfig
 
 log = logging.getLogger("dsproxy.writer")
 
@@ -174,7 +174,7 @@ class ConfigWriter:
                 if expected_digest is not None and expected_digest != kept.digest:
                     raise DigestMismatch()
                 pending = kept.prepare(plan(kept.config), str(self.config_file))
-                hashing = self._hasher.submit(pieces_digest, pending.pieces)  # meanwhile: write and fsync
+                hashing = self._hasher.submit(kept.hash, pending)  # meanwhile: write and fsync
                 with self._replaced_later():
                     replace_file(self.config_file, pending.pieces)
                     signature = _stat_signature(self.config_file)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dsproxy.config import Value, dump, parse
+from dsproxy.config import Value, digest, dump, parse
 from dsproxy.daemon import kept as kept_mod
 from dsproxy.daemon.kept import Change, KeptConfig
 from dsproxy.ipc.shm import ChangeKind
@@ -58,7 +58,10 @@ def test_a_write_is_the_full_dump_of_the_new_config(seed: int, monkeypatch: pyte
         assert kept.joined() == before and kept.texts == texts  # nothing changes before the commit
         assert pending.data == dump(expected).encode()
         assert {name for _, name in pending.records} == {name for name, _ in changes}
-        kept.commit(pending, "digest")
+        hashed = kept.hash(pending)
+        assert hashed.digest == digest(pending.data)  # hashed from the first change on
+        kept.commit(pending, hashed)
+        assert kept.digest == hashed.digest
         assert kept.config == parse(pending.data) and list(kept.config) == list(expected)
         assert kept.joined() == pending.data and pending.size == len(pending.data)
         assert list(kept.texts) == list(expected)
@@ -74,7 +77,9 @@ def test_a_hand_edited_file_is_written_canonically_from_the_first_change() -> No
 
 def test_the_path_index_follows_spliced_writes() -> None:
     kept = KeptConfig.read(dump({"aaa": {"path": "/srv/a"}}).encode(), "datastore.cfg")
-    kept.commit(kept.prepare([("bbb", {"path": "/srv/b"})], "datastore.cfg"), "d1")
+    pending = kept.prepare([("bbb", {"path": "/srv/b"})], "datastore.cfg")
+    kept.commit(pending, kept.hash(pending))
     assert kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv")
-    kept.commit(kept.prepare([("bbb", None)], "datastore.cfg"), "d2")
+    pending = kept.prepare([("bbb", None)], "datastore.cfg")
+    kept.commit(pending, kept.hash(pending))
     assert not kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv/a/x")

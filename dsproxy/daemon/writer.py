@@ -202,8 +202,9 @@ class ConfigWriter:
         them on this 2-core machine: the workers served the write 7.0-7.8 ms after the answer
         against 3.9-4.2 ms with the close 0.2 s later (bench-scale's write at 100,000 stores, A/B).
         So the fd waits for :meth:`close_replaced` (the watch, once no write ended for
-        :data:`CLOSE_AFTER` s); in a burst of writes, with :data:`REPLACED_HELD` waiting, the
-        oldest is closed as the next write starts, beside its write and fsync (I/O waits)."""
+        :data:`CLOSE_AFTER` s, one a pass: the frees spread out); in a burst of writes, with
+        :data:`REPLACED_HELD` waiting, the oldest is closed as the next write starts, beside its
+        write and fsync (I/O waits)."""
         while len(self._replaced) >= REPLACED_HELD:
             self._closer.submit(os.close, self._replaced.pop(0))
         try:
@@ -217,16 +218,14 @@ class ConfigWriter:
             if fd >= 0:
                 self._replaced.append(fd)
 
-    def close_replaced(self, idle: float = 0.0) -> int:
-        """Close the replaced files still held (in the closer thread) if no write ended in the last
-        ``idle`` seconds; how many were given to it."""
+    def close_replaced(self, idle: float = 0.0) -> bool:
+        """Close the oldest replaced file still held (in the closer thread) if no write ended in
+        the last ``idle`` seconds; whether there was one."""
         held = self._replaced
         if not held or time.monotonic() - self._written < idle:
-            return 0
-        self._replaced = []
-        for fd in held:
-            self._closer.submit(os.close, fd)
-        return len(held)
+            return False
+        self._closer.submit(os.close, held.pop(0))
+        return True
 
     def _current(self) -> tuple[KeptConfig, bool]:
         """The kept config, re-read from the file when it may not be the file any more (a hand edit,

@@ -3,12 +3,19 @@
 Everything here runs in the manager's single writer thread, so writes and watch checks never
 interleave inside this process; against other processes the config lock (``.datastore.lck``)
 serialises them.  Every write takes that lock, checks the file is still the one it kept (stat
-signature, else digest), writes from the kept section texts in O(changed)
-(:mod:`dsproxy.daemon.kept`; temp file + fsync + rename + directory fsync, the digest of the new
-bytes computed by a helper thread meanwhile)
+signature, else digest), writes from the kept blocks of section texts in O(changed)
+(:mod:`dsproxy.daemon.kept`; temp file + ``writev`` + fsync + rename + directory fsync, the digest
+of the new bytes computed by a helper thread meanwhile, from the first changed block on)
 and publishes what changed in the shared invalidation ring with the generation bump, from inside
 the lock, *after* the rename: publish after write.  A write that finds the file changed by hand
-publishes "everything"; so does the watch when it notices a hand edit.
+publishes "everything"; so does the watch when it notices a hand edit.  The file a write replaced
+is freed later, off the write's path and the workers' (:meth:`ConfigWriter._replaced_later`).
+
+Where a one-store write at 100,000 stores (a 14 MB file) goes, on the loaded 2-core project
+machine, in ``scripts/bench-scale``: the forward and the answer through a worker ~1 ms; the lock,
+the kept config and the changed section ~0.5 ms; ``replace_file`` 11-13 ms (the floor the bench
+measures, ~12-15 ms, also frees the old file's blocks in its rename); the publish ~0.2 ms; then
+each worker applies it in ~2.5 ms (:mod:`dsproxy.config.splice`).
 
 Decisions the spec leaves open (recorded here, enforced below):
 

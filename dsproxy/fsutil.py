@@ -38,6 +38,7 @@ from collections.abc import Iterable
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024  # buffers per writev
 
 
 class UnsafePath(OSError):
@@ -147,10 +148,24 @@ def create_temp(dir_fd: int, prefix: str, mode: int = 0o600) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no unused temp file name", prefix)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def write_all(fd: int, data: bytes | list[bytes]) -> None:
+    """Write ``data`` -- one buffer, or a list of buffers written in order (``writev``, at most
+    ``IOV_MAX`` at a time, no join of them) -- to ``fd``, however many calls that takes."""
+    if not isinstance(data, list):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return
+    pending: list[bytes | memoryview] = [piece for piece in data if piece]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        done = 0
+        while done < len(pending) and written >= len(pending[done]):
+            written -= len(pending[done])
+            done += 1
+        del pending[:done]
+        if written:  # a short write ended inside this buffer
+            pending[0] = memoryview(pending[0])[written:]
 
 
 def replace_in(dir_fd: int, name: str, data: bytes, mode: int) -> None:

@@ -87,8 +87,11 @@ def _trusted_owners(directory: str) -> set[int]:
     return owners
 
 
-def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_MODE, group: int | None = None) -> None:
-    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync).
+def replace_file(
+    path: str | os.PathLike[str], data: bytes | list[bytes], mode: int = CONFIG_MODE, group: int | None = None
+) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync);
+    ``data`` may be a list of buffers, written in order (:func:`dsproxy.fsutil.write_all`).
 
     Every step works from one fd of the directory: the temp file is new (``O_EXCL|O_NOFOLLOW``,
     an unpredictable name), its mode and group are set on its fd, and the rename and the fsync
@@ -107,7 +110,7 @@ def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = CONFIG_M
         os.close(dir_fd)
 
 
-def _replace_in(dir_fd: int, name: str, data: bytes, mode: int, group: int | None, target: str) -> None:
+def _replace_in(dir_fd: int, name: str, data: bytes | list[bytes], mode: int, group: int | None, target: str) -> None:
     try:
         fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o600)
     except OSError as err:

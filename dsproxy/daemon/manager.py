@@ -437,10 +437,9 @@ class Manager:
     async def _do(self, request: Request, fn: Callable[..., WriteResult], *args: Any) -> WriteResult:
         client = self.authorizer.check_writer(request)
         try:
-            result = await self.in_writer(fn, *args)
+            result = await self.in_writer(self._write_then_check, fn, *args)
         except WriteRefused as err:
             raise HTTPError(err.status, err.message) from None
-        await self.in_writer(self.check_names)
         log.debug("write by uid %d pid %d: generation %s", client.uid, client.pid, result.generation)
         return result
 
@@ -508,6 +507,13 @@ class Manager:
         )
 
     # -- the config writes ------------------------------------------------------------------------------
+
+    def _write_then_check(self, fn: Callable[..., WriteResult], *args: Any) -> WriteResult:
+        """A write, then the store-table check it may call for, in one turn of the writer thread
+        (two turns let a watch tick in between: up to ~10 ms more for the write at 100,000 stores)."""
+        result = fn(*args)
+        self.check_names()
+        return result
 
     async def create(self, request: Request) -> Reply:
         if self.fleet is not None:

@@ -181,7 +181,7 @@ def test_a_write_forwarded_to_a_stopped_manager_is_504(daemon_factory: Callable[
     try:
         started = time.monotonic()
         with d.client() as c:
-            resp = c.request("POST", "/api2/json/config/datastore", {"name": "late1", "path": "/srv/late1"})
+            resp = c.request("POST", "/api2/json/config/datastore", {"name": "late1"})
         elapsed = time.monotonic() - started
         assert resp.status == 504
         assert "did not answer within 1 s" in resp.json()["message"]
@@ -189,6 +189,29 @@ def test_a_write_forwarded_to_a_stopped_manager_is_504(daemon_factory: Callable[
         assert d.get("/api2/json/ping").status == 200  # reads are not held up
     finally:
         os.kill(d.manager.pid, signal.SIGCONT)
+    with d.client() as c:  # the next write gets its own answer, not the late one of the first
+        resp = c.request("POST", "/api2/json/config/datastore", {"name": "late2"})
+    assert resp.status == 200 and resp.json()["data"]["name"] == "late2", resp
+
+
+def test_writes_forwarded_over_kept_connections_survive_a_manager_restart(
+    daemon_factory: Callable[..., Daemons],
+) -> None:
+    """A worker keeps its connections to the manager between writes: a manager that stopped (it
+    closes them) or was killed, and runs again, must not make the next write fail."""
+    d = daemon_factory(workers=1, stores=1)
+    d.start_manager()
+    d.start_proxy()
+    with d.client() as c:
+        for n, how in enumerate((signal.SIGTERM, signal.SIGKILL)):
+            assert c.request("PUT", "/api2/json/config/datastore/demo0001", {"comment": f"a{n}"}).status == 200
+            assert d.manager is not None
+            d.manager.send_signal(how)
+            d.manager.wait(timeout=10)
+            d.start_manager()
+            resp = c.request("PUT", "/api2/json/config/datastore/demo0001", {"comment": f"b{n}"})
+            assert resp.status == 200, resp
+        assert c.get("/api2/json/config/datastore/demo0001").json()["data"]["comment"] == "b1"
 
 
 def curl(d: Daemons, *args: str) -> tuple[int, Any]:

@@ -139,3 +139,14 @@ def test_the_journal_keeps_only_open_creates_and_ignores_a_torn_line(tmp_path: P
     assert [(e.name, e.path, e.top) for e in CreateJournal(tmp_path).pending()] == [("b", "/srv/b", None)]
     journal.keep([])
     assert not os.path.exists(journal.path)
+
+
+def test_a_file_written_from_many_buffers_holds_them_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager writes datastore.cfg as a list of blocks: more than one ``writev`` can take,
+    and a short write that ends inside a buffer, still give the joined bytes."""
+    pieces = [f"block {i}\n".encode() * (i % 7) for i in range(3000)]  # > IOV_MAX, empty ones too
+    replace_file(tmp_path / "cfg", pieces)
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: os.write(fd, bytes(bufs[0])[:3]))  # 3 bytes a call
+    replace_file(tmp_path / "small", pieces[:40])
+    assert (tmp_path / "cfg").read_bytes() == b"".join(pieces)
+    assert (tmp_path / "small").read_bytes() == b"".join(pieces[:40])

@@ -1,5 +1,5 @@
-"""The manager's kept config (dsproxy.daemon.kept): a write spliced into the kept file bytes is
-byte for byte the full dump of the new config, whatever the changes and wherever the stores sit."""
+"""The manager's kept config (dsproxy.daemon.kept): a write made of the kept blocks is byte for byte
+the full dump of the new config, whatever the changes, wherever the stores sit, whatever the block size."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from dsproxy.config import Value, dump, parse
-from dsproxy.daemon.kept import SPLICE_LIMIT, Change, KeptConfig
+from dsproxy.config import Value, digest, dump, parse
+from dsproxy.daemon import kept as kept_mod
+from dsproxy.daemon.kept import Change, KeptConfig
 from dsproxy.ipc.shm import ChangeKind
 
 
@@ -22,10 +23,10 @@ def _props(rng: random.Random, name: str) -> dict[str, Value]:
 
 
 def _batch(rng: random.Random, expected: dict[str, dict[str, Value]], serial: int) -> list[Change]:
-    """Up to SPLICE_LIMIT + 2 changes (creates, updates, removes; sometimes one store twice),
-    applied to ``expected`` as the file should then say."""
+    """Up to 10 changes (creates, updates, removes; sometimes one store twice), applied to
+    ``expected`` as the file should then say."""
     changes: list[Change] = []
-    for i in range(rng.randrange(1, SPLICE_LIMIT + 3)):
+    for i in range(rng.randrange(1, 11)):
         op = rng.random()
         if op < 0.35 or not expected:
             name = f"new{serial}x{i}" if rng.random() < 0.8 or not changes else changes[-1][0]
@@ -45,8 +46,9 @@ def _batch(rng: random.Random, expected: dict[str, dict[str, Value]], serial: in
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_a_spliced_write_is_the_full_dump_of_the_new_config(seed: int) -> None:
+def test_a_write_is_the_full_dump_of_the_new_config(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(seed)
+    monkeypatch.setattr(kept_mod, "BLOCK_SECTIONS", rng.choice([1, 2, 3, 7, 256]))
     expected = {f"s{i:03d}": _props(rng, f"s{i:03d}") for i in range(rng.randrange(0, 25))}
     kept = KeptConfig.read(dump(expected).encode(), "datastore.cfg")
     for serial in range(15):
@@ -56,9 +58,13 @@ def test_a_spliced_write_is_the_full_dump_of_the_new_config(seed: int) -> None:
         assert kept.joined() == before and kept.texts == texts  # nothing changes before the commit
         assert pending.data == dump(expected).encode()
         assert {name for _, name in pending.records} == {name for name, _ in changes}
-        kept.commit(pending, "digest")
+        hashed = kept.hash(pending)
+        assert hashed.digest == digest(pending.data)  # hashed from the first change on
+        kept.commit(pending, hashed)
+        assert kept.digest == hashed.digest
         assert kept.config == parse(pending.data) and list(kept.config) == list(expected)
-        assert kept.joined() == pending.data
+        assert kept.joined() == pending.data and pending.size == len(pending.data)
+        assert list(kept.texts) == list(expected)
 
 
 def test_a_hand_edited_file_is_written_canonically_from_the_first_change() -> None:
@@ -71,7 +77,9 @@ def test_a_hand_edited_file_is_written_canonically_from_the_first_change() -> No
 
 def test_the_path_index_follows_spliced_writes() -> None:
     kept = KeptConfig.read(dump({"aaa": {"path": "/srv/a"}}).encode(), "datastore.cfg")
-    kept.commit(kept.prepare([("bbb", {"path": "/srv/b"})], "datastore.cfg"), "d1")
+    pending = kept.prepare([("bbb", {"path": "/srv/b"})], "datastore.cfg")
+    kept.commit(pending, kept.hash(pending))
     assert kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv")
-    kept.commit(kept.prepare([("bbb", None)], "datastore.cfg"), "d2")
+    pending = kept.prepare([("bbb", None)], "datastore.cfg")
+    kept.commit(pending, kept.hash(pending))
     assert not kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv/a/x")

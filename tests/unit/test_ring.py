@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dsproxy.config import Value, dump, parse
-from dsproxy.config.splice import splice
+from dsproxy.config.splice import Regions, region_start, splice
 from dsproxy.ipc import shm
 
 Kind = shm.ChangeKind
@@ -133,3 +133,53 @@ def test_a_splice_is_a_fresh_parse_or_nothing(seed: int) -> None:
         assert all(props[n] == fresh.get(n) for n in named)
     elif new_text == dump(new_cfg) and old_text == dump(old_cfg) and named == changed and old:
         pytest.fail("a canonical write the ring fully names must splice")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_region_index_follows_a_chain_of_splices(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker keeps where each store's region starts through every change it applies, so that
+    it never has to search the file for one: after each splice of a chain of canonical writes
+    (creates, updates, removes, a store removed and created again), the index still gives every
+    store's place exactly, and the splice is the fresh parse."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(Regions, "CHUNK", rng.choice([1, 2, 5, 256]))
+    cfg = _config(rng, [f"st{i:03d}" for i in range(rng.randrange(1, 40))])
+    text = b"\n" + dump(cfg).encode()
+    config = parse(text)
+    regions = Regions.of(text, config)
+    assert regions is not None
+    for serial in range(25):
+        changed = set()
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(4)
+            if op == 0 or not cfg:
+                name = f"new{serial}x{rng.randrange(3)}"
+                cfg.pop(name, None)
+                cfg[name] = _props(rng, name)
+            elif op == 1:
+                name = rng.choice(list(cfg))
+                cfg[name] = _props(rng, name)
+            elif op == 2 and len(cfg) > 1:
+                name = rng.choice(list(cfg))
+                del cfg[name]
+            else:  # removed and created again: it moves to the end
+                name = rng.choice(list(cfg))
+                cfg[name] = cfg.pop(name)
+            changed.add(name)
+        new_text = b"\n" + dump(cfg).encode()
+        result = splice(text, config, new_text, changed, regions)
+        assert result is not None
+        config, text = result[0], new_text
+        fresh = parse(new_text)
+        assert config == fresh and list(config) == list(fresh)
+        assert {n: regions.offset(n) for n in cfg} == {n: region_start(text, n) for n in cfg}
+
+
+def test_a_file_whose_regions_are_not_one_store_each_gets_no_index() -> None:
+    text = b"\ndatastore: aaa\n\tpath /a\n\n\n\ndatastore: bbb\n\tpath /b\n"
+    assert Regions.of(text, parse(text)) is not None  # extra blank lines are fine
+    for odd in (
+        b"\ndatastore: aaa\n\tpath /a\n \ndatastore: bbb\n\tpath /b\n",  # a blank line with a space
+        b"\n\ndatastore: aaa\n\tpath /a\n",  # a blank line first
+    ):
+        assert Regions.of(odd, parse(odd)) is None

@@ -68,7 +68,7 @@ from ..daemon.protocol import REVISION_HEADER, WORKER_HEADER
 from ..daemon.run import DaemonFailed
 from .etcd import EtcdCluster, EtcdHarnessError
 from .fleet import Fleet, FleetHost
-from .scale import MeasureError, _describe, _pct, _per_worker, _spread, lay_out, store_name
+from .scale import MeasureError, _describe, _pct, _per_worker, _spread, lay_out, sections, store_name
 
 T = TypeVar("T")
 
@@ -82,20 +82,6 @@ COLD_POLL = 0.005  # s between looks while the 4th host starts
 WARM_UP = 5  # untimed puts before the watch delivery is timed (the watcher's stream is set up)
 
 Progress = Callable[[str], None]
-
-
-def sections(data_dir: Path, count: int) -> dict[str, dict[str, Value]]:
-    """The sections of bench-scale's ``datastore.cfg`` for the first ``count`` stores of ``data_dir``."""
-    out: dict[str, dict[str, Value]] = {}
-    for i in range(count):
-        props: dict[str, Value] = {"path": str(data_dir / store_name(i)), "comment": f"store number {i}"}
-        props["gc-schedule"] = "daily"
-        if i % 2 == 0:
-            props |= {"keep-daily": 7, "keep-weekly": 4, "prune-schedule": "weekly"}
-        if i % 5 == 0:
-            props |= {"notify-user": "backup@pbs", "verify-new": True}
-        out[store_name(i)] = props
-    return out
 
 
 def _uv(coro: Awaitable[T]) -> T:

@@ -125,10 +125,10 @@ def lay_out(data_dir: Path, count: int) -> dict[str, Any]:
     return {"stores": count, "made": made, "seconds": time.perf_counter() - start}
 
 
-def write_config(paths: Paths, data_dir: Path, count: int) -> int:
-    """``datastore.cfg`` naming the first ``count`` stores of ``data_dir``; its size in bytes."""
-    paths.ensure()
-    sections: dict[str, dict[str, Value]] = {}
+def sections(data_dir: Path, count: int) -> dict[str, dict[str, Value]]:
+    """The sections of ``datastore.cfg`` for the first ``count`` stores of ``data_dir`` (like
+    bench-lookup's: comment, schedules, some keep-* and notify options)."""
+    out: dict[str, dict[str, Value]] = {}
     for i in range(count):
         props: dict[str, Value] = {"path": str(data_dir / store_name(i)), "comment": f"store number {i}"}
         props["gc-schedule"] = "daily"
@@ -136,8 +136,14 @@ def write_config(paths: Paths, data_dir: Path, count: int) -> int:
             props |= {"keep-daily": 7, "keep-weekly": 4, "prune-schedule": "weekly"}
         if i % 5 == 0:
             props |= {"notify-user": "backup@pbs", "verify-new": True}
-        sections[store_name(i)] = props
-    text = dump(sections).encode()
+        out[store_name(i)] = props
+    return out
+
+
+def write_config(paths: Paths, data_dir: Path, count: int) -> int:
+    """``datastore.cfg`` naming the first ``count`` stores of ``data_dir``; its size in bytes."""
+    paths.ensure()
+    text = dump(sections(data_dir, count)).encode()
     replace_file(paths.config_file, text)
     return len(text)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsproxy.testing import fleetbench
+from dsproxy.testing import scale
 from tests.helpers import run_bench, run_script
 
 TINY = (
@@ -44,7 +44,7 @@ def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
         "cold start to serving at 50 (s) <= 3",
     }
     assert all(t["value"] is not None and t["holds"] is not None for t in targets.values())
-    assert (layout / fleetbench.sections(layout, 1).popitem()[0] / ".lock").is_file()  # the lay-out is kept
+    assert (layout / scale.sections(layout, 1).popitem()[0] / ".lock").is_file()  # the lay-out is kept
 
 
 def test_bench_fleet_reports_a_failed_row_and_exits_1(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,25 +18,6 @@ from dsproxy.daemon import writer as writer_mod
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused, _status_of
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> Iterator[Paths]:
-    p = Paths.resolve(tmp_path / "base")
-    p.ensure()
-    try:
-        yield p
-    finally:
-        shm.unlink(p.run_dir)
-
-
-@pytest.fixture
-def seg(paths: Paths) -> Iterator[shm.Segment]:
-    segment = shm.Segment.open(paths.run_dir, create=True)
-    try:
-        yield segment
-    finally:
-        segment.close()
 
 
 @pytest.fixture

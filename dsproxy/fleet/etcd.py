@@ -520,6 +520,12 @@ class Etcd:
         request = rpc.TxnRequest(
             compare=[compare], success=[op], failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]
         )
+        return await self._txn(what, request)
+
+    async def _txn(self, what: str, request: Any) -> tuple[Any, bool]:
+        """Send the txn ``request`` (retried as :meth:`_call` does): its reply, and whether an
+        earlier attempt may have applied it (a retry after a transport error).  Out of budget
+        after such an attempt: :class:`EtcdOutcomeUnknown`."""
         unsure = False
 
         def retrying() -> None:
@@ -635,22 +641,7 @@ class Etcd:
             success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in chunk],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k, _ in chunk],
         )
-        unsure = False
-
-        def retrying() -> None:
-            nonlocal unsure
-            unsure = True
-
-        what = f"txn_batch of {len(chunk)} keys from {chunk[0][0]!r}"
-        try:
-            reply = await self._call(
-                what, lambda c, t: c.kv.Txn(request, timeout=t, metadata=_METADATA), on_retry=retrying
-            )
-        except EtcdUnavailable as err:
-            if unsure:
-                raise EtcdOutcomeUnknown(f"{what}, outcome unknown", err.endpoints, err.last_error) from None
-            raise
-        return reply, unsure
+        return await self._txn(f"txn_batch of {len(chunk)} keys from {chunk[0][0]!r}", request)
 
     async def delete_prefix(self, prefix: bytes) -> int:
         """Delete every key under ``prefix`` (tests, benchmarks); how many were deleted."""

@@ -88,10 +88,18 @@ def _trusted_owners(directory: str) -> set[int]:
 
 
 def replace_file(
-    path: str | os.PathLike[str], data: bytes | list[bytes], mode: int = CONFIG_MODE, group: int | None = None
+    path: str | os.PathLike[str],
+    data: bytes | list[bytes],
+    mode: int = CONFIG_MODE,
+    group: int | None = None,
+    *,
+    sync: bool = True,
 ) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync);
     ``data`` may be a list of buffers, written in order (:func:`dsproxy.fsutil.write_all`).
+    ``sync=False`` leaves out both fsyncs (still temp file + rename: a reader never sees a torn
+    file); only for a file whose durable copy is elsewhere (fleet mode's mirror of etcd: see
+    :meth:`dsproxy.daemon.writer.ConfigWriter.sync_mirror`).
 
     Every step works from one fd of the directory: the temp file is new (``O_EXCL|O_NOFOLLOW``,
     an unpredictable name), its mode and group are set on its fd, and the rename and the fsync
@@ -105,12 +113,14 @@ def replace_file(
     except OSError as err:
         raise WriteError(f'writing "{target}" failed: cannot open its directory: {err.strerror}') from None
     try:
-        _replace_in(dir_fd, name, data, mode, group, target)
+        _replace_in(dir_fd, name, data, mode, group, target, sync)
     finally:
         os.close(dir_fd)
 
 
-def _replace_in(dir_fd: int, name: str, data: bytes | list[bytes], mode: int, group: int | None, target: str) -> None:
+def _replace_in(
+    dir_fd: int, name: str, data: bytes | list[bytes], mode: int, group: int | None, target: str, sync: bool = True
+) -> None:
     try:
         fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o600)
     except OSError as err:
@@ -121,7 +131,8 @@ def _replace_in(dir_fd: int, name: str, data: bytes | list[bytes], mode: int, gr
             os.fchmod(fd, mode)
             if group is not None:
                 os.fchown(fd, -1, group)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -129,6 +140,8 @@ def _replace_in(dir_fd: int, name: str, data: bytes | list[bytes], mode: int, gr
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
+    if not sync:
+        return
     try:
         os.fsync(dir_fd)
     except OSError as err:

@@ -14,8 +14,12 @@ clamp.  So dsproxy looks for itself:
   stay open; without, at most ``budget`` stores can be open at once in one process
   (:mod:`dsproxy.fdbudget` closes the least recently used idle ones and reopens them on use), and
   only more than ``budget`` operations on different stores at once get an error (503).
-* :func:`check_at_start` -- the proxy master's and the manager's start: raise, read the store
-  count from the config, log the facts once (a warning with every number when short).
+* :func:`check_at_start` -- the proxy master's and the manager's start: raise, count the store
+  sections of the config, log the facts once (a warning with every number when short).  It counts
+  the section headers (one regular expression over the bytes: ~15 ms for the 14 MB file of 100,000
+  stores) instead of parsing the file (0.8 s alone, 2.4 s on the loaded machine, in the proxy
+  master before it forks any worker: on the cold start's path); the workers report the parsed
+  count in node status.
 
 Workers report the same facts in node status (``rlimit-nofile``), so ``dsproxy status`` shows
 them; the budget is what :mod:`dsproxy.fdbudget` keeps the open stores within (a limit of 300
@@ -27,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import ParseError, read_config
+from ..config import read_raw
 from ..errors import DatastoreError
 
 if TYPE_CHECKING:
@@ -118,12 +123,22 @@ def of_registry(registry: Registry) -> FdLimit:
     return check(stores)
 
 
+#: a section header: ``datastore:`` at the start of a line (the parser's headers start there too)
+_HEADER = re.compile(rb"^datastore[ \t]*:", re.MULTILINE)
+
+
+def count_sections(data: bytes) -> int:
+    """How many sections ``data`` (a ``datastore.cfg``) has, without parsing it: its header lines.
+    For a file that parses this is its store count (a name given twice counts twice)."""
+    return len(_HEADER.findall(data))
+
+
 def check_at_start(config_file: os.PathLike[str], log: logging.Logger) -> FdLimit:
     """Raise the soft limit, compare with the config's store count, log it (a warning if short)."""
     before, soft, hard = raise_soft_limit()
     try:
-        stores = len(read_config(config_file)[0])
-    except (ParseError, OSError):
+        stores = count_sections(read_raw(config_file))
+    except OSError:
         stores = 0  # the config's own error is reported where it is loaded
     limit = FdLimit(soft, hard, stores)
     fields = {f"DSPROXY_NOFILE_{k.upper()}": v for k, v in limit.as_dict().items()}

@@ -258,6 +258,11 @@ class Manager:
         etcd = ",".join(options.etcd)
         log.info("fleet mode: host '%s', etcd %s, prefix %s", self.fleet.host_id, etcd, options.etcd_prefix)
         await self.fleet.start()
+        # the store table for what the first read mirrored, before anyone serves it: a host that
+        # starts with an empty file has a table of 65,536 entries, and its workers loading 100,000
+        # names filled it and then probed all of it for each name left (a worker stuck >60 s in
+        # register_stores, or a move under way while they boot) until the watch's check moved it
+        await self.in_writer(self.check_names)
 
     async def reload(self) -> None:
         """SIGHUP: re-check the file now (publishing a manual edit) and the segment."""

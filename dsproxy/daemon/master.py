@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -264,7 +265,9 @@ class Master:
             if self.seg is not None:  # the worker maps its own; this copy would outlive a store-table move
                 self.seg.close()
                 self.seg = None
-            worker.run(self.spec, self.sock, self.ready_w, [(s, self.tls_context) for s in self.listeners])
+            # the first boot's workers report ready before they prewarm: nobody serves yet (worker module)
+            spec = self.spec if self.booted_once else dataclasses.replace(self.spec, warm_first=False)
+            worker.run(spec, self.sock, self.ready_w, [(s, self.tls_context) for s in self.listeners])
         self.workers[pid] = _Worker(pid, time.monotonic(), self.reload_generation)
 
     def read_ready(self) -> None:

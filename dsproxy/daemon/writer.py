@@ -4,7 +4,8 @@ Everything here runs in the manager's single writer thread, so writes and watch 
 interleave inside this process; against other processes the config lock (``.datastore.lck``)
 serialises them.  Every write takes that lock, checks the file is still the one it kept (stat
 signature, else digest), writes from the kept blocks of section texts in O(changed)
-(:mod:`dsproxy.daemon.kept`; temp file + ``writev`` + fsync + rename + directory fsync, the digest
+(:mod:`dsproxy.daemon.kept`; temp file + ``writev`` + fsync + rename + directory fsync -- in fleet
+mode without the fsyncs, done later by :meth:`ConfigWriter.sync_mirror` -- the digest
 of the new bytes computed by a helper thread meanwhile, from the first changed block on)
 and publishes what changed in the shared invalidation ring with the generation bump, from inside
 the lock, *after* the rename: publish after write.  A write that finds the file changed by hand
@@ -216,6 +217,7 @@ class ConfigWriter:
         self._previous: Callable[[], shm.Segment | None] = lambda: None
         self.mirror: MirrorState | None = None  #: fleet mode: what this host mirrors of etcd
         self._reread = False  # the current write found the file edited by hand
+        self._unsynced = False  # fleet mode: the last write's file is not fsynced yet (sync_mirror)
 
     # -- publishing ---------------------------------------------------------------------------------
 
@@ -248,7 +250,9 @@ class ConfigWriter:
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 hashing = self._hasher.submit(kept.hash, pending)  # meanwhile: write and fsync
                 with self._replaced_later():
-                    replace_file(self.config_file, pending.pieces)
+                    # fleet mode: etcd is the durable copy, the file is synced later (sync_mirror)
+                    replace_file(self.config_file, pending.pieces, sync=self.mirror is None)
+                    self._unsynced = self.mirror is not None
                     signature = _stat_signature(self.config_file)
                     if signature is None or signature[1] != pending.size:  # replaced meanwhile
                         signature = None  # the next write reads the file
@@ -618,6 +622,7 @@ class ConfigWriter:
         edit is not published but undone (:meth:`_check_mirrored_file`)."""
         self.close_replaced(CLOSE_AFTER)
         if self.mirror is not None:
+            self.sync_mirror(CLOSE_AFTER)
             return self._check_mirrored_file()
         signature = _stat_signature(self.config_file)
         if signature == self.state.signature and self.state.digest is not None:
@@ -660,6 +665,27 @@ class ConfigWriter:
         if seg is not None and self.state.generation is not None:
             self.mirror.record(seg, self.state.generation)
         return self.mirror
+
+    def sync_mirror(self, idle: float = 0.0) -> bool:
+        """Fleet mode: fsync the file (and its directory) in the closer thread if the last write
+        left it unsynced and no write ended in the last ``idle`` seconds; whether it did.
+
+        A mirror write is temp file + rename without fsync: etcd (a quorum, which fsyncs every
+        write) is the durable copy, every manager start reads etcd and rewrites the file before
+        it answers, and the file is always whole for its readers (the rename).  Three hosts each
+        fsyncing 14 MB per write on one disk (100,000 stores) was the tail of bench-fleet's
+        served-everywhere time.  What a crash loses is at most the mirror writes of the last
+        watch pass (this sync follows once writes pause): with etcd reachable at the restart,
+        nothing (the file is rewritten from etcd); with etcd unreachable then too, the host
+        serves an older mirror -- as a host cut off from etcd does -- or, on a file system that
+        does not order a rename after its data (ext4 does, by default), possibly an empty or
+        unparsable file until etcd is back.  A single-host write (no ``--etcd``) still fsyncs
+        before its rename and its answer."""
+        if not self._unsynced or time.monotonic() - self._written < idle:
+            return False
+        self._unsynced = False
+        self._closer.submit(_sync_file, str(self.config_file))
+        return True
 
     def _fleet(self) -> MirrorState:
         if self.mirror is None:
@@ -937,6 +963,24 @@ _PATH_ERRNOS: Final = frozenset(
     {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EINVAL, errno.ELOOP}
 )
 _STATUS: Final[dict[type[ConfigError], int]] = {DigestMismatch: 409, LockError: 503, WriteError: 500}
+
+
+def _sync_file(path: str) -> None:
+    """fsync ``path`` and its directory (the closer thread: a failure is logged, nothing else)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EROFS):
+            log.warning("cannot fsync %s (fleet mode's mirror: etcd holds the config): %s", path, err)
 
 
 def _status_of(err: ConfigError) -> int:

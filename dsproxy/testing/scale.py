@@ -25,7 +25,9 @@ prints, saves and plots it).  Per row, on one base dir:
   in both daemons' environment: the registry then never applies the ring's per-store changes and
   reloads the whole file on every bump, as before the ring) a manager + proxy:
 
-  - **ready** (s): ``start_proxy`` until every worker has booted (prewarm included, as by default);
+  - **ready** (s): ``start_proxy`` until every worker has booted (a first boot's workers report ready
+    before their prewarm, which follows in the background: tables before 2026-12-01 23:00 UTC
+    included it);
   - **write acknowledged by every worker** (ms, p50/p99 of ``--writes``): a comment update through
     the API (``PUT`` on proxy.sock, forwarded to the manager), until a status request on a
     keep-alive connection *to each worker* is answered with the write's generation or a newer one

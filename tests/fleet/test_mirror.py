@@ -411,3 +411,48 @@ def test_a_host_whose_watch_was_compacted_away_re_lists_and_catches_up(
     stores = b.datastores()
     assert sorted(stores) == ["comp1", "comp3"] and stores["comp1"]["comment"] == "after the freeze"
     assert "re-listed" in b.log_text(100_000)
+
+
+# -- a cold host -------------------------------------------------------------------------------------------------
+
+
+COLD_STORES = 34_000  # more than a 65,536-entry store table holds at half load: the table is 131,072
+
+
+def test_a_cold_host_sizes_its_store_table_for_the_prefix_before_it_answers_and_serves_at_once(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A host with an empty base dir starts on a 65,536-entry table; with 34,000 stores in etcd its
+    manager moves to a 131,072-entry one before it answers (its workers never load the names into
+    a table too small for them), and the proxy's first workers are ready before their prewarm."""
+    from dsproxy.fleet.admin import import_config
+    from dsproxy.fleet.etcd import Etcd
+    from dsproxy.testing.fleetbench import _uv
+    from dsproxy.testing.scale import lay_out, sections
+
+    data_dir = tmp_path / "stores"
+    lay_out(data_dir, COLD_STORES)
+    prefix = "/t/cold-start"
+
+    async def populate() -> int:
+        async with Etcd(etcd_cluster.endpoints, timeout=10.0) as etcd:
+            result = await import_config(etcd, prefix, sections(data_dir, COLD_STORES), "test")
+            return result.imported
+
+    assert _uv(populate()) == COLD_STORES
+    host = FleetHost(tmp_path / "host", etcd_cluster.endpoints, prefix, "cold", ready_timeout=25.0)
+    try:
+        host.start_manager()
+        log = host.log_text(100_000)
+        moved, answered = log.find("moving to a table of 131072"), log.find("manager ready on")
+        assert 0 <= moved < answered, log[-3000:]
+        host.start_proxy()
+        status = host.get(f"{API}/admin/datastore/store33999/status?verbose=0")
+        assert status.status == 200 and status.headers.get(REVISION_HEADER) is not None
+        log = host.log_text(100_000)
+        assert log.count("moving to a table") == 1  # none while (or after) the workers booted
+        ready = [line for line in log.splitlines() if "ready: generation" in line]
+        assert len(ready) == 2 and all(line.endswith(" 0 stores open") for line in ready), ready
+        wait_for(lambda: host.log_text(100_000).count("warm: ") == 2, 20.0, what="both workers warm")
+    finally:
+        host.stop()

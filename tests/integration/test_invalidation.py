@@ -262,3 +262,41 @@ def test_a_file_renamed_before_its_generation_is_published_is_still_a_delta(
         _assert_views(paths, [reg])
     finally:
         reg.close()
+
+
+def test_a_change_after_the_ttl_ran_out_is_applied_as_a_delta_and_a_hand_edit_still_reloads(
+    paths: Paths, manager: _Manager
+) -> None:
+    """The TTL does not turn the next change into a full parse (the splice proves the rest of the
+    file unchanged itself), and a hand edit it did not name is still seen whole."""
+    import time
+
+    w = manager.writer
+    for name in ("ttl01", "ttl02", "ttl03"):
+        w.create({"name": name})
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, ttl=0.05)
+    try:
+        reg.refresh()
+        applied = reg.changes_applied
+        time.sleep(0.1)  # the TTL ran out
+        w.update("ttl02", {"comment": "after the ttl"})
+        assert reg.refresh()
+        assert reg.config()[0]["ttl02"]["comment"] == "after the ttl"
+        if not registry_mod.DISCARD_CACHES:
+            assert reg.changes_applied == applied + 1  # spliced, not parsed whole
+        _assert_views(paths, [reg])
+        # a hand edit right after a published change, past the TTL: the ring names ttl01 only, the
+        # splice finds ttl03 changed too and refuses, the full reload sees both
+        time.sleep(0.1)
+        w.update("ttl01", {"comment": "published"})
+        cfg = _fresh(paths)
+        cfg["ttl03"] = {**cfg["ttl03"], "comment": "edited by hand"}
+        paths.config_file.write_text(dump(cfg))
+        applied = reg.changes_applied
+        assert reg.refresh()
+        assert reg.changes_applied == applied
+        config = reg.config()[0]
+        assert config["ttl01"]["comment"] == "published" and config["ttl03"]["comment"] == "edited by hand"
+        _assert_views(paths, [reg])
+    finally:
+        reg.close()

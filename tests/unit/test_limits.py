@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from dsproxy.config import parse
+from dsproxy.daemon import limits
 from dsproxy.daemon.limits import FD_RESERVE, FdLimit
 
 
@@ -41,3 +43,13 @@ def test_check_at_start_raises_the_soft_limit_and_warns_with_the_numbers(tmp_pat
     warning = next(line for line in result.stdout.splitlines() if line.startswith("WARNING"))
     assert "RLIMIT_NOFILE 500/500" in warning and f"below the {300 + FD_RESERVE} needed for 300" in warning
     assert "soft raised from 100" in warning
+
+
+def test_the_start_counts_the_sections_without_parsing_as_the_parser_does() -> None:
+    text = (
+        b"datastore: aaa\n\tpath /srv/a\n\tcomment datastore: in a value\n\n"
+        b"datastore :bbb\n\tpath /srv/b\n\n"
+        b"datastore: ccc\n\tpath /srv/c\n"
+    )
+    assert limits.count_sections(text) == len(parse(text)) == 3
+    assert limits.count_sections(b"") == 0

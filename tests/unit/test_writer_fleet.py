@@ -190,3 +190,39 @@ def test_the_fleet_record_is_range_checked_and_garbage_is_a_problem(seg: shm.Seg
     seg.set_fleet(revision=43)  # the manager's next write starts it over
     record = seg.fleet()
     assert record is not None and record.revision == 43 and seg.check() is None
+
+
+def test_a_mirror_write_is_synced_once_writes_pause_and_a_single_host_write_before_its_answer(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fleet mode: etcd is the durable copy, the mirror's file is fsynced by the watch once writes
+    pause (file and directory), not in the write; without ``--etcd`` a write fsyncs before it returns."""
+    import time
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    writer.mirror_replace({"alpha": _props(paths, "alpha")}, {"alpha": 3}, 3)
+    assert synced == [] and read_config(paths.config_file)[0]["alpha"]["path"] == str(paths.data_dir / "alpha")
+    assert not writer.sync_mirror(idle=60.0)  # a write ended just now: not yet
+    writer.check_file()  # the watch, right after the write: not yet either
+    assert synced == []
+    time.sleep(0.06)
+    writer.check_file()  # the watch once writes paused: file and directory, in the closer thread
+    writer._closer.submit(lambda: None).result()
+    assert synced == [str(paths.config_file), str(paths.config_file.parent)]
+    writer.check_file()
+    writer._closer.submit(lambda: None).result()
+    assert len(synced) == 2  # nothing written since: no second sync
+
+    single = ConfigWriter(paths, lambda: seg)  # no fleet mode: the write is durable before it returns
+    single.check_file()
+    synced.clear()
+    single.update("alpha", {"comment": "here"})
+    assert any(p.startswith(str(paths.config_dir) + "/.datastore.cfg.tmp") for p in synced), synced
+    assert str(paths.config_dir) in synced

@@ -632,11 +632,14 @@ class Mirror:
             raise FleetRefused(503, f"fleet: {err}") from None
         if not txn.succeeded:
             raise FleetRefused(409, _conflict(write, txn))
-        if not await self.wait_revision(txn.revision, self.maintenance_timeout):
+        # the watch may be failing over right now (the member it used died, a leader election):
+        # give it what the client's own failover may take, at least
+        patience = max(self.maintenance_timeout, self.timeout * len(self.endpoints) + 1.0)
+        if not await self.wait_revision(txn.revision, patience):
             raise FleetRefused(
                 504,
                 f"fleet: the change of '{write.name}' is in etcd (revision {txn.revision}) but this host's mirror "
-                f"had not applied it after {self.maintenance_timeout:g} s (it is at revision {self.revision}); "
+                f"had not applied it after {patience:g} s (it is at revision {self.revision}); "
                 "it is not lost: every host applies it as its watch catches up",
                 committed=True,
             )

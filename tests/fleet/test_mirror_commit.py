@@ -45,7 +45,13 @@ def test_a_committed_write_the_mirror_did_not_apply_in_time_is_a_504_naming_the_
 
         writer = ConfigWriter(paths, lambda: None)
         mirror = Mirror(
-            writer, in_writer, lambda: None, endpoints=etcd_cluster.endpoints, prefix=prefix, maintenance_timeout=0.5
+            writer,
+            in_writer,
+            lambda: None,
+            endpoints=etcd_cluster.endpoints,
+            prefix=prefix,
+            maintenance_timeout=0.5,
+            timeout=0.5,
         )
         try:
             await in_writer(writer.enable_fleet)

@@ -58,6 +58,20 @@ def test_an_answer_in_flight_with_the_write_may_show_either_state(setup: tuple[L
     assert not checker.violations
 
 
+def test_a_hand_edit_may_show_from_its_start_and_must_show_2_s_after_it_ended(setup: tuple[Logs, Checker]) -> None:
+    """An answer may show an edit still being written (its rename lands before the chaos actor
+    logs the end: a run in CI flagged that); one sent 2 s after an edit ended must show it or a
+    later one."""
+    logs, checker = setup
+    logs.add("chaos.jsonl", event="edit", value="hand edit 1", t0=1.0, t=1.01)
+    logs.add("chaos.jsonl", event="edit", value="hand edit 2", t0=3.5, t=3.52)
+    logs.answer("config", "manual01", sent=3.49, recv=3.51, status=200, comment="hand edit 2")  # in flight: fine
+    logs.answer("config", "manual01", sent=3.2, recv=3.3, status=200, comment="initial")  # edit 1 ended 2.19 s before
+    checker.poll(final=True)
+    assert list(checker.violations) == ["hand edits seen"]
+    assert len(checker.violations["hand edits seen"]) == 1 and "sent 3.200" in checker.violations["hand edits seen"][0]
+
+
 def test_a_generation_older_than_an_acknowledged_write_is_a_violation(setup: tuple[Logs, Checker]) -> None:
     logs, checker = setup
     logs.write("st01", sent=1.0, recv=1.5, state=None, gen=11, action="comment")

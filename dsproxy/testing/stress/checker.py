@@ -71,7 +71,7 @@ class Checker:
         # states stay possible until the next acknowledged one.
         self.acks: dict[str, list[Ack]] = {s: [Ack(-INF, -INF, st)] for s, st in initial.items()}
         self.gens: dict[int, list[tuple[float, int]]] = defaultdict(list)  # per host: (ack time, generation)
-        self.edits: list[tuple[float, str]] = []  # one host: (time, value)
+        self.edits: list[tuple[float, str, float]] = []  # one host: (done, value, started)
         self.fleet_edits: list[Edit] = []
         self.kills: dict[int, list[float]] = defaultdict(list)  # per host: worker kills
         self.down: dict[int, list[list[float]]] = defaultdict(list)  # per host: [killed, back] of its manager
@@ -131,7 +131,7 @@ class Checker:
             if self.fleet:
                 self.fleet_edits.append(Edit(rec.get("t0", rec["t"]), rec["t"], rec["value"], host))
             else:
-                self.edits.append((rec["t"], rec["value"]))
+                self.edits.append((rec["t"], rec["value"], rec.get("t0", rec["t"])))
 
     def _fleet_chaos(self, rec: dict[str, Any]) -> None:
         event, t = rec["event"], rec["t"]
@@ -334,7 +334,8 @@ class Checker:
         j = bisect.bisect_right(self.edits, (rec["sent"] - HAND_EDIT_DEADLINE, "\uffff")) - 1
         if j >= 0:
             expected = self.edits[j][1]
-            later = {v for t, v in self.edits[j:] if t <= rec["recv"]}
+            # an edit may show from its start on: its rename lands before the chaos actor logs ``t``
+            later = {v for _, v, t0 in self.edits[j:] if t0 <= rec["recv"]}
             if rec.get("comment") not in later | {expected}:
                 self.violate(
                     "hand edits seen",

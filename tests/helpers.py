@@ -20,6 +20,18 @@ AGENT = Path(__file__).with_name("agent.py")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
+def modules_loaded_by_the_daemons(*roots: str) -> list[str]:
+    """The modules under ``roots`` (top-level packages or dotted prefixes) that a fresh
+    interpreter has loaded after importing dsproxy, its CLI and the three daemons."""
+    code = (
+        "import sys, dsproxy, dsproxy.cli, dsproxy.daemon.worker, dsproxy.daemon.manager, dsproxy.daemon.master\n"
+        f"roots = {roots!r}\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if any(m == r or m.startswith(r + '.') for r in roots))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
 def run_script(
     name: str, *args: str | Path, timeout: float = 300, check: bool = False
 ) -> subprocess.CompletedProcess[str]:

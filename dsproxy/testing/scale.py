@@ -386,8 +386,8 @@ def run_mode(base: Path, stores: int, mode: str, opts: Any, progress: Progress) 
             d.start_proxy()
             out["ready_s"] = time.perf_counter() - t0
             progress(f"{stores:,} stores, {mode}: {opts.writes} + {opts.stall_writes} writes")
-            size = Paths.resolve(base).config_file.stat().st_size
-            floor = FloorWriter(Paths.resolve(base).config_dir, size)
+            paths = Paths.resolve(base)
+            floor = FloorWriter(paths.config_dir, paths.config_file.stat().st_size)
             out |= measure_writes(d.proxy_sock, opts.workers, names, opts.writes, opts.stall_writes, floor)
             progress(f"{stores:,} stores, {mode}: status, idle and at {opts.write_rate:g} writes/s")
             out |= measure_status(d.proxy_sock, names, opts.status_seconds, opts.write_rate)

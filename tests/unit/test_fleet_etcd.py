@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from dsproxy.fleet import datastores_prefix, hosts_prefix
 from dsproxy.fleet.etcd import Etcd, normalize_endpoint, prefix_end
+from tests.helpers import modules_loaded_by_the_daemons
 
 
 def test_endpoints_are_host_port_with_or_without_http() -> None:
@@ -36,9 +34,4 @@ def test_a_prefix_range_covers_exactly_its_keys() -> None:
 
 
 def test_grpc_is_loaded_only_in_fleet_mode() -> None:
-    code = (
-        "import sys, dsproxy, dsproxy.cli, dsproxy.daemon.worker, dsproxy.daemon.manager, dsproxy.daemon.master\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'aetcd', 'google')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert modules_loaded_by_the_daemons("grpc", "aetcd", "google") == []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,11 @@ from dsproxy.fsutil import UnsafePath, lay_out_store, make_store, walk
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
 from dsproxy.testing.stores import write_stores
+from tests.helpers import modules_loaded_by_the_daemons
 
 
 def test_the_daemons_and_the_library_never_load_the_harness() -> None:
-    code = (
-        "import sys, dsproxy, dsproxy.cli, dsproxy.daemon.worker, dsproxy.daemon.manager, dsproxy.daemon.master\n"
-        "print(sorted(m for m in sys.modules if m.startswith('dsproxy.testing')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert modules_loaded_by_the_daemons("dsproxy.testing") == []
 
 
 def test_a_made_store_serves_lookups_and_a_second_make_reuses_it(tmp_path: Path) -> None:

@@ -189,6 +189,9 @@ class Manager:
         seg.set_booted(self.slot)
 
     async def run(self) -> int:
+        if self.options.etcd and self.options.demo_stores:  # before anything is made or bound
+            log.error("--demo-stores and --etcd: in fleet mode the datastores are etcd's (see dsproxy fleet import)")
+            return EXIT_BOOT_FAILURE
         try:
             self.paths.ensure()
         except OSError as err:
@@ -202,9 +205,6 @@ class Manager:
         self.open_segment(publish=not self.options.etcd)
         if not self.options.etcd:  # fleet mode: after the first read of etcd, which names the stores (Mirror.load)
             await self.in_writer(self.writer.recover_interrupted_creates)
-        if self.options.etcd and self.options.demo_stores:
-            log.error("--demo-stores and --etcd: in fleet mode the datastores are etcd's (see dsproxy fleet import)")
-            return EXIT_BOOT_FAILURE
         if self.options.demo_stores:
             try:
                 added = await self.in_writer(self.writer.ensure_demo_stores, self.options.demo_stores)

@@ -38,3 +38,18 @@ def test_config_check_defaults_to_the_instance_file_with_base_dir_after_the_subc
     assert "OK, 1 datastore," in result.stdout
     missing = run("--base-dir", str(tmp_path / "nope"), "config", "check")
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_a_fleet_manager_with_demo_stores_refuses_to_start_before_it_makes_anything(tmp_path: Path) -> None:
+    import os
+
+    from dsproxy.ipc import shm
+    from dsproxy.paths import Paths
+
+    base = tmp_path / "base"
+    out = run("manager", "--base-dir", str(base), "--etcd", "127.0.0.1:1", "--demo-stores", "3")
+    assert out.returncode == 3
+    assert "--demo-stores and --etcd" in out.stderr
+    run_dir = Paths.resolve(base).run_dir
+    assert not (run_dir / "manager.sock").exists()  # nothing bound, no segment left behind
+    assert not os.path.exists("/dev/shm" + shm.segment_name(run_dir))

@@ -123,6 +123,8 @@ ACCEPT_DELAY = 0.0002
 ACCEPT_DELAY_MAX = 0.002
 ACCEPT_DEEP = 128
 ACCEPT_BATCH_MAX = 64
+#: seconds a draining server still waits for the first request of a connection it has accepted
+DRAIN_FRESH_GRACE = 1.0
 _SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
 
@@ -473,6 +475,7 @@ class Server:
         self._aservers: list[asyncio.AbstractServer] = []
         self._accepters: list[asyncio.Future[None]] = []
         self._handshakes: set[asyncio.Future[None]] = set()
+        self._wakers: set[asyncio.Future[None]] = set()  # what the accept loops wait on; the drain sets them
         self.draining = False
 
     def protocol(self) -> Connection:
@@ -515,7 +518,9 @@ class Server:
             self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     async def _accept_loop(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        """Accept until the drain; never cancelled: the kernel's ``accept`` happens only here,
+        synchronously, and what it returns is adopted -- a task cancelled between a completed
+        accept and its adoption would drop the client's connection."""
         streak = 0  # accepts in a row that found a connection already waiting
         while not self.draining:
             batch = ACCEPT_BATCH_MAX if streak >= ACCEPT_DEEP else 1
@@ -523,30 +528,49 @@ class Server:
             try:
                 while taken < batch:
                     conn, _ = sock.accept()
-                    await self._adopt(loop, conn, tls)
+                    await self._adopt(conn, tls)
                     taken += 1
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as err:  # EMFILE and friends: back off instead of spinning
                 log.error("accept failed: %s", err)
-                await asyncio.sleep(0.1)
+                await self._pause(0.1)
             if taken:
                 streak += taken
-            else:  # the queue is empty: wait for the next connection
+            else:  # the queue is empty: wait for the next connection (or the drain)
                 streak = 0
-                try:
-                    conn, _ = await loop.sock_accept(sock)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as err:
-                    log.error("accept failed: %s", err)
-                    await asyncio.sleep(0.1)
-                    continue
-                await self._adopt(loop, conn, tls)
-            if self.connections:
+                await self._readable(sock)
+            if self.connections and not self.draining:
                 await asyncio.sleep(min(ACCEPT_DELAY * len(self.connections), ACCEPT_DELAY_MAX))
 
-    async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
+    async def _readable(self, sock: socket.socket) -> None:
+        """Until ``sock`` is readable or the drain begins."""
+        assert self._loop is not None
+        waker: asyncio.Future[None] = self._loop.create_future()
+        fd = sock.fileno()
+        self._loop.add_reader(fd, lambda: waker.done() or waker.set_result(None))
+        self._wakers.add(waker)
+        try:
+            await waker
+        finally:
+            self._loop.remove_reader(fd)
+            self._wakers.discard(waker)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until the drain begins."""
+        assert self._loop is not None
+        waker: asyncio.Future[None] = self._loop.create_future()
+        timer = self._loop.call_later(seconds, lambda: waker.done() or waker.set_result(None))
+        self._wakers.add(waker)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._wakers.discard(waker)
+
+    async def _adopt(self, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
+        loop = self._loop
+        assert loop is not None
         conn.setblocking(False)
         if tls is not None:  # the handshake waits for the client: never in the accept loop
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -580,20 +604,37 @@ class Server:
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     async def drain(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish, close idle connections; then close all."""
+        """Stop accepting, let in-flight requests finish, close idle connections; then close all.
+
+        What was accepted is served: the accept loops stop at their next turn (they are woken,
+        not cancelled), TLS handshakes under way finish (within their own timeout), and a
+        connection that has not sent its first request yet -- a client that connected just
+        before the drain, its request on the way -- gets :data:`DRAIN_FRESH_GRACE` to send it
+        (answered with ``connection: close``) before it is closed as idle.  Closing it at once
+        was a failed request for each client that connected as a reload began (EPIPE, or a
+        TLS handshake cut off).  A keep-alive connection that has been answered and is idle is
+        closed at once: its client must expect that of any keep-alive connection.
+        """
         self.draining = True
+        for waker in list(self._wakers):
+            if not waker.done():
+                waker.set_result(None)
+        started = time.monotonic()
+        deadline = started + timeout
+        if self._accepters:
+            await asyncio.wait(self._accepters, timeout=timeout)
         for aserver in self._aservers:
             aserver.close()
-        for task in (*self._accepters, *self._handshakes):
-            task.cancel()
-        deadline = time.monotonic() + timeout
         while True:
+            fresh_ok = time.monotonic() - started < DRAIN_FRESH_GRACE
             for conn in list(self.connections):
-                if conn.idle:
+                if conn.idle and not (fresh_ok and conn.fresh):
                     conn.close()
-            if not self.connections or time.monotonic() >= deadline:
+            if (not self.connections and not self._handshakes) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        for task in (*self._accepters, *self._handshakes):
+            task.cancel()
         for conn in list(self.connections):
             conn.close()
         if self._sweeper is not None:
@@ -905,6 +946,11 @@ class Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not (self._busy or self._pending or self._in_request)
+
+    @property
+    def fresh(self) -> bool:
+        """Accepted, and no request begun on it yet."""
+        return self._messages == 0
 
     def check_timeouts(self, now: float, limits: Limits) -> None:
         if self._stream is not None:

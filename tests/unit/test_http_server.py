@@ -20,7 +20,7 @@ import pytest
 import uvloop
 
 from dsproxy import client as client_mod
-from dsproxy.daemon import api
+from dsproxy.daemon import api, http
 from dsproxy.daemon.api import MAX_LEASES_PER_CONNECTION, WorkerApp
 from dsproxy.daemon.http import (
     DEFAULT_LIMITS,
@@ -311,6 +311,59 @@ def test_a_connect_burst_is_accepted_quickly(tmp_path: Path) -> None:
                 assert b"200 OK" in await loop.sock_recv(s, 4096)
             for s in socks:
                 s.close()
+
+    run(main())
+
+
+# -- draining (a reload's old workers) --------------------------------------------------------------
+
+
+def test_a_connection_accepted_before_the_drain_is_served_if_its_request_comes_late(tmp_path: Path) -> None:
+    """A client that connected just before the drain (accepted, its request not sent yet) still
+    gets its answer -- with ``connection: close`` -- instead of a closed socket (a reload's
+    fresh-connection client saw EPIPE)."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as (server, path):
+            c = await Raw.open(path)
+            while not server.connections:
+                await asyncio.sleep(0.001)
+            draining = asyncio.ensure_future(server.drain(5.0))
+            await asyncio.sleep(0.2)  # the drain has looked at its connections a few times
+            await c.send(get("/ping"))
+            status, headers, body = await c.response()
+            assert (status, headers.get("connection"), json.loads(body)) == (200, "close", {"data": {"pong": True}})
+            assert await c.closed()
+            await asyncio.wait_for(draining, 2.0)  # done once that one was answered
+
+    run(main())
+
+
+def test_a_silent_connection_holds_the_drain_for_the_grace_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (server, path):
+            c = await Raw.open(path)
+            while not server.connections:
+                await asyncio.sleep(0.001)
+            started = time.monotonic()
+            await server.drain(30.0)
+            took = time.monotonic() - started
+            assert http.DRAIN_FRESH_GRACE <= took < http.DRAIN_FRESH_GRACE + 1.0
+            assert await c.closed()
+
+    run(main())
+
+
+def test_a_served_idle_connection_is_closed_at_once_by_the_drain(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (server, path):
+            c = await Raw.open(path)
+            await c.send(get("/ping"))
+            assert (await c.response())[0] == 200
+            started = time.monotonic()
+            await server.drain(30.0)
+            assert time.monotonic() - started < http.DRAIN_FRESH_GRACE
+            assert await c.closed()
 
     run(main())
 

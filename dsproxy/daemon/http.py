@@ -548,7 +548,7 @@ class Server:
         assert self._loop is not None
         waker: asyncio.Future[None] = self._loop.create_future()
         fd = sock.fileno()
-        self._loop.add_reader(fd, lambda: waker.done() or waker.set_result(None))
+        self._loop.add_reader(fd, _wake, waker)
         self._wakers.add(waker)
         try:
             await waker
@@ -560,7 +560,7 @@ class Server:
         """Sleep ``seconds``, or until the drain begins."""
         assert self._loop is not None
         waker: asyncio.Future[None] = self._loop.create_future()
-        timer = self._loop.call_later(seconds, lambda: waker.done() or waker.set_result(None))
+        timer = self._loop.call_later(seconds, _wake, waker)
         self._wakers.add(waker)
         try:
             await waker
@@ -617,8 +617,7 @@ class Server:
         """
         self.draining = True
         for waker in list(self._wakers):
-            if not waker.done():
-                waker.set_result(None)
+            _wake(waker)
         started = time.monotonic()
         deadline = started + timeout
         if self._accepters:
@@ -639,6 +638,11 @@ class Server:
             conn.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
 
 
 class Connection(asyncio.Protocol):

@@ -45,8 +45,13 @@ reference (``/work/shared/reference/etcd.md``) lists, filled here:
   fragmenting is off, and ``revision`` is the last event's, so a resume from ``revision + 1`` can
   neither skip nor repeat an event).  After any failure the stream is re-created from that revision
   on the next endpoint (forever, with backoff: the watch never gives up); a stream that is silent
-  for ``heartbeat`` seconds is asked for a progress notification, and one that does not answer that
-  within ``timeout`` is treated as dead (a SIGSTOPped member keeps its TCP connection open).
+  for ``heartbeat`` seconds -- or sooner, when a caller knows of a revision it has not delivered
+  (:meth:`Etcd.check_watches`: the mirror after its own write) -- is asked for a progress
+  notification, and one that does not answer that within ``timeout`` is treated as dead (a
+  SIGSTOPped member keeps its TCP connection open).  A new stream must be created (etcd's first
+  reply) within ``timeout`` and every write on it has that deadline: gRPC's stream write waits
+  without bound for the call to start, and a call on a channel that another call's failover
+  closed may never start -- a watch stuck there for good was seen after a member's restart.
   Progress notifications themselves are not yielded: etcd 3.4 may send one whose revision is ahead
   of events an unsynced watcher has not been sent yet.  A compacted start revision (etcd cancels
   the watch with ``compact_revision``) makes it re-list the prefix and yield a batch with
@@ -285,6 +290,7 @@ class Etcd:
         self._closing: set[asyncio.Task[None]] = set()
         self._leases: set[Lease] = set()
         self._closed = False
+        self._poked = asyncio.Event()  # check_watches(): every watch sends a progress request now
         # What status shows: updated by every call and by the watch.
         self.connected = False
         self.disconnected_since: float | None = None
@@ -712,7 +718,8 @@ class Etcd:
             relist = False
             try:
                 create = rpc.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix), start_revision=next_revision)
-                await call.write(rpc.WatchRequest(create_request=create))
+                async with asyncio.timeout(self.timeout):  # see _replies: a stream write can wait for ever
+                    await call.write(rpc.WatchRequest(create_request=create))
                 async for reply in self._replies(call, heartbeat):
                     if reply.compact_revision:
                         relist = True
@@ -760,15 +767,38 @@ class Etcd:
             except EtcdUnavailable:
                 await asyncio.sleep(0.5)
 
+    def check_watches(self) -> None:
+        """Ask every watch stream for a progress notification now, instead of after its next
+        ``heartbeat`` of silence: one that does not answer within ``timeout`` is re-created on the
+        next endpoint.  For a caller that knows a revision exists (its own write) that the watch has
+        not delivered yet -- a stream can stay open and silent (a frozen member; gRPC cut from a
+        member it still believes connected)."""
+        self._poked.set()
+
     async def _replies(self, call: Any, heartbeat: float) -> AsyncIterator[Any]:
-        """The stream's replies; a progress request after ``heartbeat`` s of silence, _StreamEnded if
-        that is not answered within ``timeout`` (the read is never cancelled, only awaited again)."""
+        """The stream's replies.  The first (etcd's ``created``) must come within ``timeout``; after
+        ``heartbeat`` s of silence, or when :meth:`check_watches` asks, a progress request goes out,
+        and the stream is dead (_StreamEnded) if nothing answers it within ``timeout``.  Every write
+        on the stream has that deadline too: gRPC's stream write waits, unbounded, for the call's
+        start, and a call on a channel closed under it may never start.  (The read is never
+        cancelled, only awaited again.)"""
         read: asyncio.Future[Any] = asyncio.ensure_future(call.read())
+        poked = asyncio.ensure_future(self._poked.wait())
+        first = True
         try:
             while True:
-                done, _ = await asyncio.wait({read}, timeout=heartbeat)
-                if not done:
-                    await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                if first:
+                    done, _ = await asyncio.wait({read}, timeout=self.timeout)
+                    if not done:
+                        raise _StreamEnded(f"the watch was not created within {self.timeout:g} s")
+                    first = False
+                else:
+                    done, _ = await asyncio.wait({read, poked}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    self._poked.clear()
+                    poked = asyncio.ensure_future(self._poked.wait())
+                    async with asyncio.timeout(self.timeout):
+                        await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
                     done, _ = await asyncio.wait({read}, timeout=self.timeout)
                     if not done:
                         raise _StreamEnded(f"no answer to a progress request within {self.timeout:g} s")
@@ -778,6 +808,7 @@ class Etcd:
                 read = asyncio.ensure_future(call.read())
                 yield reply
         finally:
+            poked.cancel()
             if read.done() and not read.cancelled():
                 read.exception()  # retrieved: it is the stream's end, already handled or moot
             read.cancel()

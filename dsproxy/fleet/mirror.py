@@ -646,11 +646,19 @@ class Mirror:
         return txn
 
     async def wait_revision(self, revision: int, timeout: float) -> bool:
-        """Wait until the local file mirrors ``revision``; False after ``timeout``."""
+        """Wait until the local file mirrors ``revision``; False after ``timeout``.  A revision that
+        exists (this host's own write) but has not come after half the etcd timeout makes the watch
+        check its stream at once (:meth:`Etcd.check_watches`) rather than after its heartbeat."""
+        poke = self.timeout / 2
         async with self.changed:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(min(poke, timeout)):
                     await self.changed.wait_for(lambda: self.revision >= revision)
+            if self.revision < revision and timeout > poke:
+                self.etcd.check_watches()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout - poke):
+                        await self.changed.wait_for(lambda: self.revision >= revision)
         return self.revision >= revision
 
     async def wait_served(self, revision: int, timeout: float) -> list[shm.SlotInfo]:

@@ -369,6 +369,55 @@ def test_watch_resumes_without_lost_or_repeated_events(
     run(main())
 
 
+def test_check_watches_moves_a_silent_watch_off_a_frozen_member_without_waiting_for_the_heartbeat(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes
+) -> None:
+    """A writer that knows its revision exists asks the watch to check its stream: a stream on a
+    frozen member (TCP still open, nothing sent) is re-created on the next member within about
+    two deadlines, not after the heartbeat (60 s here)."""
+    frozen = etcd_cluster.follower()
+
+    async def main() -> None:
+        async with (
+            Etcd(without(etcd_cluster, frozen), timeout=0.5) as writer,
+            Etcd(starting_with(etcd_cluster, frozen), timeout=0.5) as watcher,
+        ):
+            start = await writer.revision() + 1
+            seen: list[int] = []
+
+            async def watch() -> None:
+                async for batch in watcher.watch_prefix(etcd_prefix, start, heartbeat=60):
+                    seen.extend(e.mod_revision for e in batch.events)
+
+            task = asyncio.create_task(watch())
+            try:
+                first = await writer.put(etcd_prefix + b"k", b"1")
+                await _until(lambda: first in seen, 5)
+                with etcd_cluster.frozen(frozen):
+                    second = await writer.put(etcd_prefix + b"k", b"2")
+                    await asyncio.sleep(1.0)
+                    assert second not in seen  # the frozen member's stream is silent
+                    watcher.check_watches()
+                    started = time.monotonic()
+                    await _until(lambda: second in seen, 5)
+                    took = time.monotonic() - started
+                assert took < 1.5, f"the watch took {took:.2f} s to come back"
+                assert watcher.endpoint != etcd_cluster.endpoints[frozen]
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    run(main())
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def test_one_client_shared_by_a_watch_a_lease_and_writers_survives_the_kill_of_its_member(
     etcd_cluster: EtcdCluster, etcd_prefix: bytes
 ) -> None:

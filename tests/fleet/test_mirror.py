@@ -45,15 +45,23 @@ def fleet(etcd_cluster_module: EtcdCluster, tmp_path_factory: pytest.TempPathFac
 def own_fleet(
     etcd_cluster: EtcdCluster, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Fleet]]:
-    """Hosts of this test's own (``own_fleet(size, **host_args)``), prefix /t/<test>; stopped after."""
+    """Hosts of this test's own (``own_fleet(size, **host_args)``), prefix /t/<test>; stopped after.
+
+    Their logs are printed at teardown: pytest shows them with a failing test's report."""
     prefix = "/t/" + re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60]
+    made: list[Fleet] = []
     with contextlib.ExitStack() as stack:
 
         def make(size: int = 3, **host_args: Any) -> Fleet:
-            made = stack.enter_context(Fleet(tmp_path, etcd_cluster.endpoints, prefix, size, **host_args))
-            return made.start()
+            fleet = stack.enter_context(Fleet(tmp_path, etcd_cluster.endpoints, prefix, size, **host_args))
+            made.append(fleet)
+            return fleet.start()
 
-        yield make
+        try:
+            yield make
+        finally:
+            for fleet in made:
+                print(fleet.log_text())
 
 
 def _create(host: FleetHost, name: str, **props: Any) -> Response:

@@ -64,7 +64,7 @@ from .config import (
 )
 from .config.maintenance import not_mounted_text, refusal_text
 from .config.schema import absolute_path
-from .config.splice import Regions, splice
+from .config.splice import Regions, edited_names, splice
 from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore, OutOfDescriptors
 from .fdbudget import POOL as _fds
 from .fdbudget import FdBudgetExhausted
@@ -698,21 +698,32 @@ class Registry:
         proven unchanged); None when the ring or the file does not allow it (then: full reload).
         Only the changed stores' entries are new: the others keep their instances and fds."""
         for _ in range(APPLY_TRIES):
-            changed = seg.changes_since(old.generation, gen)
-            if changed is None:
-                return None
+            told = seg.changes_since(old.generation, gen)
             text = self._read_text()
+            # a hand edit, or the ring does not tell: the stores where the texts differ (a guess,
+            # proven by the splice like the ring's names: docs/design.md §4)
+            changed = told if told is not None else edited_names(old.text, text)
+            if changed is None:
+                self._spare = text
+                return None
             spliced = splice(old.text, old.config, text, changed, old.regions)
             if spliced is not None:
                 break
-            self._spare = text
             # The file may be newer than ``gen``: the next write renamed its file after ``gen`` was
             # read, and publishes it a moment later.  With the generation that names that change,
             # and the file read again after it, this is a delta still, not a full parse of 100,000
-            # stores (1-3 s); with the same generation, the file holds what no ring entry says.
+            # stores (1-3 s); with the same generation, the file holds what no ring entry says (a
+            # hand edit right after a write): the stores where it differs are taken as changed too.
             now = seg.generation()
             if now == gen:
+                edited = edited_names(old.text, text) if told is not None else None
+                if told is not None and edited is not None and not edited <= told:
+                    spliced = splice(old.text, old.config, text, told | edited, old.regions)
+                if spliced is not None:
+                    break
+                self._spare = text
                 return None
+            self._spare = text
             gen = now
         else:
             return None

@@ -632,6 +632,18 @@ class ConfigWriter:
         seg = self._segment()
         current_gen = None if seg is None else seg.generation()
         state = self.state
+        bumped = None
+        if seg is not None and current_gen is not None:
+            # published before the manager parses the file itself (~0.8 s at 100,000 stores): the
+            # workers find what changed on their own (dsproxy.config.splice.edited_names)
+            if state.digest is not None and file_digest != state.digest and current_gen == state.generation:
+                # nobody published this change (a registry may have noticed it first: then
+                # ``expected`` no longer matches and this is not a second bump)
+                now = seg.publish([(shm.ChangeKind.EVERYTHING, "*")], expected=current_gen)
+                if now != current_gen:
+                    bumped = now
+                    log.info("datastore.cfg changed on disk: generation bumped to %d", now)
+            current_gen = seg.generation()
         try:
             self._watched = len(self._kept_of(data, file_digest).config)
             error = None
@@ -641,16 +653,6 @@ class ConfigWriter:
                 log.error("datastore.cfg was edited and does not parse; serving the last good config: %s", err)
         if error is None and state.error is not None:
             log.info("datastore.cfg parses again")
-        bumped = None
-        if seg is not None and current_gen is not None:
-            if state.digest is not None and file_digest != state.digest and current_gen == state.generation:
-                # nobody published this change (a registry may have noticed it first: then
-                # ``expected`` no longer matches and this is not a second bump)
-                now = seg.publish([(shm.ChangeKind.EVERYTHING, "*")], expected=current_gen)
-                if now != current_gen:
-                    bumped = now
-                    log.info("datastore.cfg changed on disk: generation bumped to %d", now)
-            current_gen = seg.generation()
         self.state = _FileState(signature, file_digest, current_gen, error)
         return bumped
 

@@ -29,6 +29,7 @@ import pytest
 from dsproxy import registry as registry_mod
 from dsproxy.client import Client, Response
 from dsproxy.config import MaintenanceMode, config_lock, digest, parse, read_raw, replace_file
+from dsproxy.config.splice import edited_names, splice
 from dsproxy.daemon.protocol import WORKER_HEADER
 from dsproxy.fsutil import make_store
 from dsproxy.testing.daemons import frozen
@@ -176,9 +177,19 @@ def _changes_applied(workers: dict[int, Client]) -> dict[int, int]:
     return out
 
 
+def _spliceable(before: bytes, after: bytes) -> bool:
+    """Whether a worker that loaded ``before`` applies ``after`` as a delta when the ring does not
+    name the changes (a hand edit, and the first write after one: both publish "everything"): the
+    stores where the texts differ, proven by the splice (dsproxy.registry)."""
+    old, new = b"\n" + before, b"\n" + after
+    guessed = edited_names(old, new)
+    return guessed is not None and splice(old, parse(before), new, guessed) is not None
+
+
 class _Steps:
     """The seeded steps, each checked once settled, with what each worker's ``changes-applied``
-    must have grown by: one per write it applied, except the first write after a hand edit."""
+    must have grown by: one per write it applied -- and, for a hand edit and the first write after
+    one (the ring says "everything"), one if the edited stores splice (:func:`_spliceable`)."""
 
     def __init__(self, d: Daemons, workers: dict[int, Client], writer: Client) -> None:
         self.d, self.workers, self.writer = d, workers, writer
@@ -187,7 +198,8 @@ class _Steps:
         self.gen = _settled(workers[self.first], self.first, None)
         self.applied = dict.fromkeys(workers, 0)
         self.dirty = False  # a hand edit since the last write: the next one publishes "everything"
-        self.hand_edits = self.bursts = 0
+        self.text = read_raw(d.config_file)  # what every worker loaded last
+        self.hand_edits = self.bursts = self.spliced_edits = 0
         self.kinds = dict.fromkeys(("create", "comment", "read-only", "offline", "none", "remove"), 0)
 
     def run(self) -> None:
@@ -201,6 +213,7 @@ class _Steps:
             else:
                 self.write(step, self.writer)
             self.gen = _settled(self.workers[self.first], self.first, self.gen)
+            self.text = read_raw(self.d.config_file)
             self.check()
 
     def check(self) -> None:
@@ -211,13 +224,19 @@ class _Steps:
         _hand_edit(self.d, self.rng, step)  # the manager's watch publishes it (the step settles on that)
         self.hand_edits += 1
         self.dirty = True
+        delta = _spliceable(self.text, read_raw(self.d.config_file))
+        self.spliced_edits += delta
+        for pid in self.applied:
+            self.applied[pid] += delta
 
     def write(self, step: int, via: Client, transitions: bool = True) -> None:
+        before = read_raw(self.d.config_file)
         kind, r = _api_write(via, self.rng, _configured(self.d.config_file), step, transitions)
         assert r.status == 200, (step, kind, r.status, r.body[:300])
         self.kinds[kind] += 1
+        delta = not self.dirty or _spliceable(before, read_raw(self.d.config_file))
         for pid in self.applied:
-            self.applied[pid] += 0 if self.dirty else 1
+            self.applied[pid] += delta
         self.dirty = False
 
     def burst(self, step: int) -> None:
@@ -230,7 +249,8 @@ class _Steps:
             for _ in range(self.rng.randrange(2, 5)):
                 self.write(step, first, transitions=False)  # forwarded by the worker that runs
                 gen = _settled(first, self.first, gen, alone=True)
-        self.applied[self.second] = applied + (0 if dirty else 1)
+            delta = not dirty or _spliceable(self.text, read_raw(self.d.config_file))
+        self.applied[self.second] = applied + delta
 
 
 @pytest.mark.parametrize("mode", ["delta", "discard"])
@@ -244,6 +264,7 @@ def test_every_worker_serves_a_fresh_parse_after_each_write_and_hand_edit(tmp_pa
             steps.run()
             # the seed exercises every kind
             assert steps.hand_edits >= 5 and steps.bursts >= 3 and min(steps.kinds.values()) >= 2, vars(steps)
+            assert 0 < steps.spliced_edits < steps.hand_edits, vars(steps)  # both kinds of hand edit
             after = _changes_applied(workers)
     for pid in workers:
         if discard:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dsproxy.config import Value, dump, parse
-from dsproxy.config.splice import Regions, region_start, splice
+from dsproxy.config import splice as splice_mod
+from dsproxy.config.splice import Regions, edited_names, region_start, splice
 from dsproxy.ipc import shm
 
 Kind = shm.ChangeKind
@@ -133,6 +134,58 @@ def test_a_splice_is_a_fresh_parse_or_nothing(seed: int) -> None:
         assert all(props[n] == fresh.get(n) for n in named)
     elif new_text == dump(new_cfg) and old_text == dump(old_cfg) and named == changed and old:
         pytest.fail("a canonical write the ring fully names must splice")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_stores_a_hand_edit_changed_are_found_and_proven(seed: int) -> None:
+    """What a worker does with a hand edit (the ring says "everything"): the stores where the texts
+    differ, spliced.  The answer is the fresh parse or nothing, and an edit of stores next to each
+    other in a canonical file is always found."""
+    rng = random.Random(seed)
+    names = [f"st{i:03d}" for i in range(rng.randrange(2, 40))]
+    old_cfg = _config(rng, names)
+    old_text = dump(old_cfg)
+    old = parse(old_text)
+    new_cfg = {n: dict(p) for n, p in old_cfg.items()}
+    at = rng.randrange(len(names))
+    touched = names[at : at + rng.randrange(1, 4)]
+    for name in touched:
+        op = rng.randrange(3)
+        if op == 0:
+            new_cfg[name] = {**new_cfg[name], "comment": f"hand {seed}"}
+        elif op == 1:
+            del new_cfg[name]
+        else:
+            new_cfg[name] = _props(rng, name)
+    if rng.random() < 0.3:
+        new_cfg[f"added{seed}"] = _props(rng, f"added{seed}")
+    new_text = dump(new_cfg)
+    canonical = True
+    if rng.random() < 0.3:
+        new_text, canonical = _variant(rng, new_text), False
+    a, b = b"\n" + old_text.encode(), b"\n" + new_text.encode()
+    guessed = edited_names(a, b)
+    assert guessed is not None
+    result = splice(a, old, b, guessed)
+    fresh = parse(new_text)
+    if result is not None:
+        config, _ = result
+        assert config == fresh and list(config) == list(fresh)
+    elif canonical:
+        pytest.fail(f"a canonical edit of {touched} was not found: guessed {sorted(guessed)}")
+
+
+def test_a_hand_edit_spanning_too_many_stores_is_left_to_a_full_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = {f"st{i:03d}": {"path": f"/srv/st{i:03d}"} for i in range(50)}
+    old = b"\n" + dump(cfg).encode()
+    cfg["st001"] = {"path": "/srv/st001", "comment": "first"}
+    cfg["st048"] = {"path": "/srv/st048", "comment": "last"}
+    new = b"\n" + dump(cfg).encode()
+    guessed = edited_names(old, new)
+    assert guessed is not None and {"st001", "st048"} <= guessed
+    monkeypatch.setattr(splice_mod, "EDITED_MAX", 10)
+    assert edited_names(old, new) is None
+    assert edited_names(old, old) == frozenset()
 
 
 @pytest.mark.parametrize("seed", range(30))

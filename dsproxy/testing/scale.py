@@ -203,7 +203,11 @@ async def _per_worker(sock: str, workers: int, per_worker: int) -> tuple[list[li
         conn = await AsyncConnection.open(sock)
         pid = (await conn.request("GET", PING)).headers.get(WORKER_HEADER, "?")
         group = by_pid.setdefault(pid, [])
-        (group if len(group) < per_worker else spare).append(conn)
+        if len(group) < per_worker:
+            group.append(conn)
+        else:  # a worker busy for a moment (a full reload, a collection) leaves every accept to the
+            spare.append(conn)  # other: give it the time to come back (seen once at 100,000 stores)
+            await asyncio.sleep(0.02)
         if len(by_pid) == workers and all(len(g) == per_worker for g in by_pid.values()):
             return list(by_pid.values()), spare
     for conn in [c for g in by_pid.values() for c in g] + spare:

@@ -607,10 +607,10 @@ class Server:
         """Stop accepting, let in-flight requests finish, close idle connections; then close all.
 
         What was accepted is served: the accept loops stop at their next turn (they are woken,
-        not cancelled), TLS handshakes under way finish (within their own timeout), and a
+        not cancelled), TLS handshakes under way get :data:`DRAIN_FRESH_GRACE` to finish, and a
         connection that has not sent its first request yet -- a client that connected just
-        before the drain, its request on the way -- gets :data:`DRAIN_FRESH_GRACE` to send it
-        (answered with ``connection: close``) before it is closed as idle.  Closing it at once
+        before the drain, its request on the way -- gets as long to send it (answered with
+        ``connection: close``) before it is closed as idle.  Closing it at once
         was a failed request for each client that connected as a reload began (EPIPE, or a
         TLS handshake cut off).  A keep-alive connection that has been answered and is idle is
         closed at once: its client must expect that of any keep-alive connection.
@@ -626,6 +626,9 @@ class Server:
             aserver.close()
         while True:
             fresh_ok = time.monotonic() - started < DRAIN_FRESH_GRACE
+            if not fresh_ok:  # a client that never says hello does not hold the drain either
+                for task in list(self._handshakes):
+                    task.cancel()
             for conn in list(self.connections):
                 if conn.idle and not (fresh_ok and conn.fresh):
                     conn.close()

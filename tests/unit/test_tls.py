@@ -19,7 +19,7 @@ import pytest
 import uvloop
 
 from dsproxy import cli
-from dsproxy.daemon import options, tls
+from dsproxy.daemon import http, options, tls
 from dsproxy.daemon.http import HTTPError, Limits, Request, Router, Server, bind_tcp, data_reply
 
 FINGERPRINT = re.compile(r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
@@ -199,6 +199,33 @@ def test_a_client_that_never_says_hello_is_dropped(tls_server: TLSServer, tmp_pa
     with _client(tls_server, tmp_path / "proxy.pem") as s:  # the server still answers others
         s.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         assert _read_all(s).startswith(b"HTTP/1.1 200")
+
+
+def test_a_drain_finishes_a_handshake_under_way_and_drops_a_silent_client_after_the_grace(tmp_path: Path) -> None:
+    """A reload's old worker: a client that connected just before it (its hello on the way) is
+    served; one that never says hello holds the drain for the grace only, not the 30 s handshake
+    timeout."""
+    files, _ = tls.ensure_self_signed(tmp_path)
+    server = TLSServer(files, Limits(request_timeout=30.0))
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    late = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        time.sleep(0.2)  # both accepted, their handshakes waiting for a hello
+        started = time.monotonic()
+        draining = asyncio.run_coroutine_threadsafe(server.server.drain(30.0), server.loop)
+        time.sleep(0.2)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "proxy.pem"))
+        with ctx.wrap_socket(late, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = _read_all(s)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+        draining.result(10)
+        took = time.monotonic() - started
+        assert http.DRAIN_FRESH_GRACE <= took < http.DRAIN_FRESH_GRACE + 2.0, took
+        assert silent.recv(1) == b""  # dropped
+    finally:
+        silent.close()
+        server.close()
 
 
 def test_tcp_is_never_served_without_a_gate(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ import gc
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -90,6 +91,8 @@ POLL: Final = 0.005  # seconds between looks at the workers' slots while they ca
 #: three host keys) and raised the txn's p50 from ~2 to 3-9 ms with 3 hosts
 LAZY_REPORT: Final = 1.0
 KEEP_INTERVAL: Final = 0.25  # seconds between looks at the link to etcd and the lease
+#: lease TTLs after another manager's last put of this host's key during which writes stay refused
+DUPLICATE_HOLD: Final = 3
 
 
 def waits(mode: MaintenanceMode | None) -> bool:
@@ -291,6 +294,10 @@ class Mirror:
         self.reported: dict[str, Any] | None = None  # the last value put
         self.poke = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        # Another manager running with this host id: (when its put was seen (monotonic), its pid)
+        self.instance = secrets.token_hex(8)  # in every put of the host key: which manager wrote it
+        self.duplicate: tuple[float, int | None] | None = None
+        self._duplicates_logged: set[str] = set()
 
     @property
     def state(self) -> MirrorState:
@@ -431,12 +438,46 @@ class Mirror:
                 continue
             host = _name(self.hosts_key, event.key)
             if host == self.host_id:
+                if event.kind == "put":
+                    self._own_key_put(event.value)
                 continue
             if event.kind == "delete":
                 self.hosts.pop(host, None)
                 continue
             state = decode_host(host, KV(event.key, event.value, event.mod_revision, 0))
             self._host_seen(state)
+
+    def _own_key_put(self, value: bytes) -> None:
+        """A put of this host's key: ours, or another live manager's with the same ``--host-id``
+        (a crashed predecessor's key is never put again).  Two managers reporting as one host would
+        let a transition elsewhere count one host's revision for the other's: this host refuses
+        config writes while the other one puts (:data:`DUPLICATE_HOLD` lease TTLs after its last)."""
+        try:
+            data = json.loads(value)
+            instance, pid = str(data.get("instance")), data.get("pid")
+        except (ValueError, TypeError, AttributeError):
+            instance, pid = "?", None
+        if instance == self.instance:
+            return
+        self.duplicate = (time.monotonic(), pid if isinstance(pid, int) else None)
+        if instance not in self._duplicates_logged:
+            self._duplicates_logged.add(instance)
+            log.error(
+                "fleet: another manager (pid %s, on its own host) also runs as host '%s' -- its key %s is "
+                "written by both; give each host its own --host-id.  Config writes are refused here while it runs",
+                pid, self.host_id, self.key.decode(),
+            )  # fmt: skip
+            self.reported = None  # put ours once more: the other one learns of us too (once per instance)
+            self.poke.set()
+
+    def _duplicate_message(self) -> str | None:
+        seen = self.duplicate
+        if seen is None or time.monotonic() - seen[0] > DUPLICATE_HOLD * self.lease_ttl:
+            return None
+        return (
+            f"fleet: another manager (pid {seen[1] if seen[1] is not None else '?'}) also runs as host "
+            f"'{self.host_id}'; give each host its own --host-id (config writes are refused here meanwhile)"
+        )
 
     def _hosts_seen(self, kvs: list[KV]) -> None:
         for kv in kvs:
@@ -534,6 +575,7 @@ class Mirror:
             "asking": sorted(self.asking),
             "connected_since": self.connected_since,
             "pid": os.getpid(),
+            "instance": self.instance,
             "version": HOST_KEY_VERSION,
         }
         previous = self.reported
@@ -612,6 +654,9 @@ class Mirror:
             raise FleetRefused(503, "fleet: etcd has not been read yet; config writes are refused until it is")
         if state.fenced is not None:
             raise FleetRefused(503, f"fleet: this host is fenced ({state.fenced}); config writes are refused")
+        duplicate = self._duplicate_message()
+        if duplicate is not None:
+            raise FleetRefused(503, duplicate)
 
     async def commit(self, write: FleetWrite) -> Txn:
         """The transaction of a validated write; then wait until the mirror here applied it."""
@@ -751,6 +796,7 @@ class Mirror:
             "disconnected-since": self.etcd.disconnected_since,
             "fenced": state.fenced,
             "hand-edits-refused": state.hand_edits,
+            "duplicate-host-id": self._duplicate_message(),
             "hosts": {h.host: h.revision for h in self.hosts.values()},
         }
 

@@ -118,8 +118,9 @@ class Fleet:
     ) -> None:
         self.hosts = []
         for i in range(size):
-            args = {"endpoints": endpoints, **host_args, **(per_host[i] if i < len(per_host) else {})}
-            self.hosts.append(FleetHost(base / f"host{i}", prefix=prefix, host_id=f"host{i}", **args))
+            own = per_host[i] if i < len(per_host) else {}
+            args = {"host_id": f"host{i}", "endpoints": endpoints, **host_args, **own}
+            self.hosts.append(FleetHost(base / f"host{i}", prefix=prefix, **args))
 
     def start(self) -> Fleet:
         try:

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,23 @@ def test_a_cold_host_sizes_its_store_table_for_the_prefix_before_it_answers_and_
         wait_for(lambda: host.log_text(100_000).count("warm: ") == 2, 20.0, what="both workers warm")
     finally:
         host.stop()
+
+
+def test_two_managers_with_one_host_id_refuse_writes_and_say_why(
+    own_fleet: Callable[..., Fleet], etcd_cluster: EtcdCluster
+) -> None:
+    """A copied unit file: two managers run as ``host0``.  Each sees the other's puts of its key
+    and refuses config writes, naming the problem, instead of letting transitions elsewhere count
+    one's revision for the other's."""
+    a, b = own_fleet(2, per_host=[{}, {"host_id": "host0"}]).hosts
+    said = "give each host its own --host-id"
+    for host in (a, b):
+        wait_for(partial(_said, host, said), 10, what=f"{host.base.name}'s manager to notice")
+        refused = _create(host, "dup2")
+        assert refused.status == 503
+        assert f"also runs as host 'host0'; {said}" in refused.json()["message"]
+    assert "dup2" not in a.datastores()
+
+
+def _said(host: FleetHost, text: str) -> bool:
+    return text in host.log_text()

@@ -703,27 +703,24 @@ class Registry:
             # a hand edit, or the ring does not tell: the stores where the texts differ (a guess,
             # proven by the splice like the ring's names: docs/design.md §4)
             changed = told if told is not None else edited_names(old.text, text)
-            if changed is None:
-                self._spare = text
-                return None
-            spliced = splice(old.text, old.config, text, changed, old.regions)
+            spliced = None if changed is None else splice(old.text, old.config, text, changed, old.regions)
+            if spliced is None:
+                # The file may be newer than ``gen``: the next write renamed its file after ``gen``
+                # was read, and publishes it a moment later.  With the generation that names that
+                # change, and the file read again after it, this is a delta still, not a full parse
+                # of 100,000 stores (1-3 s); with the same generation, the file holds what no ring
+                # entry says (a hand edit right after a write): the stores where it differs are
+                # taken as changed too.
+                now = seg.generation()
+                if told is not None and now == gen:
+                    edited = edited_names(old.text, text)
+                    if edited is not None and not edited <= told:
+                        spliced = splice(old.text, old.config, text, told | edited, old.regions)
             if spliced is not None:
                 break
-            # The file may be newer than ``gen``: the next write renamed its file after ``gen`` was
-            # read, and publishes it a moment later.  With the generation that names that change,
-            # and the file read again after it, this is a delta still, not a full parse of 100,000
-            # stores (1-3 s); with the same generation, the file holds what no ring entry says (a
-            # hand edit right after a write): the stores where it differs are taken as changed too.
-            now = seg.generation()
-            if now == gen:
-                edited = edited_names(old.text, text) if told is not None else None
-                if told is not None and edited is not None and not edited <= told:
-                    spliced = splice(old.text, old.config, text, told | edited, old.regions)
-                if spliced is not None:
-                    break
-                self._spare = text
-                return None
             self._spare = text
+            if changed is None or now == gen:
+                return None
             gen = now
         else:
             return None

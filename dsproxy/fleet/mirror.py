@@ -695,16 +695,18 @@ class Mirror:
         exists (this host's own write) but has not come after half the etcd timeout makes the watch
         check its stream at once (:meth:`Etcd.check_watches`) rather than after its heartbeat."""
         poke = self.timeout / 2
-        async with self.changed:
+
+        async def until(seconds: float) -> bool:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(poke, timeout)):
+                async with asyncio.timeout(seconds):
                     await self.changed.wait_for(lambda: self.revision >= revision)
-            if self.revision < revision and timeout > poke:
-                self.etcd.check_watches()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout - poke):
-                        await self.changed.wait_for(lambda: self.revision >= revision)
-        return self.revision >= revision
+            return self.revision >= revision
+
+        async with self.changed:
+            if await until(min(poke, timeout)) or timeout <= poke:
+                return self.revision >= revision
+            self.etcd.check_watches()
+            return await until(timeout - poke)
 
     async def wait_served(self, revision: int, timeout: float) -> list[shm.SlotInfo]:
         """Wait until every serving process here has loaded a generation of ``revision`` or later;
@@ -783,22 +785,6 @@ class Mirror:
         put = await self.etcd.put(self.key, json.dumps(value, sort_keys=True).encode(), lease=lease.id)
         self.reported = value
         return put
-
-    # -- status ---------------------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        state = self.state
-        return {
-            "host": self.host_id,
-            "revision": self.revision,
-            "connected": self.etcd.connected,
-            "endpoint": self.etcd.endpoint,
-            "disconnected-since": self.etcd.disconnected_since,
-            "fenced": state.fenced,
-            "hand-edits-refused": state.hand_edits,
-            "duplicate-host-id": self._duplicate_message(),
-            "hosts": {h.host: h.revision for h in self.hosts.values()},
-        }
 
 
 def _counts(writer: ConfigWriter, names: list[str]) -> dict[str, tuple[int, int]]:

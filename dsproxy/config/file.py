@@ -94,7 +94,7 @@ def replace_file(
     group: int | None = None,
     *,
     sync: bool = True,
-) -> None:
+) -> tuple[int, int, int]:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync);
     ``data`` may be a list of buffers, written in order (:func:`dsproxy.fsutil.write_all`).
     ``sync=False`` leaves out both fsyncs (still temp file + rename: a reader never sees a torn
@@ -104,6 +104,9 @@ def replace_file(
     Every step works from one fd of the directory: the temp file is new (``O_EXCL|O_NOFOLLOW``,
     an unpredictable name), its mode and group are set on its fd, and the rename and the fsync
     are of that same directory even if its path is swapped meanwhile.
+
+    Returns the new file's stamp, ``(inode, size, mtime ns)``, from the temp file's fd once it is
+    written (what the manager's file record names: :mod:`dsproxy.ipc.shm`, "The file record").
     """
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."
@@ -113,14 +116,14 @@ def replace_file(
     except OSError as err:
         raise WriteError(f'writing "{target}" failed: cannot open its directory: {err.strerror}') from None
     try:
-        _replace_in(dir_fd, name, data, mode, group, target, sync)
+        return _replace_in(dir_fd, name, data, mode, group, target, sync)
     finally:
         os.close(dir_fd)
 
 
 def _replace_in(
     dir_fd: int, name: str, data: bytes | list[bytes], mode: int, group: int | None, target: str, sync: bool = True
-) -> None:
+) -> tuple[int, int, int]:
     try:
         fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o600)
     except OSError as err:
@@ -133,6 +136,7 @@ def _replace_in(
                 os.fchown(fd, -1, group)
             if sync:
                 os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -140,13 +144,15 @@ def _replace_in(
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
     if not sync:
-        return
+        return stamp
     try:
         os.fsync(dir_fd)
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.EROFS):
             raise WriteError(f'writing "{target}" failed: fsync of directory: {err.strerror}') from None
+    return stamp
 
 
 def update_config(

@@ -215,6 +215,84 @@ def region_end(text: bytes | bytearray, start: int) -> int:
     return len(text) if blank < 0 else blank + 1
 
 
+#: the most bytes :func:`patch` takes between the shared start and end (else: the read and compare)
+PATCH_MAX: Final = 1 << 20
+
+
+def _split(window: bytes) -> list[tuple[str, int, int]] | None:
+    """``window`` (whole regions) as ``(name, start, end)`` per region, or None if it is not
+    regions of one section each (a blank line too many, a comment, a name that is not UTF-8)."""
+    out = []
+    at = 0
+    while at < len(window):
+        eol = window.find(b"\n", at + 1)
+        if eol < 0 or not window.startswith(_HEADER, at):
+            return None
+        end = region_end(window, at)
+        try:
+            out.append((window[at + len(_HEADER) : eol].decode(), at, end))
+        except UnicodeDecodeError:
+            return None
+        at = end
+    return out
+
+
+def patch(
+    text: bytearray, old: SectionConfig, start: int, end: int, middle: bytes, regions: Regions | None = None
+) -> dict[str, dict[str, Value] | None] | None:
+    """Make ``text`` (``parse``'d as ``old``; with the virtual leading ``"\\n"``) the new file,
+    ``text[:start] + middle + text[end:]``, with ``old`` updated to its parse -- both in place --
+    and return, per store that changed, its new properties (None: removed); or None, with both
+    untouched, when the change is not one this can prove (then the caller reads the whole file).
+
+    The caller knows that the rest of the file is unchanged (the manager's file record,
+    :mod:`dsproxy.ipc.shm`); what is proven here is the part that changed, widened to whole
+    regions on both sides: each region of the new part parses alone to exactly one store, every
+    one of the old part is the store the config has, the stores kept appear in the same order,
+    and stores that are new come after them at the end of the file (where :func:`parse` puts
+    them in the mapping) and are not defined elsewhere.  Cost: the regions around the change
+    parsed, and a ``memmove`` of the text after it (~0.2 ms for 7 MB) -- no read of the file.
+    """
+    if old.duplicates or not old or not 0 < start <= end <= len(text):
+        return None
+    lo = text.rfind(b"\n" + _HEADER, 0, start + len(_HEADER) + 1) + 1  # the region the change starts in
+    hi = region_end(text, max(end - 1, lo))  # the end of the region it ends in
+    old_part = bytes(text[lo:hi])
+    new_part = bytes(text[lo:start]) + middle + bytes(text[end:hi])
+    at_end = hi == len(text)
+    if not (at_end or new_part.endswith(b"\n")):
+        return None  # the next region would not start after a line end
+    olds, news = _split(old_part), _split(new_part)
+    if olds is None or news is None:
+        return None
+    old_names = [name for name, _, _ in olds]
+    was = set(old_names)
+    found: _Found = {}
+    for name, a, b in news:
+        props = _section(new_part[a:b], name)
+        if props is None or name in found:
+            return None
+        found[name] = (0, props, b - a)
+    kept = [name for name in found if name in was]
+    if kept != [name for name in old_names if name in found]:
+        return None  # reordered
+    added = [name for name in found if name not in was]
+    if added and (not at_end or list(found)[len(kept) :] != added or any(name in old for name in added)):
+        return None  # a store new here that parse() would put elsewhere, or a second definition
+    for name, a, b in olds:
+        if name not in old or _section(old_part[a:b], name) != old[name]:
+            return None
+    changed: dict[str, dict[str, Value] | None] = {name: None for name in old_names if name not in found}
+    changed.update((name, props) for name, (_, props, _) in found.items() if old.get(name) != props)
+    cuts = [(lo + a, lo + b, name) for name, a, b in olds]
+    in_place = set(kept)
+    if regions is not None:
+        regions.spliced(cuts, found, in_place)
+    _merged(old, cuts, found, set(), in_place)
+    text[start:end] = middle
+    return changed
+
+
 def _section(text: bytes, name: str) -> dict[str, Value] | None:
     """The properties of ``name`` if ``text`` (one region) parses to exactly that store, else None."""
     try:

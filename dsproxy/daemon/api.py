@@ -534,6 +534,8 @@ class WorkerApp:
             "instances": len(reg.instances),
             # the answering worker's: loads that applied the ring's per-store changes (issue 9)
             "changes-applied": reg.changes_applied,
+            # ... of which read only the changed bytes of the file (the manager's file record)
+            "changes-patched": reg.changes_patched,
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),

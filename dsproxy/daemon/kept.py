@@ -52,8 +52,9 @@ from ..config import PropertyError, SectionConfig, Value, digest, parse
 from ..config.file import reparse
 from ..config.schema import format_value
 from ..config.section import SECTION_SEPARATOR, SECTION_TYPE, render_section
+from ..config.splice import common_prefix, common_suffix
 from ..fsutil import components
-from ..ipc.shm import ChangeKind
+from ..ipc.shm import ChangeKind, Stamp
 
 _SEPARATOR = SECTION_SEPARATOR.encode()
 
@@ -178,6 +179,9 @@ class KeptConfig:
         #: SHA-256 of the kept bytes before each block (once a write hashed them: from that write's
         #: first changed block on, the next write hashes only what follows its own first change)
         self.states: list[Any] = []
+        #: the stamp of the file this manager wrote from these blocks (its bytes are exactly
+        #: :meth:`pieces`), or None: read from a file, which need not be canonical
+        self.stamp: Stamp | None = None
 
     @property
     def paths(self) -> PathIndex:
@@ -239,9 +243,34 @@ class KeptConfig:
             return _hashed(pending.pieces, states[first], first)
         return _hashed(pending.pieces, hashlib.sha256(), 0)
 
-    def commit(self, pending: PendingWrite, hashed: Hashed) -> None:
-        """Make the kept state what ``pending`` wrote (hashed as ``hashed``): O(changed) and the
-        blocks' list."""
+    def window(self, pending: PendingWrite) -> tuple[int, int]:
+        """How many bytes at the start and at the end the file of ``pending`` shares with the kept
+        one (:meth:`pieces`; before :meth:`commit`): what the file record tells the workers.
+
+        The pieces the two have in common are the same objects (an unchanged block's bytes, the
+        one separator), so the walk from either end compares identities, then the bytes of the
+        first piece that differs (one block, ~36 KB): a few us."""
+        old, new = self.pieces(), pending.pieces
+        old_size = sum(map(len, old))
+        limit = min(old_size, pending.size)
+        prefix = i = 0
+        while i < len(old) and i < len(new) and old[i] is new[i]:
+            prefix += len(old[i])
+            i += 1
+        if i < len(old) and i < len(new):
+            prefix += common_prefix(old[i], new[i])
+        prefix = min(prefix, limit)
+        suffix, j = 0, 1
+        while j <= len(old) - i and j <= len(new) - i and old[-j] is new[-j]:
+            suffix += len(old[-j])
+            j += 1
+        if j <= len(old) and j <= len(new):
+            suffix += common_suffix(old[-j], new[-j], min(len(old[-j]), len(new[-j])))
+        return prefix, min(suffix, limit - prefix)
+
+    def commit(self, pending: PendingWrite, hashed: Hashed, stamp: Stamp | None = None) -> None:
+        """Make the kept state what ``pending`` wrote (hashed as ``hashed``; the file's ``stamp``
+        if it is known to hold exactly these bytes): O(changed) and the blocks' list."""
         config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
         paths = self._paths  # (None: built from the config when first needed)
         for name, section in pending.sections.items():
@@ -268,6 +297,7 @@ class KeptConfig:
             self.blocks = [block for block in self.blocks if block.names]
         self.states = [*self.states[: hashed.first], *hashed.states]
         self.digest = hashed.digest
+        self.stamp = stamp
 
 
 class _Edit:

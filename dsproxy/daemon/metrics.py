@@ -49,6 +49,13 @@ class _SlotCollector(Collector):
         )
         applied.add_metric([str(os.getpid())], float(reg.changes_applied))
         yield applied
+        patched = CounterMetricFamily(
+            "dsproxy_worker_changes_patched",
+            "Of those, loads that read only the changed bytes of the file (the manager's file record)",
+            labels=["pid"],
+        )
+        patched.add_metric([str(os.getpid())], float(reg.changes_patched))
+        yield patched
         lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])

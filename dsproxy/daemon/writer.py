@@ -221,10 +221,12 @@ class ConfigWriter:
 
     # -- publishing ---------------------------------------------------------------------------------
 
-    def _publish(self, records: list[tuple[shm.ChangeKind, str]]) -> int | None:
+    def _publish(
+        self, records: list[tuple[shm.ChangeKind, str]], file: tuple[shm.Stamp, shm.Stamp, int, int] | None = None
+    ) -> int | None:
         seg = self._segment()
         revision = None if self.mirror is None else self.mirror.revision
-        return None if seg is None else seg.publish(records, revision=revision)
+        return None if seg is None else seg.publish(records, revision=revision, file=file)
 
     def _write(
         self,
@@ -249,16 +251,24 @@ class ConfigWriter:
                     return kept.digest, self._unchanged(kept)
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 hashing = self._hasher.submit(kept.hash, pending)  # meanwhile: write and fsync
+                # what the workers need not read again: the file record (shm, "The file record"),
+                # when the file replaced is one this manager wrote from the kept blocks
+                previous = None if reread else kept.stamp
+                window = kept.window(pending) if previous is not None else None
                 with self._replaced_later():
                     # fleet mode: etcd is the durable copy, the file is synced later (sync_mirror)
-                    replace_file(self.config_file, pending.pieces, sync=self.mirror is None)
+                    stamp = replace_file(self.config_file, pending.pieces, sync=self.mirror is None)
                     self._unsynced = self.mirror is not None
                     signature = _stat_signature(self.config_file)
                     if signature is None or signature[1] != pending.size:  # replaced meanwhile
                         signature = None  # the next write reads the file
-                    kept.commit(pending, hashing.result())
+                    kept.commit(pending, hashing.result(), stamp if signature is not None else None)
                     # publish after write; a file changed by hand since the last write: everyone reloads
-                    gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")] if reread else pending.records)
+                    if reread:
+                        gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
+                    else:
+                        told = None if previous is None or window is None else (stamp, previous, *window)
+                        gen = self._publish(pending.records, told)
         except ParseError as err:
             self.state.error = str(err)
             raise UnparsableFile(
@@ -797,8 +807,8 @@ class ConfigWriter:
         try:
             with config_lock(self.lock_file):
                 pending = kept.prepare(changes, str(self.config_file), verified)
-                replace_file(self.config_file, pending.pieces)
-                kept.commit(pending, kept.hash(pending))
+                stamp = replace_file(self.config_file, pending.pieces)
+                kept.commit(pending, kept.hash(pending), stamp)
                 self.kept = kept
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:

@@ -3,7 +3,9 @@ and registries (the workers' views), compared with a fresh parse of the file aft
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +119,8 @@ def test_every_view_is_a_fresh_parse_after_random_writes_and_hand_edits(
             assert read_raw(paths.config_file) == dump(parse(read_raw(paths.config_file))).encode() or op < 0.08
         if not registry_mod.DISCARD_CACHES:
             assert all(reg.changes_applied > 20 for reg in registries)  # the ring was used, mostly
+            # and mostly without reading the file: the manager's file record said what changed
+            assert all(reg.changes_patched > 35 for reg in registries), [r.changes_patched for r in registries]
     finally:
         for reg in registries:
             reg.close()
@@ -297,12 +301,12 @@ def test_a_file_renamed_before_its_generation_is_published_is_still_a_delta(
         reg.refresh()
         w.update("first", {"comment": "published"})
         held: list[list[tuple[shm.ChangeKind, str]]] = []
-        monkeypatch.setattr(w, "_publish", lambda records: held.append(records))
+        monkeypatch.setattr(w, "_publish", lambda records, file=None: held.append(records))
         w.update("third", {"comment": "renamed, not yet published"})
         monkeypatch.undo()
         read_text = reg._read_text
 
-        def read_then_publish() -> bytearray:  # the manager publishes right after the worker's read
+        def read_then_publish() -> tuple[bytearray, shm.Stamp | None]:  # published right after the read
             text = read_text()
             while held:
                 assert manager.seg is not None
@@ -314,6 +318,8 @@ def test_a_file_renamed_before_its_generation_is_published_is_still_a_delta(
         reg.refresh()
         if not registry_mod.DISCARD_CACHES:  # (which makes every load a full one)
             assert reg.changes_applied == applied + 1  # a delta, not a full parse
+        else:  # a full load serves the generation read before the file: the next one catches up
+            reg.refresh()
         assert manager.seg is not None and reg.loaded_generation == manager.seg.generation()
         _assert_views(paths, [reg])
     finally:
@@ -356,5 +362,45 @@ def test_a_change_after_the_ttl_ran_out_is_applied_as_a_delta_and_a_hand_edit_be
         config = reg.config()[0]
         assert config["ttl01"]["comment"] == "published" and config["ttl03"]["comment"] == "edited by hand"
         _assert_views(paths, [reg])
+    finally:
+        reg.close()
+
+
+def test_a_hand_edit_in_place_after_a_write_is_read_not_patched(paths: Paths, manager: _Manager) -> None:
+    """A worker reads only the changed bytes when the file is the one the manager's record names;
+    a file edited in place after that write (same inode, another mtime) is read and compared
+    instead, so the hand edit is served with the write -- and writes after it patch again."""
+    w = manager.writer
+    for i in range(20):
+        w.create({"name": f"ip{i:02d}"})
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir)
+    try:
+        reg.refresh()
+        w.update("ip05", {"comment": "patched"})
+        patched = reg.changes_patched
+        assert reg.refresh()
+        _assert_views(paths, [reg])
+        if not registry_mod.DISCARD_CACHES:
+            assert reg.changes_patched == patched + 1
+        w.update("ip07", {"comment": "written"})
+        with open(paths.config_file, "r+b") as f:  # in place, same size: only the mtime tells
+            data = f.read()
+            f.seek(data.index(b"\tcomment patched"))
+            f.write(b"\tcomment by-hand")
+        os.utime(paths.config_file, ns=(time.time_ns(), time.time_ns() + 10_000_000))  # past the write's tick
+        patched = reg.changes_patched
+        assert reg.refresh()
+        _assert_views(paths, [reg])
+        assert reg.config()[0]["ip05"]["comment"] == "by-hand" and reg.config()[0]["ip07"]["comment"] == "written"
+        assert reg.changes_patched == patched
+        w.check_file()  # the watch publishes the hand edit
+        reg.refresh()
+        w.update("ip09", {"comment": "first after the edit"})  # (the file was not the manager's: read)
+        reg.refresh()
+        w.update("ip10", {"comment": "second"})
+        reg.refresh()
+        _assert_views(paths, [reg])
+        if not registry_mod.DISCARD_CACHES:
+            assert reg.changes_patched == patched + 1
     finally:
         reg.close()

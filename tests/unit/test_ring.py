@@ -236,3 +236,143 @@ def test_a_file_whose_regions_are_not_one_store_each_gets_no_index() -> None:
         b"\n\ndatastore: aaa\n\tpath /a\n",  # a blank line first
     ):
         assert Regions.of(odd, parse(odd)) is None
+
+
+def _shared(a: bytes, b: bytes) -> tuple[int, int]:
+    prefix = 0
+    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return prefix, suffix
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_a_patch_is_a_fresh_parse_or_nothing(seed: int) -> None:
+    """What a worker does with the manager's file record: the bytes between a shared start and a
+    shared end put into its copy.  Whatever the two texts (a canonical write, a hand edit, an odd
+    layout) and however much of the shared start and end the record claims, the result is the
+    fresh parse of the new text, byte for byte in the copy -- or nothing, copy and config untouched.
+    Canonical writes (updates in place, removes, creates at the end) are always patched."""
+    rng = random.Random(seed)
+    names = [f"st{i:03d}" for i in range(rng.randrange(1, 30))]
+    old_cfg = _config(rng, names)
+    old_text = dump(old_cfg)
+    odd = rng.random() < 0.15
+    if odd:
+        old_text = _variant(rng, old_text)
+    new_cfg = {n: dict(p) for n, p in old_cfg.items()}
+    for _ in range(rng.randrange(1, 4)):
+        op = rng.randrange(3)
+        if op == 0:
+            name = f"new{rng.randrange(100)}"
+            if name not in new_cfg:
+                new_cfg[name] = _props(rng, name)
+        elif op == 1 and new_cfg:
+            name = rng.choice(list(new_cfg))
+            new_cfg[name] = _props(rng, name)
+        elif len(new_cfg) > 1:
+            del new_cfg[rng.choice(list(new_cfg))]
+    items = list(new_cfg.items())
+    if items and rng.random() < 0.3:  # what only a hand edit does: a store created or moved mid-file
+        odd = True
+        moved = (
+            (f"mid{seed}", _props(rng, f"mid{seed}")) if rng.random() < 0.5 else items.pop(rng.randrange(len(items)))
+        )
+        items.insert(rng.randrange(len(items) + 1), moved)
+        new_cfg = dict(items)
+    new_text = dump(new_cfg)
+    if items and rng.random() < 0.1:  # ... or a store defined twice
+        odd = True
+        name, props = rng.choice(items)
+        new_text += "\n" + dump({name: {**props, "comment": "twice"}})
+    if rng.random() < 0.15:
+        new_text, odd = _variant(rng, new_text), True
+    old_b, new_b = b"\n" + old_text.encode(), b"\n" + new_text.encode()
+    prefix, suffix = _shared(old_b[1:], new_b[1:])
+    if rng.random() < 0.3:  # a record may claim less than is shared (the manager's block-wise walk)
+        prefix = rng.randrange(prefix + 1)
+        suffix = rng.randrange(suffix + 1)
+    text = bytearray(old_b)
+    old = parse(old_text)
+    before = dict(old)
+    start, end = 1 + prefix, len(text) - suffix
+    changed = splice_mod.patch(text, old, start, end, new_b[1 + prefix : len(new_b) - suffix])
+    if changed is None:
+        assert bytes(text) == old_b and old == before and list(old) == list(before)
+        assert odd or not old_cfg, "a canonical write must patch"
+        return
+    fresh = parse(new_text)
+    assert bytes(text) == new_b
+    assert old == fresh and list(old) == list(fresh) and not fresh.duplicates
+    assert {n: fresh.get(n) for n in changed} == changed
+    assert all(before.get(n) == fresh.get(n) for n in set(before) | set(fresh) if n not in changed)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_manager_tells_what_a_write_shares_with_the_file_before(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window a write's file record names: the file before and after really share that many
+    bytes at the start and the end, and the patch it leads to is the write -- through a chain of
+    writes with blocks filled, emptied and added."""
+    from dsproxy.daemon import kept as kept_mod
+    from dsproxy.daemon.kept import KeptConfig
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(kept_mod, "BLOCK_SECTIONS", rng.choice([1, 3, 256]))
+    cfg = _config(rng, [f"st{i:03d}" for i in range(rng.randrange(1, 30))])
+    kept = KeptConfig.read(dump(cfg).encode(), "datastore.cfg")
+    text = bytearray(b"\n" + kept.joined())
+    config = parse(bytes(text))
+    regions = Regions.of(text, config)
+    for serial in range(15):
+        changes: list[tuple[str, dict[str, Value] | None]] = []
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(3)
+            live = [n for n in kept.config if all(n != c for c, _ in changes)]
+            if op == 0 or not live:
+                changes.append((f"new{serial}x{len(changes)}", {"path": f"/srv/n{serial}x{len(changes)}"}))
+            elif op == 1:
+                name = rng.choice(live)
+                changes.append((name, {**kept.config[name], "comment": f"c{serial}"}))
+            elif len(live) > 1:
+                changes.append((rng.choice(live), None))
+        pending = kept.prepare(changes, "datastore.cfg")
+        before, after = kept.joined(), pending.data
+        prefix, suffix = kept.window(pending)
+        assert before[:prefix] == after[:prefix] and prefix + suffix <= min(len(before), len(after))
+        assert before[len(before) - suffix :] == after[len(after) - suffix :]
+        kept.commit(pending, kept.hash(pending))
+        middle = after[prefix : len(after) - suffix]
+        assert splice_mod.patch(text, config, 1 + prefix, len(text) - suffix, middle, regions) is not None
+        assert bytes(text) == b"\n" + after
+        fresh = parse(after)
+        assert config == fresh and list(config) == list(fresh)
+        assert regions is not None and {n: regions.offset(n) for n in fresh} == {
+            n: region_start(text, n) for n in fresh
+        }
+
+
+def test_the_file_record_is_read_back_or_not_at_all(seg: shm.Segment) -> None:
+    """The manager's file record comes back as written with its generation; torn or garbage words
+    read as no record (a worker then reads the whole file), and a publish without one leaves the
+    record naming the older generation."""
+    assert seg.file_record() is None  # never written
+    new, old = (11, 5000, 1_700_000_000_000_000_000), (10, 4900, 1_699_999_999_000_000_000)
+    g1 = seg.publish([(Kind.UPDATED, "alpha")], file=(new, old, 1200, 3000))
+    assert seg.file_record() == shm.FileRecord(g1, new, old, 1200, 3000)
+    g2 = seg.publish([(Kind.UPDATED, "beta")])
+    record = seg.file_record()
+    assert record is not None and record.generation == g1 != g2
+    base = shm.OFF_FILE // 8
+    for word, value in (
+        (shm.FILE_SEQ, 7),  # odd: being written (and never finished)
+        (shm.FILE_NEW + 1, 2**40),  # a size past the limit
+        (shm.FILE_PREFIX, 4901),  # more shared than the old file holds
+        (shm.FILE_OLD, 2**63),
+    ):
+        saved = seg.words[base + word]
+        seg.words[base + word] = value
+        assert seg.file_record() is None, word
+        seg.words[base + word] = saved
+    assert seg.file_record() is not None

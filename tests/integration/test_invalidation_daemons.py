@@ -13,8 +13,10 @@ granted or refused as the file says.
 The ring must also have been used: each worker's ``changes-applied`` (node status) grows by one
 for every load that applied per-store changes -- every API write except the first after a hand
 edit (which the manager publishes as "everything", having re-read the file), and one per burst
-for the frozen worker.  Under ``DSPROXY_DEBUG_DISCARD_CACHES=1`` every load is a full one and
-the count stays 0.
+for the frozen worker.  Its ``changes-patched`` grows by one for every write that followed one of
+the manager's own writes (not a hand edit) and that it applied alone (not the frozen worker's
+catch-up): the manager's file record let it read only the changed bytes.  Under
+``DSPROXY_DEBUG_DISCARD_CACHES=1`` every load is a full one and both counts stay 0.
 """
 
 from __future__ import annotations
@@ -166,14 +168,16 @@ def _sample(config_file: Path, rng: random.Random) -> list[str]:
     return maintained + rng.sample(others, min(4, len(others)))
 
 
-def _changes_applied(workers: dict[int, Client]) -> dict[int, int]:
-    """Each worker's ``changes-applied``; checked against its ``/metrics`` figure."""
+def _changes_applied(workers: dict[int, Client]) -> dict[int, tuple[int, int]]:
+    """Each worker's ``changes-applied`` and ``changes-patched``; checked against its ``/metrics``."""
     out = {}
     for pid, c in workers.items():
-        applied = _ask(c, pid, f"{API}/nodes/localhost/status").data["changes-applied"]
+        status = _ask(c, pid, f"{API}/nodes/localhost/status").data
+        applied, patched = status["changes-applied"], status["changes-patched"]
         metrics = _ask(c, pid, "/metrics").body.decode()
         assert f'dsproxy_worker_changes_applied_total{{pid="{pid}"}} {float(applied)}' in metrics
-        out[pid] = applied
+        assert f'dsproxy_worker_changes_patched_total{{pid="{pid}"}} {float(patched)}' in metrics
+        out[pid] = (applied, patched)
     return out
 
 
@@ -197,9 +201,14 @@ class _Steps:
         self.first, self.second = sorted(workers)
         self.gen = _settled(workers[self.first], self.first, None)
         self.applied = dict.fromkeys(workers, 0)
+        self.patched = dict.fromkeys(workers, 0)  # ... of which patched in (the manager's file record)
         self.dirty = False  # a hand edit since the last write: the next one publishes "everything"
+        #: the file is the manager's last write (so the next one says how it changed): at first, the
+        #: demo stores' creation
+        self.stamped = True
         self.text = read_raw(d.config_file)  # what every worker loaded last
         self.hand_edits = self.bursts = self.spliced_edits = 0
+        self.frozen: int | None = None
         self.kinds = dict.fromkeys(("create", "comment", "read-only", "offline", "none", "remove"), 0)
 
     def run(self) -> None:
@@ -224,6 +233,7 @@ class _Steps:
         _hand_edit(self.d, self.rng, step)  # the manager's watch publishes it (the step settles on that)
         self.hand_edits += 1
         self.dirty = True
+        self.stamped = False
         delta = _spliceable(self.text, read_raw(self.d.config_file))
         self.spliced_edits += delta
         for pid in self.applied:
@@ -237,7 +247,9 @@ class _Steps:
         delta = not self.dirty or _spliceable(before, read_raw(self.d.config_file))
         for pid in self.applied:
             self.applied[pid] += delta
+            self.patched[pid] += self.stamped and pid != self.frozen
         self.dirty = False
+        self.stamped = True
 
     def burst(self, step: int) -> None:
         """A few writes while the second worker is frozen: it catches up on all of them in one load
@@ -245,11 +257,13 @@ class _Steps:
         self.bursts += 1
         dirty, applied = self.dirty, self.applied[self.second]
         first, gen = self.workers[self.first], self.gen  # (the step settles after the burst)
+        self.frozen = self.second  # (it catches up on several generations: no record says how)
         with frozen(self.second):
             for _ in range(self.rng.randrange(2, 5)):
                 self.write(step, first, transitions=False)  # forwarded by the worker that runs
                 gen = _settled(first, self.first, gen, alone=True)
             delta = not dirty or _spliceable(self.text, read_raw(self.d.config_file))
+        self.frozen = None
         self.applied[self.second] = applied + delta
 
 
@@ -267,7 +281,9 @@ def test_every_worker_serves_a_fresh_parse_after_each_write_and_hand_edit(tmp_pa
             assert 0 < steps.spliced_edits < steps.hand_edits, vars(steps)  # both kinds of hand edit
             after = _changes_applied(workers)
     for pid in workers:
+        (applied, patched), (applied0, patched0) = after[pid], before[pid]
         if discard:
-            assert after[pid] == 0
-        else:  # the ring was used for every write it could be
-            assert after[pid] - before[pid] == steps.applied[pid], (pid, before, after, steps.applied)
+            assert after[pid] == (0, 0)
+        else:  # the ring was used for every write it could be, and the file record for most
+            assert applied - applied0 == steps.applied[pid], (pid, before, after, steps.applied)
+            assert patched - patched0 == steps.patched[pid], (pid, before, after, steps.patched)

@@ -168,7 +168,7 @@ class KeptConfig:
     ) -> None:
         self.config = config  # typed, in file order; read-only for callers
         self.texts = texts  # canonical text of each section, same order
-        self.digest = file_digest  # of the file on disk (which need not be canonical after a read)
+        self._digest: str | None = file_digest  # of the file on disk (not canonical after a read); see digest
         self._paths = paths  # built on first use (a create's nesting check): ~0.3 s at 100,000 stores
         names = list(texts)
         self.blocks = [
@@ -182,6 +182,29 @@ class KeptConfig:
         #: the stamp of the file this manager wrote from these blocks (its bytes are exactly
         #: :meth:`pieces`), or None: read from a file, which need not be canonical
         self.stamp: Stamp | None = None
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the file: given at :meth:`read`, hashed by the writer beside each local write
+        (:meth:`hash`), or -- after a :meth:`commit` without one (fleet mode: no fsync to hash
+        beside, and a watch batch at 100,000 stores then paid ~5 ms of a core for a digest nobody
+        asked for, on each host) -- computed when first asked, from the last block whose hash
+        state is still kept (the watch's next pass asks: one hash for a burst of writes)."""
+        if self._digest is None:
+            pieces, states = self.pieces(), self.states
+            first = len(states) - 1
+            if first >= 0 and 2 * first < len(pieces):
+                hashed = _hashed(pieces, states[first], first)
+            else:
+                hashed = _hashed(pieces, hashlib.sha256(), 0)
+            self.states = [*states[: hashed.first], *hashed.states]
+            self._digest = hashed.digest
+        return self._digest
+
+    @property
+    def digested(self) -> bool:
+        """Whether :attr:`digest` is known without hashing."""
+        return self._digest is not None
 
     @property
     def paths(self) -> PathIndex:
@@ -268,9 +291,10 @@ class KeptConfig:
             suffix += common_suffix(old[-j], new[-j], min(len(old[-j]), len(new[-j])))
         return prefix, min(suffix, limit - prefix)
 
-    def commit(self, pending: PendingWrite, hashed: Hashed, stamp: Stamp | None = None) -> None:
-        """Make the kept state what ``pending`` wrote (hashed as ``hashed``; the file's ``stamp``
-        if it is known to hold exactly these bytes): O(changed) and the blocks' list."""
+    def commit(self, pending: PendingWrite, hashed: Hashed | None, stamp: Stamp | None = None) -> None:
+        """Make the kept state what ``pending`` wrote (hashed as ``hashed``, or None: the digest is
+        computed when asked; the file's ``stamp`` if it is known to hold exactly these bytes):
+        O(changed) and the blocks' list."""
         config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
         paths = self._paths  # (None: built from the config when first needed)
         for name, section in pending.sections.items():
@@ -295,8 +319,12 @@ class KeptConfig:
         self.blocks.extend(pending.new_blocks)
         if any(not block.names for block in pending.blocks):
             self.blocks = [block for block in self.blocks if block.names]
-        self.states = [*self.states[: hashed.first], *hashed.states]
-        self.digest = hashed.digest
+        if hashed is None:
+            self.states = self.states[: pending.first + 1]  # the bytes before the first change are the same
+            self._digest = None
+        else:
+            self.states = [*self.states[: hashed.first], *hashed.states]
+            self._digest = hashed.digest
         self.stamp = stamp
 
 

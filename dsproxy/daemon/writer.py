@@ -163,12 +163,38 @@ class FleetWrite:
     layout: _Layout | None = None
 
 
-@dataclass
 class _FileState:
-    signature: tuple[int, int, int, int] | None = None  # (ino, size, mtime_ns, ctime_ns)
-    digest: str | None = None
-    generation: int | None = None
-    error: str | None = None
+    """What the writer last saw of the file: its stat signature (ino, size, mtime_ns, ctime_ns),
+    its digest -- or the kept config that was written, whose digest is hashed when first asked
+    (:attr:`KeptConfig.digest`) -- the generation that published it, and its parse error."""
+
+    __slots__ = ("_digest", "error", "generation", "kept", "signature")
+
+    def __init__(
+        self,
+        signature: tuple[int, int, int, int] | None = None,
+        digest: str | None = None,
+        generation: int | None = None,
+        error: str | None = None,
+        kept: KeptConfig | None = None,
+    ) -> None:
+        self.signature, self._digest, self.kept = signature, digest, kept
+        self.generation, self.error = generation, error
+
+    @property
+    def digest(self) -> str | None:
+        if self._digest is None and self.kept is not None:
+            self._digest = self.kept.digest
+        return self._digest
+
+    @property
+    def known(self) -> bool:
+        """Whether the digest is known (or can be hashed from the kept config)."""
+        return self._digest is not None or self.kept is not None
+
+    def describes(self, kept: KeptConfig) -> bool:
+        """Whether the file as seen is ``kept`` (the one written last, or the same digest)."""
+        return self.kept is kept or (self.known and self.digest == kept.digest)
 
 
 def _stat_signature(path: Path) -> tuple[int, int, int, int] | None:
@@ -233,9 +259,10 @@ class ConfigWriter:
         plan: Callable[[SectionConfig], list[Change]],
         expected_digest: str | None,
         verified: dict[str, bytes] | None = None,
-    ) -> tuple[str, int | None]:
+    ) -> tuple[KeptConfig, int | None]:
         """One locked write in O(changed) (:mod:`dsproxy.daemon.kept`): ``plan`` gets the current
-        config (read-only) and returns the changes; returns ``(new digest, generation)``.
+        config (read-only) and returns the changes; returns ``(the kept config written, generation)``
+        (its digest: :attr:`KeptConfig.digest`, hashed when first asked in fleet mode).
 
         In fleet mode a plan without changes writes nothing (the generation stays), and the
         publish names the mirror's revision in the fleet record; :attr:`_reread` tells the plan
@@ -248,9 +275,10 @@ class ConfigWriter:
                     raise DigestMismatch()
                 changes = plan(kept.config)
                 if not changes and self.mirror is not None:
-                    return kept.digest, self._unchanged(kept)
+                    return kept, self._unchanged(kept)
                 pending = kept.prepare(changes, str(self.config_file), verified)
-                hashing = self._hasher.submit(kept.hash, pending)  # meanwhile: write and fsync
+                # meanwhile: write and fsync (fleet mode: no fsync to hash beside -- hashed when asked)
+                hashing = self._hasher.submit(kept.hash, pending) if self.mirror is None else None
                 # what the workers need not read again: the file record (shm, "The file record"),
                 # when the file replaced is one this manager wrote from the kept blocks
                 previous = None if reread else kept.stamp
@@ -262,7 +290,8 @@ class ConfigWriter:
                     signature = _stat_signature(self.config_file)
                     if signature is None or signature[1] != pending.size:  # replaced meanwhile
                         signature = None  # the next write reads the file
-                    kept.commit(pending, hashing.result(), stamp if signature is not None else None)
+                    hashed = None if hashing is None else hashing.result()
+                    kept.commit(pending, hashed, stamp if signature is not None else None)
                     # publish after write; a file changed by hand since the last write: everyone reloads
                     if reread:
                         gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
@@ -276,8 +305,8 @@ class ConfigWriter:
             ) from None
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
-        self.state = _FileState(signature, kept.digest, gen, None)
-        return kept.digest, gen
+        self.state = _FileState(signature, None, gen, None, kept)
+        return kept, gen
 
     def _unchanged(self, kept: KeptConfig) -> int | None:
         """A fleet write that changes nothing: the file (as kept) mirrors the new revision too."""
@@ -329,7 +358,7 @@ class ConfigWriter:
         changes one); otherwise it is read and its digest compared, as before.
         """
         kept, state = self.kept, self.state
-        trusted = kept is not None and state.digest == kept.digest and state.signature is not None
+        trusted = kept is not None and state.signature is not None and state.describes(kept)
         if trusted and _stat_signature(self.config_file) == state.signature:
             assert kept is not None
             return kept, False
@@ -361,7 +390,7 @@ class ConfigWriter:
         next write; until then its count is stale, and a store-table move sized by it would be
         too small -- and repeated on every check, since the names come back at once)."""
         kept = self.kept
-        if kept is not None and (self._watched is None or self.state.digest == kept.digest):
+        if kept is not None and (self._watched is None or self.state.describes(kept)):
             return len(kept.config)
         return self._watched
 
@@ -407,14 +436,14 @@ class ConfigWriter:
             return [(name, typed)]
 
         try:
-            new_digest, gen = self._write(plan, body.get("digest"))
+            written, gen = self._write(plan, body.get("digest"))
         except BaseException:
             _remove_created(layout)
             raise
         finally:
             self._finish(layout)
         log.info("created datastore '%s' at %s (generation %s)", name, path, gen)
-        return WriteResult(gen, new_digest, name)
+        return WriteResult(gen, written.digest, name)
 
     def _lay_out(self, layout: _Layout) -> None:
         """Create the store directory (missing, or an existing empty one), ``.chunks`` and ``.lock``.
@@ -565,9 +594,9 @@ class ConfigWriter:
             typed, maintenance = self._updated(name, cfg.get(name), props, delete)
             return [(name, typed)]
 
-        new_digest, gen = self._write(plan, body.get("digest"))
+        written, gen = self._write(plan, body.get("digest"))
         log.info("updated datastore '%s' (generation %s)", name, gen)
-        return WriteResult(gen, new_digest, name, maintenance=maintenance)
+        return WriteResult(gen, written.digest, name, maintenance=maintenance)
 
     # -- remove ---------------------------------------------------------------------------------------
 
@@ -585,9 +614,9 @@ class ConfigWriter:
             self._check_idle(name)
             return [(name, None)]
 
-        new_digest, gen = self._write(plan, expected_digest)
+        written, gen = self._write(plan, expected_digest)
         log.info("removed datastore '%s' from the configuration (generation %s); its data stays", name, gen)
-        return WriteResult(gen, new_digest, name)
+        return WriteResult(gen, written.digest, name)
 
     # -- demo stores ----------------------------------------------------------------------------------
 
@@ -635,7 +664,7 @@ class ConfigWriter:
             self.sync_mirror(CLOSE_AFTER)
             return self._check_mirrored_file()
         signature = _stat_signature(self.config_file)
-        if signature == self.state.signature and self.state.digest is not None:
+        if signature == self.state.signature and self.state.known:
             return None
         data = read_raw(self.config_file)
         file_digest = digest(data)
@@ -834,9 +863,9 @@ class ConfigWriter:
         """The watch in fleet mode: a file changed by hand is restored (whole: publish everything)."""
         signature = _stat_signature(self.config_file)
         state = self.state
-        if signature == state.signature and state.digest is not None:
+        if signature == state.signature and state.known:
             return None
-        if state.digest is not None and digest(read_raw(self.config_file)) == state.digest:
+        if state.known and digest(read_raw(self.config_file)) == state.digest:
             self.state = _FileState(signature, state.digest, state.generation, None)  # touched, not changed
             return None
         return self._sync(None)

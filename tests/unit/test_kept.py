@@ -58,13 +58,22 @@ def test_a_write_is_the_full_dump_of_the_new_config(seed: int, monkeypatch: pyte
         assert kept.joined() == before and kept.texts == texts  # nothing changes before the commit
         assert pending.data == dump(expected).encode()
         assert {name for _, name in pending.records} == {name for name, _ in changes}
-        hashed = kept.hash(pending)
-        assert hashed.digest == digest(pending.data)  # hashed from the first change on
-        kept.commit(pending, hashed)
-        assert kept.digest == hashed.digest
+        if rng.random() < 0.4:  # fleet mode: no hash beside the write, the digest when asked
+            kept.commit(pending, None)
+            assert not kept.digested
+            if rng.random() < 0.5:  # (asked now, or after more writes)
+                assert kept.digest == digest(pending.data) and kept.digested
+        else:
+            hashed = kept.hash(pending)
+            assert hashed.digest == digest(pending.data)  # hashed from the first change on
+            kept.commit(pending, hashed)
+            assert kept.digest == hashed.digest
+        if rng.random() < 0.3:
+            assert kept.digest == digest(pending.data)
         assert kept.config == parse(pending.data) and list(kept.config) == list(expected)
         assert kept.joined() == pending.data and pending.size == len(pending.data)
         assert list(kept.texts) == list(expected)
+    assert kept.digest == digest(kept.joined())
 
 
 def test_a_hand_edited_file_is_written_canonically_from_the_first_change() -> None:

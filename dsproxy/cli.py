@@ -228,7 +228,11 @@ def _add_fleet_commands(command: Any) -> None:
     etcd_options(a)
     a.add_argument("--config", metavar="FILE", help="file to import (default: the instance's datastore.cfg)")
     a.set_defaults(func=cmd_fleet_import)
-    a = action("status", "every host of the fleet: the etcd revision it serves and its lag")
+    a = action(
+        "status",
+        "every host of the fleet: the etcd revision it serves, its lag (revisions to the newest datastore "
+        "change) and how many stores changed after it (behind)",
+    )
     etcd_options(a)
     a.add_argument("--json", action="store_true", help="print the raw JSON")
     a.set_defaults(func=cmd_fleet_status)
@@ -677,12 +681,15 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         return 0
     base = hosts_prefix(args.etcd_prefix).decode()
     s = "" if len(status.hosts) == 1 else "s"
-    print(f"etcd revision {status.revision} ({status.endpoint}), {len(status.hosts)} host{s} under {base}")
-    columns = ["host", "revision", "lag", "workers", "last update"]
+    print(
+        f"etcd revision {status.revision} ({status.endpoint}), {len(status.hosts)} host{s} under {base}; "
+        f"{len(status.changes)} datastores, the newest change at revision {status.newest_change}"
+    )
+    columns = ["host", "revision", "lag", "behind", "workers", "last update"]
     rows: list[list[str]] = []
     for host in status.hosts:
-        h = host.as_json(status.revision)
-        served = (_show(h.get(k)) for k in ("revision", "lag", "workers"))
+        h = host.as_json(status.changes)
+        served = (_show(h.get(k)) for k in ("revision", "lag", "behind", "workers"))
         rows.append([host.id, *served, _ago(h.get("updated"), host.mod_revision)])
     if any(host.error for host in status.hosts):
         columns.append("error")

@@ -480,17 +480,25 @@ class Manager:
         log.debug("fleet write by uid %d pid %d: etcd revision %d", client.uid, client.pid, txn.revision)
         return fleet, write, txn.revision
 
-    def _fleet_reply(self, name: str, revision: int, extra: dict[str, Any] | None = None) -> Reply:
+    async def _fleet_reply(self, name: str, revision: int, extra: dict[str, Any] | None = None) -> Reply:
+        """A fleet write's answer, with the file's digest -- hashed in the writer thread if no one
+        asked since the last mirror write (:attr:`KeptConfig.digest`: the hosts that did not take
+        the request do not hash at all), not on this loop (~5-10 ms at 100,000 stores)."""
+        generation, file_digest = await self.in_writer(self._file_now)
+        data = {"name": name, "generation": generation, "revision": revision, **(extra or {})}
+        return data_reply(data, digest=file_digest)
+
+    def _file_now(self) -> tuple[int | None, str | None]:
+        """(Writer thread.)  The generation and digest of the file as last written."""
         kept = self.writer.kept
-        data = {"name": name, "generation": self.writer.state.generation, "revision": revision, **(extra or {})}
-        return data_reply(data, digest=None if kept is None else kept.digest)
+        return self.writer.state.generation, None if kept is None else kept.digest
 
     async def fleet_update(self, request: Request, name: str) -> Reply:
         from ..fleet.mirror import waits
 
         fleet, write, revision = await self._fleet_write(request, self.writer.fleet_update, name, request.json())
         if not waits(write.maintenance):
-            return self._fleet_reply(name, revision)
+            return await self._fleet_reply(name, revision)
         timeout = self.options.maintenance_timeout
         lagging, others = await asyncio.gather(
             fleet.wait_served(revision, timeout), fleet.transition(name, revision, timeout)
@@ -501,7 +509,7 @@ class Manager:
                 "maintenance of '%s': %d processes here had not loaded etcd revision %d after %.0f s: %s",
                 name, len(lagging), revision, timeout, ", ".join(str(s.pid) for s in lagging),
             )  # fmt: skip
-        return self._fleet_reply(
+        return await self._fleet_reply(
             name,
             revision,
             {
@@ -523,7 +531,7 @@ class Manager:
     async def create(self, request: Request) -> Reply:
         if self.fleet is not None:
             _, write, revision = await self._fleet_write(request, self.writer.fleet_create, request.json())
-            return self._fleet_reply(write.name, revision)
+            return await self._fleet_reply(write.name, revision)
         result = await self._do(request, self.writer.create, request.json())
         return data_reply({"name": result.name, "generation": result.generation}, digest=result.digest)
 
@@ -544,7 +552,7 @@ class Manager:
         expected = query.get("digest") or request.json().get("digest")
         if self.fleet is not None:
             _, _, revision = await self._fleet_write(request, self.writer.fleet_remove, name, expected)
-            return self._fleet_reply(name, revision)
+            return await self._fleet_reply(name, revision)
         result = await self._do(request, self.writer.remove, name, expected)
         return data_reply({"name": name, "generation": result.generation}, digest=result.digest)
 

@@ -9,15 +9,20 @@
   key another client created in between -- then the keys of the txns before it are written, and
   the result says how many.  Keys of other stores already under the prefix are no conflict.
 * :func:`fleet_status` reads ``PREFIX/hosts/*`` and the current revision in one Range: each host's
-  JSON (written by its manager on a lease, so a host that is gone for a TTL is gone from the list)
-  with ``lag`` = current revision - the revision the host serves.  The current revision counts
-  every write under etcd, the hosts' own key refreshes included, so a busy fleet in sync shows a
-  small non-zero lag; a lag that grows is a host that stopped following.  A host key whose value is
-  not the expected JSON is listed with an ``error``, never skipped.
+  JSON (written by its manager on a lease, so a host that is gone for a TTL is gone from the list),
+  and the datastore keys without their values at that same revision (a keys-only Range: ~3 MB at
+  100,000 stores).  A host's ``lag`` is what it has not applied of the *configuration*: the
+  revisions from the one it serves to the newest datastore change (0 when in sync, however many
+  host-key refreshes came since -- the current revision counts those too), and ``behind`` the
+  stores changed after the revision it serves (created or updated; a delete leaves no key to read,
+  so a host that missed only removes shows ``behind`` 0 with a non-zero ``lag`` only if a later
+  change exists).  A host key whose value is not the expected JSON is listed with an ``error``,
+  never skipped.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,13 +81,17 @@ class HostState:
         value = self.data.get("revision")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    def as_json(self, current: int) -> dict[str, Any]:
+    def as_json(self, changes: list[int]) -> dict[str, Any]:
+        """The host's fields, with ``lag`` and ``behind`` against ``changes``: every datastore key's
+        mod_revision, sorted."""
         served = self.revision
+        newest = changes[-1] if changes else 0
         return {
             **self.data,
             "id": self.id,
             "key-revision": self.mod_revision,
-            "lag": None if served is None else current - served,
+            "lag": None if served is None else max(0, newest - served),
+            "behind": None if served is None else len(changes) - bisect.bisect_right(changes, served),
             **({"error": self.error} if self.error else {}),
         }
 
@@ -92,12 +101,20 @@ class FleetStatus:
     revision: int
     hosts: list[HostState]
     endpoint: str
+    changes: list[int] = field(default_factory=list)  #: every datastore key's mod_revision, sorted
+
+    @property
+    def newest_change(self) -> int:
+        """The revision of the newest datastore create or update (0: none)."""
+        return self.changes[-1] if self.changes else 0
 
     def as_json(self) -> dict[str, Any]:
         return {
             "revision": self.revision,
+            "datastore-revision": self.newest_change,
+            "datastores": len(self.changes),
             "endpoint": self.endpoint,
-            "hosts": [h.as_json(self.revision) for h in self.hosts],
+            "hosts": [h.as_json(self.changes) for h in self.hosts],
         }
 
 
@@ -116,7 +133,10 @@ def _host(base: bytes, kv: KV) -> HostState:
 
 
 async def fleet_status(etcd: Etcd, prefix: str) -> FleetStatus:
-    """Every host key under ``PREFIX/hosts/`` and the current revision, from one read."""
+    """Every host key under ``PREFIX/hosts/`` and the current revision, and the datastore keys'
+    mod_revisions at that revision (two reads, one revision)."""
     base = hosts_prefix(prefix)
     revision, kvs = await etcd.get_prefix(base)
-    return FleetStatus(revision, [_host(base, kv) for kv in kvs], etcd.endpoint)
+    _, stores = await etcd.get_prefix(datastores_prefix(prefix), revision=revision, keys_only=True)
+    changes = sorted(kv.mod_revision for kv in stores)
+    return FleetStatus(revision, [_host(base, kv) for kv in kvs], etcd.endpoint, changes)

@@ -125,33 +125,40 @@ def test_status_shows_every_host_with_its_lag(
 ) -> None:
     hosts = etcd_prefix + b"hosts/"
 
-    async def register(etcd: Etcd) -> int:
-        current = await etcd.revision()
+    stores = etcd_prefix + b"datastores/"
+
+    async def register(etcd: Etcd) -> tuple[int, int]:
+        for name in ("s1", "s2", "s3"):  # three datastore changes: s1, s2, s3 in that order
+            await etcd.put(stores + name.encode(), f"datastore: {name}\n\tpath /srv/{name}\n".encode())
+        newest = await etcd.revision()
         now = time.time()
-        for name, revision, workers in (("host-a", current, 4), ("host-b", current - 1, 2)):
+        # host-a serves the newest change, host-b misses s3, host-d misses s2 and s3
+        for name, revision, workers in (("host-a", newest, 4), ("host-b", newest - 1, 2), ("host-d", newest - 2, 1)):
             state = {"host": name, "revision": revision, "generation": 7, "workers": workers, "active": {},
                      "connected_since": now, "pid": 123, "version": 1, "updated": now}  # fmt: skip
             await etcd.put(hosts + name.encode(), json.dumps(state).encode())
         await etcd.put(hosts + b"host-c", b"{not json")
-        return await etcd.revision()
+        return newest, await etcd.revision()
 
-    current = etcd_call(etcd_cluster, register)
+    newest, current = etcd_call(etcd_cluster, register)
     assert cli.main(fleet(etcd_cluster, etcd_prefix, "status", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["revision"] == current
+    assert data["revision"] == current and data["datastore-revision"] == newest and data["datastores"] == 3
     by_id = {h["id"]: h for h in data["hosts"]}
-    assert sorted(by_id) == ["host-a", "host-b", "host-c"]
-    assert by_id["host-a"]["lag"] == current - by_id["host-a"]["revision"]
-    assert by_id["host-b"]["lag"] == by_id["host-a"]["lag"] + 1
+    assert sorted(by_id) == ["host-a", "host-b", "host-c", "host-d"]
+    # the hosts' own key puts since the newest change are no lag
+    assert (by_id["host-a"]["lag"], by_id["host-a"]["behind"]) == (0, 0) and current > newest
+    assert (by_id["host-b"]["lag"], by_id["host-b"]["behind"]) == (1, 1)
+    assert (by_id["host-d"]["lag"], by_id["host-d"]["behind"]) == (2, 2)
     assert by_id["host-a"]["workers"] == 4 and "not JSON" in by_id["host-c"]["error"]
 
     assert cli.main(fleet(etcd_cluster, etcd_prefix, "status")) == 0
     out = capsys.readouterr().out
-    assert f"etcd revision {current}" in out and "3 hosts" in out
+    assert f"etcd revision {current}" in out and "4 hosts" in out and f"newest change at revision {newest}" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
-    assert lines["host-a"][1:4] == [str(by_id["host-a"]["revision"]), str(by_id["host-a"]["lag"]), "4"]
-    assert lines["host-b"][2:7] == [str(by_id["host-b"]["lag"]), "2", lines["host-b"][4], "s", "ago"]
-    assert lines["host-c"][1:6] == ["-", "-", "-", "at", "revision"] and "JSON" in out.split("host-c")[1]
+    assert lines["host-a"][1:5] == [str(newest), "0", "0", "4"]
+    assert lines["host-b"][2:8] == ["1", "1", "2", lines["host-b"][5], "s", "ago"]
+    assert lines["host-c"][1:7] == ["-", "-", "-", "-", "at", "revision"] and "JSON" in out.split("host-c")[1]
 
 
 def test_status_of_an_empty_fleet_and_of_an_unreachable_etcd(etcd_cluster: EtcdCluster, etcd_prefix: bytes) -> None:

@@ -211,8 +211,11 @@ def _add_fleet_commands(command: Any) -> None:
             "--etcd",
             default="127.0.0.1:2379",
             metavar="ENDPOINT[,ENDPOINT...]",
-            help="etcd members, host:port or http://host:port (default 127.0.0.1:2379)",
+            help="etcd members, host:port, http://host:port or https://host:port (default 127.0.0.1:2379)",
         )
+        a.add_argument("--etcd-cacert", metavar="FILE", help="TLS: CA certificates (PEM) that verify the members")
+        a.add_argument("--etcd-cert", metavar="FILE", help="TLS: this client's certificate (PEM)")
+        a.add_argument("--etcd-key", metavar="FILE", help="TLS: the private key of --etcd-cert (PEM)")
         a.add_argument(
             "--etcd-prefix", default="/dsproxy", metavar="PREFIX", help="key prefix of the fleet (default /dsproxy)"
         )
@@ -608,12 +611,21 @@ def _fleet(args: argparse.Namespace, work: Any) -> Any:
     import asyncio
     import logging
 
+    from .fleet import tls
     from .fleet.etcd import Etcd, EtcdError
 
     logging.getLogger("dsproxy.fleet").addHandler(logging.NullHandler())  # errors are printed once, below
 
+    endpoints = [e for e in args.etcd.split(",") if e.strip()]
+    files = (args.etcd_cacert, args.etcd_cert, args.etcd_key)
     try:
-        etcd = Etcd([e for e in args.etcd.split(",") if e.strip()], timeout=args.etcd_timeout)
+        secure = tls.load(*files) if tls.wanted(endpoints, any(f is not None for f in files)) else None
+    except tls.TLSFileError as err:
+        raise CommandError(str(err)) from None
+    except ValueError as err:
+        raise CommandError(f"--etcd: {err}") from None
+    try:
+        etcd = Etcd(endpoints, timeout=args.etcd_timeout, tls=secure)
     except ValueError as err:
         raise CommandError(f"--etcd: {err}") from None
 

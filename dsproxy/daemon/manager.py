@@ -61,6 +61,7 @@ from .writer import ConfigWriter, FleetWrite, WriteRefused, WriteResult
 
 if TYPE_CHECKING:
     from ..fleet.mirror import Mirror
+    from ..fleet.tls import EtcdTLS
 
 log = logging.getLogger("dsproxy.manager")
 
@@ -243,6 +244,7 @@ class Manager:
 
         options = self.options
         assert options.etcd
+        tls = etcd_tls(options)
         self.fleet = Mirror(
             self.writer,
             self.in_writer,
@@ -254,9 +256,13 @@ class Manager:
             fencing=options.fleet_fencing,
             timeout=options.etcd_timeout,
             maintenance_timeout=options.maintenance_timeout,
+            tls=tls,
         )
         etcd = ",".join(options.etcd)
-        log.info("fleet mode: host '%s', etcd %s, prefix %s", self.fleet.host_id, etcd, options.etcd_prefix)
+        secured = "" if tls is None else f" over TLS ({', '.join(tls.subjects) or 'the system trust store'})"
+        log.info(
+            "fleet mode: host '%s', etcd %s%s, prefix %s", self.fleet.host_id, etcd, secured, options.etcd_prefix
+        )
         await self.fleet.start()
         # the store table for what the first read mirrored, before anyone serves it: a host that
         # starts with an empty file has a table of 65,536 entries, and its workers loading 100,000
@@ -600,9 +606,29 @@ def _configured_estimate(config_file: os.PathLike[str] | str) -> int:
         return 0
 
 
+def etcd_tls(options: ManagerOptions) -> EtcdTLS | None:
+    """TLS to etcd as the options ask (:mod:`dsproxy.fleet.tls`): None for plain text; ValueError
+    (a :class:`~dsproxy.fleet.tls.TLSFileError` for a file) naming what is wrong."""
+    from ..fleet import tls
+
+    files = (options.etcd_cacert, options.etcd_cert, options.etcd_key)
+    if not tls.wanted(options.etcd or (), any(f is not None for f in files)):
+        return None
+    return tls.load(*files)
+
+
 def main(options: ManagerOptions) -> int:
     systemd.setup_logging("dsproxy-manager")
     limits.raise_soft_limit()  # a create lays out stores; the proxy master reports the store need
+    if options.etcd:
+        try:
+            etcd_tls(options)  # a wrong file is a start failure naming it, not a handshake failing forever
+        except ValueError as err:
+            log.error("%s", err)
+            return EXIT_BOOT_FAILURE
+    elif any(f is not None for f in (options.etcd_cacert, options.etcd_cert, options.etcd_key)):
+        log.error("--etcd-cacert/--etcd-cert/--etcd-key are for fleet mode: give --etcd too")
+        return EXIT_BOOT_FAILURE
     try:
         manager = Manager(options)
     except KeyError as err:

@@ -90,17 +90,20 @@ def endpoint(text: str) -> Endpoint:
 
 
 def etcd_endpoints(text: str) -> tuple[str, ...]:
-    """``HOST:PORT[,HOST:PORT...]`` (each may start with ``http://``) -> the endpoints, in order."""
+    """``HOST:PORT[,HOST:PORT...]`` (each may start with ``http://`` or ``https://``) -> the endpoints,
+    in order (``https://`` kept: it asks for TLS, see :mod:`dsproxy.fleet.tls`)."""
     out = []
     for item in text.split(","):
         item = item.strip()
-        bare = item.removeprefix("http://")
-        if bare.startswith("https://"):
-            raise argparse.ArgumentTypeError(f"'{item}': TLS to etcd is not supported; give http://HOST:PORT")
+        secure = item.startswith("https://")
+        bare = item.removeprefix("https://").removeprefix("http://")
         if not bare:
             raise argparse.ArgumentTypeError(f"'{text}': an empty etcd endpoint (give HOST:PORT[,HOST:PORT...])")
         endpoint(bare)  # the same rules as --listen: a usage error naming the item
-        out.append(bare)
+        out.append("https://" + bare if secure else bare)
+    plain = any(item.strip().startswith("http://") for item in text.split(","))
+    if plain and any(e.startswith("https://") for e in out):
+        raise argparse.ArgumentTypeError(f"'{text}': http:// and https:// mixed: give all of them one way")
     return tuple(out)
 
 
@@ -253,6 +256,18 @@ FLEET_FENCING = Setting(
 ETCD_TIMEOUT = Setting(
     "etcd_timeout", 2.0, "deadline of each etcd call (per endpoint)", "manager", positive_float, "S"
 )  # fmt: skip
+ETCD_CACERT = Setting[str | None](
+    "etcd_cacert", None, "TLS to etcd: CA certificates (PEM) that verify the members", "manager", metavar="FILE",
+    doc="TLS to etcd: the CA certificates (PEM) that verify the members (default with `https://` endpoints: "
+    "the system's)",
+)  # fmt: skip
+ETCD_CERT = Setting[str | None](
+    "etcd_cert", None, "TLS to etcd: this client's certificate (PEM), for --client-cert-auth", "manager",
+    metavar="FILE",
+)  # fmt: skip
+ETCD_KEY = Setting[str | None](
+    "etcd_key", None, "TLS to etcd: the private key of --etcd-cert (PEM, unencrypted)", "manager", metavar="FILE",
+)  # fmt: skip
 
 WORKERS = Setting(
     "workers", os.cpu_count() or 1, "worker processes", "proxy", positive_int, "N", run=True, default_text="CPU count"
@@ -302,7 +317,7 @@ PREWARM = Setting(
 #: every daemon option, in the order ``--help`` lists them
 SETTINGS: tuple[Setting[Any], ...] = (
     DEMO_STORES, WATCH_INTERVAL, MAINTENANCE_TIMEOUT, ADMIN_GROUP, PROXY_USER, STORE_OWNER,
-    ETCD, ETCD_PREFIX, HOST_ID, FLEET_LEASE_TTL, FLEET_FENCING, ETCD_TIMEOUT,
+    ETCD, ETCD_PREFIX, HOST_ID, FLEET_LEASE_TTL, FLEET_FENCING, ETCD_TIMEOUT, ETCD_CACERT, ETCD_CERT, ETCD_KEY,
     WORKERS, CACHE, TTL, GRACEFUL_TIMEOUT, FORWARD_TIMEOUT, CRASH_LIMIT, WORKER_TIMEOUT, PREWARM,
     LISTEN, TLS_CERT, TLS_KEY,
 )  # fmt: skip
@@ -326,6 +341,9 @@ class ManagerOptions:
     fleet_lease_ttl: int = FLEET_LEASE_TTL.default
     fleet_fencing: str = FLEET_FENCING.default
     etcd_timeout: float = ETCD_TIMEOUT.default
+    etcd_cacert: str | None = ETCD_CACERT.default
+    etcd_cert: str | None = ETCD_CERT.default
+    etcd_key: str | None = ETCD_KEY.default
     socket_mode: int = 0o660
 
 

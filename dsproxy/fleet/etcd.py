@@ -57,6 +57,12 @@ reference (``/work/shared/reference/etcd.md``) lists, filled here:
   the watch with ``compact_revision``) makes it re-list the prefix and yield a batch with
   ``relist`` = every key at ``revision``, then watch from ``revision + 1``.  The stream asks for
   ``hasleader``: a member cut off from the leader ends the stream rather than going quiet.
+* **TLS.**  With an :class:`~dsproxy.fleet.tls.EtcdTLS` (``--etcd-cacert``, ``--etcd-cert``,
+  ``--etcd-key``) or ``https://`` endpoints, every channel is a gRPC secure channel: the members'
+  certificates verified against the CA given (else the system's), the client certificate shown to
+  a cluster with ``--client-cert-auth``.  A handshake that fails (an unknown CA, no client
+  certificate) is a transport error like a dead member: the call tries the next endpoint and, once
+  every one failed, :class:`EtcdUnavailable` carries gRPC's reason.
 * **Not fork-safe.**  gRPC's core threads and an asyncio channel do not survive ``fork()``: create an
   :class:`Etcd` after any fork, in the process (and event loop) that uses it -- the manager never
   forks, ``dsproxy fleet`` runs one ``asyncio.run``.
@@ -91,6 +97,9 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 from aetcd import rpc
+
+from .tls import EtcdTLS
+from .tls import wanted as tls_wanted
 
 log = logging.getLogger("dsproxy.fleet")
 
@@ -224,14 +233,13 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def normalize_endpoint(endpoint: str) -> str:
-    """``host:port`` from ``host:port`` or ``http://host:port`` (ValueError naming the endpoint otherwise)."""
+    """``host:port`` from ``host:port``, ``http://host:port`` or ``https://host:port`` (ValueError
+    naming the endpoint otherwise; whether TLS is used is :func:`dsproxy.fleet.tls.wanted`'s)."""
     text = endpoint.strip()
-    if text.startswith("https://"):
-        raise ValueError(f"etcd endpoint {endpoint!r}: TLS endpoints are not supported (use http://)")
-    text = text.removeprefix("http://").rstrip("/")
+    text = text.removeprefix("https://").removeprefix("http://").rstrip("/")
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in text:
-        raise ValueError(f"etcd endpoint {endpoint!r}: expected host:port or http://host:port")
+        raise ValueError(f"etcd endpoint {endpoint!r}: expected host:port, http://host:port or https://host:port")
     return text
 
 
@@ -247,10 +255,15 @@ def _describe(err: BaseException) -> str:
 class _Conn:
     """One gRPC channel to one endpoint and its stubs; replaced (never reopened) on failure."""
 
-    def __init__(self, endpoint: str, options: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, endpoint: str, options: list[tuple[str, int]], credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.closing = False
-        self.channel = grpc.aio.insecure_channel(endpoint, options=options)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(endpoint, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
         self.kv = rpc.KVStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
         self.lease = rpc.LeaseStub(self.channel)
@@ -260,9 +273,10 @@ class _Conn:
 class Etcd:
     """A client of one etcd cluster (see the module); an async context manager.
 
-    ``endpoints``: ``host:port`` or ``http://host:port``; ``timeout``: the deadline of each attempt
-    (a call retries on other endpoints for about ``timeout * len(endpoints)``); ``max_message``:
-    gRPC's receive and send limits.
+    ``endpoints``: ``host:port``, ``http://host:port`` or ``https://host:port``; ``timeout``: the
+    deadline of each attempt (a call retries on other endpoints for about ``timeout *
+    len(endpoints)``); ``max_message``: gRPC's receive and send limits; ``tls``: TLS to every
+    member (:mod:`dsproxy.fleet.tls`; ``https://`` endpoints without it: the system's trust store).
     """
 
     def __init__(
@@ -270,11 +284,16 @@ class Etcd:
         endpoints: Sequence[str],
         timeout: float = DEFAULT_TIMEOUT,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        tls: EtcdTLS | None = None,
     ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise ValueError("etcd: give at least one endpoint, as a list of host:port")
         if timeout <= 0:
             raise ValueError(f"etcd: timeout must be positive, not {timeout!r}")
+        if tls_wanted(endpoints, tls is not None) and tls is None:
+            tls = EtcdTLS()  # https:// endpoints alone: the system's trust store
+        self.tls = tls
+        self._credentials = None if tls is None else grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
         self.endpoints = [normalize_endpoint(e) for e in endpoints]
         self.timeout = timeout
         self.max_message = max_message
@@ -331,7 +350,7 @@ class Etcd:
         if self._closed:
             raise EtcdError("etcd: the client is closed")
         if self._conn is None:
-            self._conn = _Conn(self.endpoints[self._index], self._options)
+            self._conn = _Conn(self.endpoints[self._index], self._options, self._credentials)
         return self._conn
 
     def _drop(self, conn: _Conn) -> None:
@@ -413,7 +432,17 @@ class Etcd:
             if failures % len(self.endpoints) == 0:  # a whole round failed: let the cluster breathe
                 await asyncio.sleep(min(0.05 * 2 ** (failures // len(self.endpoints)), 0.5) * random.uniform(0.8, 1.2))
         self._gave_up()
-        raise EtcdUnavailable(what, self.endpoints, last)
+        raise EtcdUnavailable(what, self.endpoints, self._hint(last))
+
+    def _hint(self, last: str) -> str:
+        """``last`` (gRPC's reason), with what it usually means when it is about TLS."""
+        if "TSI_" not in last and "handshake" not in last.lower():
+            return last
+        if self.tls is None:
+            return f"{last} (a TLS member? give https:// endpoints and --etcd-cacert)"
+        if "CERTIFICATE_VERIFY_FAILED" in last:
+            return f"{last} (the member's certificate is not signed by --etcd-cacert, or does not name its host)"
+        return f"{last} (the member refused this client: no --etcd-cert, or one its CA did not sign)"
 
     # -- reads --------------------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ from ..daemon.writer import ConfigWriter, FleetWrite, MirrorState, WriteRefused
 from ..ipc import shm
 from . import datastores_prefix, hosts_prefix
 from .etcd import KV, Etcd, EtcdError, EtcdOutcomeUnknown, EtcdRequestError, EtcdUnavailable, Lease, Txn, WatchBatch
+from .tls import EtcdTLS
 
 log = logging.getLogger("dsproxy.fleet")
 
@@ -262,6 +263,7 @@ class Mirror:
         fencing: str = "serve",
         timeout: float = 2.0,
         maintenance_timeout: float = 10.0,
+        tls: EtcdTLS | None = None,
     ) -> None:
         # Global state: what this host is in the fleet
         self.writer = writer
@@ -277,7 +279,7 @@ class Mirror:
         self.fencing = fencing
         self.timeout = timeout
         self.maintenance_timeout = maintenance_timeout
-        self.etcd = Etcd(self.endpoints, timeout=timeout)
+        self.etcd = Etcd(self.endpoints, timeout=timeout, tls=tls)
         self.started = time.time()
         self.recovered = False  # interrupted creates cleaned up (after the first read of etcd)
         # Per-connection state: the lease, the watch's progress, the other hosts as last seen

@@ -15,6 +15,12 @@ the logs stay in ``base_dir`` (the caller's temp dir) for a failed test's report
         cluster.kill(cluster.leader())
         cluster.restart(i)
 
+``tls=True`` makes a cluster that serves its clients over TLS only and accepts only clients with a
+certificate of its CA (``--client-cert-auth``; the peers stay plain on loopback): the certificates
+are made by :mod:`dsproxy.testing.pki` under ``base_dir/pki`` (:attr:`EtcdCluster.pki`), the
+endpoints are ``https://127.0.0.1:PORT``, and :attr:`EtcdCluster.tls_args` are the dsproxy flags
+a client needs (``--etcd-cacert``, ``--etcd-cert``, ``--etcd-key``).
+
 The harness speaks only etcd's HTTP side (``/health``, the JSON gateway's ``/v3/maintenance/status``)
 with the standard library, so that :mod:`dsproxy.fleet.etcd` stays the one module that imports
 gRPC.  A restarted member gets the same command line: etcd ignores the ``--initial-*`` flags when its
@@ -29,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import uuid
@@ -36,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import pki
 from .daemons import free_port
 
 ETCD = os.environ.get("DSPROXY_ETCD_BINARY", "/usr/bin/etcd")
@@ -55,14 +63,15 @@ class Member:
     data_dir: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    tls: bool = False
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"https://127.0.0.1:{self.client_port}" if self.tls else f"127.0.0.1:{self.client_port}"
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -94,17 +103,33 @@ class EtcdCluster:
         *,
         ready_timeout: float = 30.0,
         extra_args: tuple[str, ...] = (),
+        tls: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir)
         self.ready_timeout = ready_timeout
         self.extra_args = extra_args
+        self.tls = tls
+        self.pki: pki.PKI | None = pki.make(self.base_dir / "pki") if tls else None
+        self._context: ssl.SSLContext | None = None
+        if self.pki is not None:
+            self._context = ssl.create_default_context(cafile=str(self.pki.ca))
+            self._context.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
         self.token = f"dsproxy-test-{uuid.uuid4().hex[:12]}"
         self.members = [self._member(i) for i in range(size)]
         self._stopped_signals: set[int] = set()  # indexes of SIGSTOPped members
 
     def _member(self, i: int) -> Member:
         name = f"m{i}"
-        return Member(name, free_port(), free_port(), self.base_dir / f"{name}.etcd", self.base_dir / f"{name}.log")
+        data, log = self.base_dir / f"{name}.etcd", self.base_dir / f"{name}.log"
+        return Member(name, free_port(), free_port(), data, log, tls=self.tls)
+
+    @property
+    def tls_args(self) -> tuple[str, ...]:
+        """The dsproxy flags of a client this cluster accepts (none without TLS)."""
+        if self.pki is None:
+            return ()
+        return ("--etcd-cacert", str(self.pki.ca), "--etcd-cert", str(self.pki.client_cert),
+                "--etcd-key", str(self.pki.client_key))  # fmt: skip
 
     @property
     def endpoints(self) -> list[str]:
@@ -120,8 +145,16 @@ class EtcdCluster:
             "--initial-cluster", cluster, "--initial-cluster-token", self.token,
             "--initial-cluster-state", "new",
             "--logger", "zap", "--log-outputs", str(member.log),
+            *self._tls_flags(),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _tls_flags(self) -> tuple[str, ...]:
+        if self.pki is None:
+            return ()
+        p = self.pki
+        return ("--cert-file", str(p.server_cert), "--key-file", str(p.server_key),
+                "--trusted-ca-file", str(p.ca), "--client-cert-auth")  # fmt: skip
 
     # -- starting -------------------------------------------------------------------------------------
 
@@ -189,9 +222,12 @@ class EtcdCluster:
 
     # -- asking the members ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _http(member: Member, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=1.0)
+    def _http(self, member: Member, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        conn = (
+            http.client.HTTPSConnection("127.0.0.1", member.client_port, timeout=1.0, context=self._context)
+            if self._context is not None
+            else http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=1.0)
+        )
         try:
             conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
             reply = conn.getresponse()

@@ -164,8 +164,8 @@ class _LossyConn(etcd_module._Conn):
 
     plan: list[str | Callable[[], Awaitable[None]]] = []
 
-    def __init__(self, endpoint: str, options: list[tuple[str, int]]) -> None:
-        super().__init__(endpoint, options)
+    def __init__(self, endpoint: str, options: list[tuple[str, int]], credentials: Any = None) -> None:
+        super().__init__(endpoint, options, credentials)
         real = self.kv
 
         class LossyKV:

@@ -17,8 +17,9 @@ def test_endpoints_are_host_port_with_or_without_http() -> None:
         with pytest.raises(ValueError, match="expected host:port") as info:
             normalize_endpoint(bad)
         assert repr(bad) in str(info.value)
-    with pytest.raises(ValueError, match="TLS endpoints are not supported"):
-        normalize_endpoint("https://etcd1:2379")
+    assert normalize_endpoint("https://etcd1:2379") == "etcd1:2379"  # TLS: dsproxy.fleet.tls.wanted
+    with pytest.raises(ValueError, match="mix http:// and https://"):
+        Etcd(["https://e1:2379", "http://e2:2379"])
     with pytest.raises(ValueError, match="at least one endpoint"):
         Etcd([])
     with pytest.raises(ValueError, match="at least one endpoint"):

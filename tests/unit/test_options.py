@@ -25,6 +25,7 @@ PROXY_FLAGS = [
 MANAGER_FLAGS = ["--demo-stores", "--watch-interval", "--maintenance-timeout", "--admin-group", "--proxy-user"]
 MANAGER_FLAGS += ["--store-owner"]
 MANAGER_FLAGS += ["--etcd", "--etcd-prefix", "--host-id", "--fleet-lease-ttl", "--fleet-fencing", "--etcd-timeout"]
+MANAGER_FLAGS += ["--etcd-cacert", "--etcd-cert", "--etcd-key"]
 
 
 def parse(*argv: str) -> Any:
@@ -68,6 +69,8 @@ def test_defaults_are_the_documented_ones() -> None:
     )  # fmt: skip
     fleet = parse("manager", "--etcd", "http://10.0.0.1:2379, e2:2379", "--etcd-prefix", "/x/y/")
     assert (fleet.etcd, fleet.etcd_prefix) == (("10.0.0.1:2379", "e2:2379"), "/x/y")
+    secure = parse("manager", "--etcd", "https://e1:2379,e2:2379", "--etcd-cacert", "/etc/ca.pem")
+    assert (secure.etcd, secure.etcd_cacert, secure.etcd_cert) == (("https://e1:2379", "e2:2379"), "/etc/ca.pem", None)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +81,7 @@ def test_defaults_are_the_documented_ones() -> None:
         (["manager", "--watch-interval", "-1"], "argument --watch-interval: must be positive, not -1"),
         (["proxy", "--cache", "maybe"], "argument --cache: invalid choice: 'maybe'"),
         (["manager", "--etcd", "127.0.0.1:2379,"], "argument --etcd: '127.0.0.1:2379,': an empty etcd endpoint"),
-        (["manager", "--etcd", "https://e1:2379"], "argument --etcd: 'https://e1:2379': TLS to etcd is not supported"),
+        (["manager", "--etcd", "https://e1:2379,http://e2:2379"], "http:// and https:// mixed"),
         (["manager", "--etcd", "e1"], "argument --etcd: 'e1' is not HOST:PORT"),
         (["manager", "--etcd-prefix", "dsproxy"], "argument --etcd-prefix: 'dsproxy' is not a key prefix"),
         (["manager", "--host-id", "a/b"], "argument --host-id: 'a/b' is not a host id"),

@@ -62,7 +62,9 @@ from .config import (
     parse,
     read_raw,
 )
+from .config import record as file_record
 from .config.maintenance import not_mounted_text, refusal_text
+from .config.record import Stamp
 from .config.schema import absolute_path
 from .config.splice import PATCH_MAX, Regions, edited_names, patch, splice
 from .errors import ConfigUnavailable, DatastoreError, MaintenanceRefused, NoSuchDatastore, OutOfDescriptors
@@ -89,6 +91,8 @@ MODES: Final = ("on", "config", "off")
 _GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
 _monotonic = time.monotonic
 _UNPRIMED: Final = (-1, -1, -1)
+#: a file as a registry read it: its record's token and its stamp (dsproxy.config.record)
+Identity = tuple[bytes, Stamp]
 
 
 class _Entry:
@@ -156,7 +160,7 @@ def _refusal(entry: _Entry, operation: Operation) -> str | None:
 class _Cache:
     """The parsed config of one generation, with an entry per store."""
 
-    __slots__ = ("_digest", "config", "entries", "expires", "generation", "regions", "stamp", "text")
+    __slots__ = ("_digest", "config", "entries", "expires", "generation", "identity", "regions", "text")
 
     def __init__(
         self,
@@ -167,7 +171,7 @@ class _Cache:
         entries: dict[str, _Entry],
         file_digest: str | None = None,
         regions: Regions | None = None,
-        stamp: shm.Stamp | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.generation = generation
         self.expires = expires  # monotonic deadline of the TTL
@@ -178,7 +182,8 @@ class _Cache:
         self.config = config
         self.entries = entries
         self.regions = regions  # where each store's region starts in text (splice), or None
-        self.stamp = stamp  # (inode, size, mtime ns) of the file text was read from, or None
+        # (token, stamp) of the file text is (dsproxy.config.record), or None: no patch from it
+        self.identity = identity
 
     @property
     def digest(self) -> str:
@@ -256,10 +261,12 @@ class Handle(list):  # type: ignore[type-arg]
         return f"<Handle {self.name!r} {self.operation.name} {state}>"
 
 
-def _read_after(path: str, prefix: bytes, buf: bytearray | None = None) -> tuple[bytearray, shm.Stamp | None]:
+def _read_after(path: str, prefix: bytes, buf: bytearray | None = None) -> tuple[bytearray, Identity | None]:
     """``prefix`` followed by the file's bytes (a missing file reads as empty), in one buffer:
-    ``buf`` if given (its old contents are overwritten), else a new one; and the file's stamp
-    (:data:`dsproxy.ipc.shm.Stamp`) if it was the same before and after the read (else None).
+    ``buf`` if given (its old contents are overwritten), else a new one; and the file's identity
+    -- the token of its record and its stamp (:mod:`dsproxy.config.record`) -- if it has a record
+    that names its stamp (no edit in place since it was written) and the stamp was the same
+    before and after the read (else None).
 
     The buffer is sized before the read: trimming a spare byte off an 11 MB ``bytearray``
     reallocates and copies it (~1 ms of a ~6 ms apply at 100,000 stores, cProfile); a file that
@@ -293,7 +300,8 @@ def _read_after(path: str, prefix: bytes, buf: bytearray | None = None) -> tuple
             buf += more + f.read()
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         after = os.fstat(f.fileno())
-    return buf, stamp if stamp == (after.st_ino, after.st_size, after.st_mtime_ns) else None
+        record = file_record.read(f.fileno()) if stamp == (after.st_ino, after.st_size, after.st_mtime_ns) else None
+    return buf, None if record is None or record.new != stamp else (record.token, stamp)
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes | None:
@@ -674,18 +682,19 @@ class Registry:
             # also past the TTL: the splice reads the whole file and proves every byte outside the
             # changed stores unchanged (else None: a full reload), so it notices what a full
             # reload would.  A first change after each TTL parsed 14 MB at 100,000 stores (0.8 s
-            # alone, 2.7-3.4 s on the loaded machine: bench-fleet's transition outliers)
-            applied = self._apply_changes(old, gen, seg)  # DISCARD_CACHES: full reload
+            # alone, 2.7-3.4 s on the loaded machine: bench-fleet's transition outliers).  Past the
+            # TTL it is also the full check a patch (which reads only the changed bytes) never is
+            applied = self._apply_changes(old, gen, seg, now >= old.expires)  # DISCARD_CACHES: full reload
             if applied is not None:
                 return applied
-        text, stamp = self._read_text()
+        text, identity = self._read_text()
         data = bytes(memoryview(text)[1:])  # (a view kept would pin the buffer's size)
         file_digest = digest(data)
         if old is not None and old.digest == file_digest and not DISCARD_CACHES:
             self.config_error = None
             if old.generation == gen:  # TTL expired, nothing changed: instances stay valid
                 old.expires = now + self._ttl
-                old.stamp = stamp  # the same bytes (a touch: the next file record names this stamp)
+                old.identity = identity  # the same bytes (a touch: the next record names this stamp)
                 self._spare = text
                 self._acknowledge(gen)
                 return old
@@ -710,21 +719,23 @@ class Registry:
         if seg is not None and self._fast and not (DISCARD_CACHES or FULL_INVALIDATION):  # a delta may follow
             same = old is not None and old.regions is not None and old.digest == file_digest
             regions = old.regions if same and old is not None else Regions.of(text, config)
-        cache = _Cache(gen, now + self._ttl, text, config, entries, file_digest, regions, stamp)
+        cache = _Cache(gen, now + self._ttl, text, config, entries, file_digest, regions, identity)
         self._install(cache)
         return cache
 
-    def _apply_changes(self, old: _Cache, gen: int, seg: shm.Segment) -> _Cache | None:
+    def _apply_changes(self, old: _Cache, gen: int, seg: shm.Segment, verify: bool = False) -> _Cache | None:
         """The delta path: the stores the ring says changed since ``old``, spliced into it
         (:mod:`dsproxy.config.splice`: only their sections are parsed, the rest of the file is
         proven unchanged); None when the ring or the file does not allow it (then: full reload).
-        Only the changed stores' entries are new: the others keep their instances and fds."""
-        patched = self._patch(old, gen, seg)
+        Only the changed stores' entries are new: the others keep their instances and fds.
+        Without ``verify`` (the TTL of ``old``'s last whole-file check not over) the file's record
+        may let it read just the changed bytes (:meth:`_patch`)."""
+        patched = None if verify else self._patch(old, gen, seg)
         if patched is not None:
             return patched
         for _ in range(APPLY_TRIES):
             told = seg.changes_since(old.generation, gen)
-            text, stamp = self._read_text()
+            text, identity = self._read_text()
             # a hand edit, or the ring does not tell: the stores where the texts differ (a guess,
             # proven by the splice like the ring's names: docs/design.md §4)
             changed = told if told is not None else edited_names(old.text, text)
@@ -750,24 +761,24 @@ class Registry:
         else:
             return None
         config, props = spliced
-        cache = self._changed(old, gen, seg, text, config, props, stamp)
+        cache = self._changed(old, gen, seg, text, config, props, identity, _monotonic() + self._ttl)
         self._spare = old.text if isinstance(old.text, bytearray) else None  # nobody reads it any more
         return cache
 
     def _patch(self, old: _Cache, gen: int, seg: shm.Segment) -> _Cache | None:
-        """The delta path without a read of the file: when the manager's file record says how the
-        file of ``gen`` differs from the one ``old`` was read from (:mod:`dsproxy.ipc.shm`, "The
-        file record"), only the bytes in between are read (``pread``) and patched into ``old``'s
-        text (:func:`dsproxy.config.splice.patch`); None when the record does not allow it.  At
-        100,000 stores a one-store write was a 14 MB read and compare (~2 ms of a ~3 ms apply)."""
-        record = seg.file_record()
-        text = old.text
-        if record is None or record.generation != gen or old.stamp is None or record.old != old.stamp:
-            return None
-        if not isinstance(text, bytearray) or len(text) - 1 != record.old[1]:
-            return None
-        length = record.new[1] - record.prefix - record.suffix
-        if not 0 <= length <= PATCH_MAX:
+        """The delta path without a read of the whole file: when the file's record
+        (:mod:`dsproxy.config.record`, set by the manager with the file) describes the open file
+        (the stamp it names is the file's) and says it replaced exactly the file ``old`` was read
+        from (that file's token and stamp), only the bytes between the start and the end both
+        share are read (``pread``) and patched into ``old``'s text
+        (:func:`dsproxy.config.splice.patch`); None when the record does not allow it.  At 100,000
+        stores a one-store write was a 14 MB read and compare (~2 ms of a ~3 ms apply).
+
+        The record is trusted as far as the file is (only who may write the file can set it); an
+        edit in place that keeps the stamp (coarse timestamps) is not seen here, so the cache
+        keeps the TTL of its last whole-file check: past it, the next change is read whole."""
+        text, known = old.text, old.identity
+        if known is None or not isinstance(text, bytearray) or len(text) - 1 != known[1][1]:
             return None
         try:
             fd = os.open(self._config_file, os.O_RDONLY | os.O_CLOEXEC)
@@ -775,20 +786,26 @@ class Registry:
             return None  # the read path reports it
         try:
             st = os.fstat(fd)
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != record.new:
-                return None  # replaced or edited since: another write, or a hand edit
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            record = file_record.read(fd)
+            if record is None or record.new != stamp or record.old_token != known[0] or record.old != known[1]:
+                return None  # not the manager's write after the one we read, or edited in place since
+            length = st.st_size - record.prefix - record.suffix
+            if length > PATCH_MAX:
+                return None
             middle = _pread_all(fd, length, record.prefix)
+            after = os.fstat(fd)
         except OSError:
             return None
         finally:
             os.close(fd)
-        if middle is None:
-            return None
+        if middle is None or (after.st_ino, after.st_size, after.st_mtime_ns) != stamp:
+            return None  # edited in place while read
         props = patch(text, old.config, 1 + record.prefix, len(text) - record.suffix, middle, old.regions)
         if props is None:
             return None
         self.changes_patched += 1
-        return self._changed(old, gen, seg, text, old.config, props, record.new)
+        return self._changed(old, gen, seg, text, old.config, props, (record.token, stamp), old.expires)
 
     def _changed(
         self,
@@ -798,7 +815,8 @@ class Registry:
         text: bytearray,
         config: SectionConfig,
         props: dict[str, dict[str, Value] | None],
-        stamp: shm.Stamp | None,
+        identity: Identity | None,
+        expires: float,
     ) -> _Cache:
         """The cache of ``gen`` after a delta: ``old``'s entries, those of the stores in ``props``
         made again (the others keep their instances and fds); installed and acknowledged."""
@@ -811,7 +829,7 @@ class Registry:
             seg.register_stores([name for name in props if name in entries])
         self.config_error = None
         self.changes_applied += 1
-        cache = _Cache(gen, _monotonic() + self._ttl, text, config, entries, regions=old.regions, stamp=stamp)
+        cache = _Cache(gen, expires, text, config, entries, regions=old.regions, identity=identity)
         self._install_changes(cache, old, props)
         return cache
 
@@ -834,7 +852,7 @@ class Registry:
             self._warm = cache
         self._acknowledge(cache.generation)
 
-    def _read_text(self) -> tuple[bytearray, shm.Stamp | None]:
+    def _read_text(self) -> tuple[bytearray, Identity | None]:
         """The config file's bytes after a ``"\n"`` (what :func:`splice` compares), read into one
         buffer -- the spare one if there is one: no 14 MB copy, no fresh memory at 100,000 stores.
         Errors as :meth:`_read_file`."""

@@ -27,15 +27,25 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..fsutil import UnsafePath, create_temp, write_all
 from ..ipc import flock
+from . import record as file_record
 from .errors import DigestMismatch, LockError, ParseError, PropertyError, WriteError
+from .record import FileRecord, Stamp
 from .section import SectionConfig, parse, render
 
 LOCK_TIMEOUT = 10.0
 CONFIG_MODE = 0o640
 LOCK_MODE = 0o660
+
+
+class Replaced(NamedTuple):
+    """What :func:`replace_file` wrote: the new file's stamp, and whether its record was set."""
+
+    stamp: Stamp
+    recorded: bool
 
 
 def digest(data: bytes) -> str:
@@ -94,7 +104,8 @@ def replace_file(
     group: int | None = None,
     *,
     sync: bool = True,
-) -> tuple[int, int, int]:
+    record: FileRecord | None = None,
+) -> Replaced:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, directory fsync);
     ``data`` may be a list of buffers, written in order (:func:`dsproxy.fsutil.write_all`).
     ``sync=False`` leaves out both fsyncs (still temp file + rename: a reader never sees a torn
@@ -105,8 +116,11 @@ def replace_file(
     an unpredictable name), its mode and group are set on its fd, and the rename and the fsync
     are of that same directory even if its path is swapped meanwhile.
 
-    Returns the new file's stamp, ``(inode, size, mtime ns)``, from the temp file's fd once it is
-    written (what the manager's file record names: :mod:`dsproxy.ipc.shm`, "The file record").
+    ``record`` (the manager's writes of ``datastore.cfg``) is set on the temp file before the
+    rename (:mod:`dsproxy.config.record`), so the file never exists without it; its ``new`` stamp
+    is filled in here.  Returns the new
+    file's stamp, ``(inode, size, mtime ns)``, from the temp file's fd once it is written, and
+    whether the record was set (a file system without user xattrs takes none).
     """
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."
@@ -116,14 +130,21 @@ def replace_file(
     except OSError as err:
         raise WriteError(f'writing "{target}" failed: cannot open its directory: {err.strerror}') from None
     try:
-        return _replace_in(dir_fd, name, data, mode, group, target, sync)
+        return _replace_in(dir_fd, name, data, mode, group, target, sync, record)
     finally:
         os.close(dir_fd)
 
 
 def _replace_in(
-    dir_fd: int, name: str, data: bytes | list[bytes], mode: int, group: int | None, target: str, sync: bool = True
-) -> tuple[int, int, int]:
+    dir_fd: int,
+    name: str,
+    data: bytes | list[bytes],
+    mode: int,
+    group: int | None,
+    target: str,
+    sync: bool = True,
+    record: FileRecord | None = None,
+) -> Replaced:
     try:
         fd, tmp = create_temp(dir_fd, f".{name}.tmp", 0o600)
     except OSError as err:
@@ -134,9 +155,12 @@ def _replace_in(
             os.fchmod(fd, mode)
             if group is not None:
                 os.fchown(fd, -1, group)
+            st = os.fstat(fd)  # (the record and fsync leave size and mtime as they are)
+            if record is not None:
+                record = record._replace(new=(st.st_ino, st.st_size, st.st_mtime_ns))
+            recorded = record is not None and file_record.write(fd, record, target)
             if sync:
                 os.fsync(fd)
-            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -144,15 +168,15 @@ def _replace_in(
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    replaced = Replaced((st.st_ino, st.st_size, st.st_mtime_ns), recorded)
     if not sync:
-        return stamp
+        return replaced
     try:
         os.fsync(dir_fd)
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.EROFS):
             raise WriteError(f'writing "{target}" failed: fsync of directory: {err.strerror}') from None
-    return stamp
+    return replaced
 
 
 def update_config(

@@ -50,11 +50,12 @@ from typing import Any, Final
 
 from ..config import PropertyError, SectionConfig, Value, digest, parse
 from ..config.file import reparse
+from ..config.record import Stamp
 from ..config.schema import format_value
 from ..config.section import SECTION_SEPARATOR, SECTION_TYPE, render_section
 from ..config.splice import common_prefix, common_suffix
 from ..fsutil import components
-from ..ipc.shm import ChangeKind, Stamp
+from ..ipc.shm import ChangeKind
 
 _SEPARATOR = SECTION_SEPARATOR.encode()
 
@@ -179,9 +180,10 @@ class KeptConfig:
         #: SHA-256 of the kept bytes before each block (once a write hashed them: from that write's
         #: first changed block on, the next write hashes only what follows its own first change)
         self.states: list[Any] = []
-        #: the stamp of the file this manager wrote from these blocks (its bytes are exactly
-        #: :meth:`pieces`), or None: read from a file, which need not be canonical
-        self.stamp: Stamp | None = None
+        #: the token and stamp of the file this manager wrote from these blocks, with its record
+        #: (its bytes are exactly :meth:`pieces`: :mod:`dsproxy.config.record`), or None: read
+        #: from a file, which need not be canonical, or written without a record
+        self.identity: tuple[bytes, Stamp] | None = None
 
     @property
     def digest(self) -> str:
@@ -291,10 +293,12 @@ class KeptConfig:
             suffix += common_suffix(old[-j], new[-j], min(len(old[-j]), len(new[-j])))
         return prefix, min(suffix, limit - prefix)
 
-    def commit(self, pending: PendingWrite, hashed: Hashed | None, stamp: Stamp | None = None) -> None:
+    def commit(
+        self, pending: PendingWrite, hashed: Hashed | None, identity: tuple[bytes, Stamp] | None = None
+    ) -> None:
         """Make the kept state what ``pending`` wrote (hashed as ``hashed``, or None: the digest is
-        computed when asked; the file's ``stamp`` if it is known to hold exactly these bytes):
-        O(changed) and the blocks' list."""
+        computed when asked; the file's token and stamp if it is known to hold exactly these bytes,
+        :attr:`identity`): O(changed) and the blocks' list."""
         config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
         paths = self._paths  # (None: built from the config when first needed)
         for name, section in pending.sections.items():
@@ -325,7 +329,7 @@ class KeptConfig:
         else:
             self.states = [*self.states[: hashed.first], *hashed.states]
             self._digest = hashed.digest
-        self.stamp = stamp
+        self.identity = identity
 
 
 class _Edit:

@@ -76,6 +76,7 @@ from ..config import (
     replace_file,
     request,
 )
+from ..config.record import FileRecord, new_token
 from ..fsutil import (
     STORE_DIR_MODE,
     DirChain,
@@ -92,7 +93,7 @@ from ..ipc import shm
 from ..ipc.opfile import FileCounters
 from ..paths import Paths
 from .journal import CreateJournal, PendingCreate
-from .kept import Change, KeptConfig, PathIndex, section_bytes
+from .kept import Change, KeptConfig, PathIndex, PendingWrite, section_bytes
 
 log = logging.getLogger("dsproxy.writer")
 
@@ -247,12 +248,21 @@ class ConfigWriter:
 
     # -- publishing ---------------------------------------------------------------------------------
 
-    def _publish(
-        self, records: list[tuple[shm.ChangeKind, str]], file: tuple[shm.Stamp, shm.Stamp, int, int] | None = None
-    ) -> int | None:
+    def _publish(self, records: list[tuple[shm.ChangeKind, str]]) -> int | None:
         seg = self._segment()
         revision = None if self.mirror is None else self.mirror.revision
-        return None if seg is None else seg.publish(records, revision=revision, file=file)
+        return None if seg is None else seg.publish(records, revision=revision)
+
+    @staticmethod
+    def _record_of(kept: KeptConfig, pending: PendingWrite, reread: bool) -> FileRecord:
+        """The file record of the write of ``pending``: a new token, and -- when the file it replaces
+        is the one this manager wrote from ``kept`` (not edited by hand since) -- that file's token
+        and stamp and the bytes both share at the start and the end (:meth:`KeptConfig.window`)."""
+        token = new_token()
+        if reread or kept.identity is None:
+            return FileRecord(token)
+        old_token, old_stamp = kept.identity
+        return FileRecord(token, (0, 0, 0), old_token, old_stamp, *kept.window(pending))
 
     def _write(
         self,
@@ -279,25 +289,24 @@ class ConfigWriter:
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 # meanwhile: write and fsync (fleet mode: no fsync to hash beside -- hashed when asked)
                 hashing = self._hasher.submit(kept.hash, pending) if self.mirror is None else None
-                # what the workers need not read again: the file record (shm, "The file record"),
-                # when the file replaced is one this manager wrote from the kept blocks
-                previous = None if reread else kept.stamp
-                window = kept.window(pending) if previous is not None else None
+                # what the workers need not read again: the file record (dsproxy.config.record),
+                # naming the file replaced when it is one this manager wrote from the kept blocks
+                record = self._record_of(kept, pending, reread)
                 with self._replaced_later():
                     # fleet mode: etcd is the durable copy, the file is synced later (sync_mirror)
-                    stamp = replace_file(self.config_file, pending.pieces, sync=self.mirror is None)
+                    written = replace_file(self.config_file, pending.pieces, sync=self.mirror is None, record=record)
                     self._unsynced = self.mirror is not None
                     signature = _stat_signature(self.config_file)
                     if signature is None or signature[1] != pending.size:  # replaced meanwhile
                         signature = None  # the next write reads the file
                     hashed = None if hashing is None else hashing.result()
-                    kept.commit(pending, hashed, stamp if signature is not None else None)
+                    known = signature is not None and written.recorded
+                    kept.commit(pending, hashed, (record.token, written.stamp) if known else None)
                     # publish after write; a file changed by hand since the last write: everyone reloads
                     if reread:
                         gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
                     else:
-                        told = None if previous is None or window is None else (stamp, previous, *window)
-                        gen = self._publish(pending.records, told)
+                        gen = self._publish(pending.records)
         except ParseError as err:
             self.state.error = str(err)
             raise UnparsableFile(
@@ -355,10 +364,15 @@ class ConfigWriter:
 
         The file is trusted to be what was kept while its stat signature is the one taken right
         after the last write or check (inode, size, mtime, ctime: a rename or a write in place
-        changes one); otherwise it is read and its digest compared, as before.
+        changes one) and nobody else bumped the generation since (a registry that found the file
+        edited by hand under an unchanged signature -- coarse timestamps -- bumps it); otherwise
+        it is read and its digest compared, as before.
         """
         kept, state = self.kept, self.state
         trusted = kept is not None and state.signature is not None and state.describes(kept)
+        if trusted and state.generation is not None:
+            seg = self._segment()
+            trusted = seg is None or seg.generation() == state.generation
         if trusted and _stat_signature(self.config_file) == state.signature:
             assert kept is not None
             return kept, False
@@ -836,8 +850,9 @@ class ConfigWriter:
         try:
             with config_lock(self.lock_file):
                 pending = kept.prepare(changes, str(self.config_file), verified)
-                stamp = replace_file(self.config_file, pending.pieces)
-                kept.commit(pending, kept.hash(pending), stamp)
+                record = FileRecord(new_token())
+                written = replace_file(self.config_file, pending.pieces, record=record)
+                kept.commit(pending, kept.hash(pending), (record.token, written.stamp) if written.recorded else None)
                 self.kept = kept
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:

@@ -29,10 +29,6 @@ them)::
                   2 disconnected, 3 fenced)   112 disconnected since (unix ms, 0 while connected)
                   120 hand edits refused
       128       generation counters, 16 words: [0] datastore, [1] token, [2] ACL, [3..15] reserved
-      256       the file record, 10 words (all 0 until the manager's first write; "The file record"):
-                  256 sequence (seqlock)   264 the generation it describes   272..288 the file
-                  then (inode, size, mtime ns)   296..312 the file it replaced (the same)
-                  320 bytes at the start both share   328 bytes at the end both share
     4096      process slots, 128 x 128 bytes, word index within a slot:
       0 pid (0 = free)   1 start time (ticks, /proc field 22)   2 role   3 booted
       4 heartbeat (CLOCK_MONOTONIC ns)   5 generation of the config this process serves
@@ -115,25 +111,6 @@ reader takes the words only when the sequence is even, non-zero and the same bef
 Its words are range-checked like every other (revision below 2**63, a known state, times and
 counts below 2**53); a torn or garbage record reads as "no fleet information", and the manager's
 contents check reports garbage in it so that the segment is replaced.
-
-The file record
----------------
-A worker that applies a write still read the whole file and compared it with the one it parsed
-(:mod:`dsproxy.config.splice`): at 100,000 stores ~2 ms of a ~3 ms apply, a read of 14 MB and a
-``memcmp`` of it, for a change of a hundred bytes.  So each of the manager's own writes also
-says, inside :meth:`Segment.publish` and before the generation word, *how* the file changed: the
-stamp of the file it wrote (inode, size, mtime -- taken from the temp file's fd before the
-rename), the stamp of the file it replaced, and how many bytes at the start and at the end the
-two share.  A registry whose cached text was read from exactly the replaced file (its own
-``fstat`` of what it read matches that stamp) and whose open file matches the new stamp reads
-only the bytes in between (``pread``) and puts them into its copy (:meth:`Registry._patch`);
-anything else -- another generation, another stamp, a record torn or garbage, a window the text
-does not allow -- falls back to the read and compare.  A write that found the file edited by
-hand, and every other publish, leaves the record naming an older generation.  What a worker
-trusts: that a file with the stamp the manager wrote holds what it wrote -- an edit in place
-changes the mtime; one that keeps size and mtime (``touch -d`` after it) is seen by the manager's
-watch (it compares digests when the stat signature moves or ctime does), not by this path.  The
-words are range-checked (sizes below 2**40, the shared bytes within both sizes).
 
 Store names
 -----------
@@ -269,15 +246,6 @@ FLEET_DISCONNECTED: Final = 4
 FLEET_HAND_EDITS: Final = 5
 FLEET_WORDS: Final = 6
 OFF_GENERATIONS: Final = 128
-OFF_FILE: Final = 256  # the file record (see "The file record"), word index within it:
-FILE_SEQ: Final = 0
-FILE_GENERATION: Final = 1
-FILE_NEW: Final = 2  # 3 words: inode, size, mtime ns
-FILE_OLD: Final = 5  # the same of the file it replaced
-FILE_PREFIX: Final = 8
-FILE_SUFFIX: Final = 9
-FILE_WORDS: Final = 10
-FILE_SIZE_LIMIT: Final = 2**40
 NUM_GENERATIONS: Final = 16
 GEN_DATASTORE: Final = 0
 GEN_TOKEN: Final = 1
@@ -385,20 +353,6 @@ class FleetState(enum.IntEnum):
 
 _FLEET_STATES: Final = frozenset(int(s) for s in FleetState)
 REVISION_LIMIT: Final = 2**63  # etcd revisions are int64
-
-
-#: a file's (inode, size, mtime ns): what tells two versions of ``datastore.cfg`` apart (see "The file record")
-Stamp = tuple[int, int, int]
-
-
-class FileRecord(NamedTuple):
-    """How the manager's write that produced ``generation`` changed the file (:meth:`Segment.file_record`)."""
-
-    generation: int
-    new: Stamp
-    old: Stamp
-    prefix: int  #: bytes at the start the two files share
-    suffix: int  #: bytes at the end they share (``prefix + suffix`` fits in both)
 
 
 class FleetRecord(NamedTuple):
@@ -1062,16 +1016,13 @@ class Segment:
         changes: Sequence[tuple[ChangeKind, str]],
         expected: int | None = None,
         revision: int | None = None,
-        file: tuple[Stamp, Stamp, int, int] | None = None,
     ) -> int:
         """Record ``changes`` in the ring and bump the datastore generation (publish after write:
         the entries are complete before the bump makes them current).  With ``expected``, only
         if the generation still equals it (like :meth:`bump_generation`).  Returns the generation
         now current.  More changes than a quarter of the ring, or a name that does not fit, are
         recorded as one ``EVERYTHING``.  With ``revision`` (fleet mode), the fleet record names
-        the new generation and that etcd revision, written before the generation word.  With
-        ``file`` -- ``(new stamp, old stamp, prefix, suffix)`` -- the file record says so of the
-        new generation (see "The file record"), also before the generation word."""
+        the new generation and that etcd revision, written before the generation word."""
         many = len(changes) > RING_SIZE // 4  # (100,000 names of a full read are not encoded first)
         raws = [] if many else [(kind, name.encode()) for kind, name in changes]
         if many or any(not 0 < len(raw) <= NAME_BYTES for _, raw in raws):
@@ -1097,41 +1048,8 @@ class Segment:
             w[OFF_RING_HEAD // 8] = head
             if revision is not None:
                 self._write_fleet(revision=revision, generation=new)
-            if file is not None:
-                self._write_file_record(new, *file)
             w[i] = new
             return new
-
-    # -- the file record ---------------------------------------------------------------------------
-
-    def _write_file_record(self, generation: int, new: Stamp, old: Stamp, prefix: int, suffix: int) -> None:
-        """The seqlock write (the caller holds the writers' lock), as :meth:`_write_fleet`'s."""
-        w, base = self.words, OFF_FILE // 8
-        seq = w[base + FILE_SEQ]
-        seq = 0 if seq % 2 or seq >= MASK64 - 2 else seq
-        values = array.array("Q", [generation & MASK64, *new, *old, prefix, suffix])
-        w[base + FILE_SEQ] = seq + 1  # odd: readers look again
-        w[base + 1 : base + FILE_WORDS] = values
-        w[base + FILE_SEQ] = seq + 2
-
-    def file_record(self) -> FileRecord | None:
-        """The file record, or None: never written, torn (looked at a few times), or garbage."""
-        w, base = self.words, OFF_FILE // 8
-        for _ in range(8):
-            seq = w[base + FILE_SEQ]
-            v = w[base : base + FILE_WORDS].tolist()
-            if seq == 0:
-                return None
-            if seq % 2 or w[base + FILE_SEQ] != seq or v[FILE_SEQ] != seq:
-                continue
-            new, old = v[FILE_NEW : FILE_NEW + 3], v[FILE_OLD : FILE_OLD + 3]
-            prefix, suffix = v[FILE_PREFIX], v[FILE_SUFFIX]
-            if any(x >= MASK64 >> 1 for x in (*new, *old)) or new[1] >= FILE_SIZE_LIMIT or old[1] >= FILE_SIZE_LIMIT:
-                return None
-            if prefix + suffix > min(new[1], old[1]):
-                return None
-            return FileRecord(v[FILE_GENERATION], (new[0], new[1], new[2]), (old[0], old[1], old[2]), prefix, suffix)
-        return None
 
     # -- the fleet record --------------------------------------------------------------------------
 

@@ -301,12 +301,12 @@ def test_a_file_renamed_before_its_generation_is_published_is_still_a_delta(
         reg.refresh()
         w.update("first", {"comment": "published"})
         held: list[list[tuple[shm.ChangeKind, str]]] = []
-        monkeypatch.setattr(w, "_publish", lambda records, file=None: held.append(records))
+        monkeypatch.setattr(w, "_publish", lambda records: held.append(records))
         w.update("third", {"comment": "renamed, not yet published"})
         monkeypatch.undo()
         read_text = reg._read_text
 
-        def read_then_publish() -> tuple[bytearray, shm.Stamp | None]:  # published right after the read
+        def read_then_publish() -> tuple[bytearray, registry_mod.Identity | None]:  # published right after the read
             text = read_text()
             while held:
                 assert manager.seg is not None
@@ -402,5 +402,149 @@ def test_a_hand_edit_in_place_after_a_write_is_read_not_patched(paths: Paths, ma
         _assert_views(paths, [reg])
         if not registry_mod.DISCARD_CACHES:
             assert reg.changes_patched == patched + 1
+    finally:
+        reg.close()
+
+
+def _edit_keeping_the_stamp(paths: Paths, old: bytes, new: bytes, writer: ConfigWriter | None = None) -> None:
+    """An edit in place of the same size whose mtime is set back: what a file system with coarse
+    timestamps shows of an edit within one tick of the write before.  With ``writer``, its watch
+    misses it too (the ctime it would see move is taken as the file's: the same tick)."""
+    st = os.stat(paths.config_file)
+    with open(paths.config_file, "r+b") as f:
+        data = f.read()
+        f.seek(data.index(old))
+        f.write(new)
+    os.utime(paths.config_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(paths.config_file)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    if writer is not None:
+        writer.state.signature = (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+
+
+def test_a_patch_never_outlives_the_ttl_of_the_last_whole_file_check(paths: Paths, manager: _Manager) -> None:
+    """A worker that patches writes in trusts that the file it read is the one the manager wrote
+    from; an edit in place nobody saw (coarse timestamps) breaks that, and the patches carry the
+    difference along.  They never extend the TTL, so within one TTL of the last whole-file check
+    the next change is read whole and the worker serves exactly the file again -- while writes go
+    on (each of them patched before the fix: the stale text was served for ever)."""
+    w = manager.writer
+    for i in range(10):
+        w.create({"name": f"tl{i:02d}", "comment": "aaaa"})
+    _edit_keeping_the_stamp(paths, b"comment aaaa", b"comment bbbb", w)
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, ttl=0.5)
+    try:
+        reg.refresh()  # reads the edit; the manager writes on from what it wrote
+        patched = reg.changes_patched
+        deadline = time.monotonic() + 1.2
+        serial = 0
+        while time.monotonic() < deadline:
+            serial += 1
+            w.update(f"tl{1 + serial % 9:02d}", {"comment": f"w{serial:03d}"})
+            assert reg.refresh()
+            time.sleep(0.02)
+        if not registry_mod.DISCARD_CACHES:
+            assert reg.changes_patched > patched  # patches were taken, in between
+        w.update("tl05", {"comment": "last"})
+        reg.refresh()
+        _assert_views(paths, [reg])
+    finally:
+        reg.close()
+
+
+def test_an_edit_in_place_during_the_patch_read_is_read_whole(
+    paths: Paths, manager: _Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is looked at again after the changed bytes are read: an edit in place meanwhile
+    (its mtime moves) makes the worker read the whole file, and the edit is served with the write."""
+    w = manager.writer
+    for i in range(6):
+        w.create({"name": f"pr{i:02d}", "comment": "aaaa"})
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir)
+    try:
+        reg.refresh()
+        w.update("pr02", {"comment": "cccc"})
+        pread = registry_mod._pread_all
+
+        def pread_then_edit(fd: int, length: int, offset: int) -> bytes | None:
+            got = pread(fd, length, offset)
+            with open(paths.config_file, "r+b") as f:
+                data = f.read()
+                f.seek(data.index(b"pr04\n\tcomment aaaa") + len(b"pr04\n\tcomment "))
+                f.write(b"dddd")
+            now = time.time_ns() + 50_000_000
+            os.utime(paths.config_file, ns=(now, now))
+            return got
+
+        monkeypatch.setattr(registry_mod, "_pread_all", pread_then_edit)
+        patched = reg.changes_patched
+        assert reg.refresh()
+        monkeypatch.undo()
+        config = reg.config()[0]
+        assert (config["pr02"]["comment"], config["pr04"]["comment"]) == ("cccc", "dddd")
+        assert reg.changes_patched == patched
+        _assert_views(paths, [reg])
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("forged", ["token", "stamp"])
+def test_a_record_that_names_another_file_is_not_patched_from(paths: Paths, manager: _Manager, forged: str) -> None:
+    """A worker patches only from the file the record says was replaced, by its token *and* its
+    stamp: an inode reused with the same size within one tick (coarse timestamps) gives the same
+    stamp to another file, never the same token."""
+    from dsproxy.config import record as file_record
+
+    w = manager.writer
+    for i in range(6):
+        w.create({"name": f"fr{i:02d}"})
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir)
+    try:
+        reg.refresh()
+        w.update("fr01", {"comment": "written"})
+        fd = os.open(paths.config_file, os.O_RDONLY)
+        try:
+            record = file_record.read(fd)
+        finally:
+            os.close(fd)
+        assert record is not None
+        old = record.old
+        assert old is not None
+        if forged == "token":
+            record = record._replace(old_token=file_record.new_token())
+        else:
+            record = record._replace(old=(old[0] + 1, old[1], old[2]))
+        os.setxattr(paths.config_file, file_record.NAME, record.pack())
+        patched, applied = reg.changes_patched, reg.changes_applied
+        assert reg.refresh()
+        _assert_views(paths, [reg])
+        if not registry_mod.DISCARD_CACHES:
+            assert (reg.changes_patched, reg.changes_applied) == (patched, applied + 1)  # read and compared
+    finally:
+        reg.close()
+
+
+def test_a_hand_edit_only_a_worker_saw_is_kept_by_the_next_write(paths: Paths, manager: _Manager) -> None:
+    """An edit in place that keeps the file's stat signature (coarse timestamps) escapes the
+    manager's watch; a worker's whole-file check at its TTL sees it and bumps the generation.  The
+    manager then no longer trusts what it kept: its next write starts from the file, so the hand
+    edit is not written over -- and the workers serve both."""
+    w = manager.writer
+    for i in range(4):
+        w.create({"name": f"he{i:02d}", "comment": "aaaa"})
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, ttl=0.05)
+    try:
+        reg.refresh()
+        _edit_keeping_the_stamp(paths, b"he01\n\tcomment aaaa", b"he01\n\tcomment bbbb", w)
+        time.sleep(0.1)
+        assert manager.seg is not None
+        gen = manager.seg.generation()
+        assert reg.refresh()
+        assert manager.seg.generation() == gen + 1  # the worker published the edit
+        w.update("he03", {"comment": "written"})
+        config = _fresh(paths)
+        assert (config["he01"]["comment"], config["he03"]["comment"]) == ("bbbb", "written")
+        reg.refresh()
+        _assert_views(paths, [reg])
     finally:
         reg.close()

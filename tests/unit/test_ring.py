@@ -351,28 +351,3 @@ def test_the_manager_tells_what_a_write_shares_with_the_file_before(seed: int, m
         assert regions is not None and {n: regions.offset(n) for n in fresh} == {
             n: region_start(text, n) for n in fresh
         }
-
-
-def test_the_file_record_is_read_back_or_not_at_all(seg: shm.Segment) -> None:
-    """The manager's file record comes back as written with its generation; torn or garbage words
-    read as no record (a worker then reads the whole file), and a publish without one leaves the
-    record naming the older generation."""
-    assert seg.file_record() is None  # never written
-    new, old = (11, 5000, 1_700_000_000_000_000_000), (10, 4900, 1_699_999_999_000_000_000)
-    g1 = seg.publish([(Kind.UPDATED, "alpha")], file=(new, old, 1200, 3000))
-    assert seg.file_record() == shm.FileRecord(g1, new, old, 1200, 3000)
-    g2 = seg.publish([(Kind.UPDATED, "beta")])
-    record = seg.file_record()
-    assert record is not None and record.generation == g1 != g2
-    base = shm.OFF_FILE // 8
-    for word, value in (
-        (shm.FILE_SEQ, 7),  # odd: being written (and never finished)
-        (shm.FILE_NEW + 1, 2**40),  # a size past the limit
-        (shm.FILE_PREFIX, 4901),  # more shared than the old file holds
-        (shm.FILE_OLD, 2**63),
-    ):
-        saved = seg.words[base + word]
-        seg.words[base + word] = value
-        assert seg.file_record() is None, word
-        seg.words[base + word] = saved
-    assert seg.file_record() is not None

@@ -28,15 +28,7 @@ def test_layout_is_pinned() -> None:
     assert (shm.OFF_RING, shm.RING_SIZE, shm.RING_ENTRY_SIZE) == (20480, 4096, 64)
     assert (shm.RING_SEQ, shm.RING_GENERATION, shm.RING_KIND, shm.OFF_RING_NAME) == (0, 1, 2, 24)
     assert [int(k) for k in shm.ChangeKind] == [1, 2, 3, 4]
-    assert (shm.OFF_FLEET, shm.FLEET_WORDS, shm.OFF_FILE, shm.FILE_WORDS) == (80, 6, 256, 10)
-    assert (shm.FILE_SEQ, shm.FILE_GENERATION, shm.FILE_NEW, shm.FILE_OLD, shm.FILE_PREFIX, shm.FILE_SUFFIX) == (
-        0,
-        1,
-        2,
-        5,
-        8,
-        9,
-    )
+    assert (shm.OFF_FLEET, shm.FLEET_WORDS) == (80, 6)
     assert [int(r) for r in shm.Role] == [1, 3, 4]  # 2 (once the master's) is never claimed
     assert (shm.OFF_NAMES, shm.NAME_ENTRY_SIZE, shm.MAX_STORES, shm.STORES_LIMIT) == (282624, 48, 65536, 2**21)
     assert (shm.OFF_COUNTERS, shm.COUNTER_BLOCK_SIZE) == (3428352, 1048576)

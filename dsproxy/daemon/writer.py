@@ -297,7 +297,7 @@ class ConfigWriter:
                     written = replace_file(self.config_file, pending.pieces, sync=self.mirror is None, record=record)
                     self._unsynced = self.mirror is not None
                     signature = _stat_signature(self.config_file)
-                    if signature is None or signature[1] != pending.size:  # replaced meanwhile
+                    if signature is None or signature[:3] != written.stamp:  # replaced meanwhile (sed -i)
                         signature = None  # the next write reads the file
                     hashed = None if hashing is None else hashing.result()
                     known = signature is not None and written.recorded
@@ -368,16 +368,21 @@ class ConfigWriter:
         edited by hand under an unchanged signature -- coarse timestamps -- bumps it); otherwise
         it is read and its digest compared, as before.
         """
-        kept, state = self.kept, self.state
+        kept, state, seg = self.kept, self.state, self._segment()
+        current = None if seg is None else seg.generation()
         trusted = kept is not None and state.signature is not None and state.describes(kept)
-        if trusted and state.generation is not None:
-            seg = self._segment()
-            trusted = seg is None or seg.generation() == state.generation
-        if trusted and _stat_signature(self.config_file) == state.signature:
+        if trusted and state.generation is not None and current is not None:
+            trusted = current == state.generation
+        signature = _stat_signature(self.config_file)
+        if trusted and signature == state.signature:
             assert kept is not None
             return kept, False
         data = read_raw(self.config_file)
         if kept is not None and digest(data) == kept.digest:
+            # the file is what was kept, at the generation now current: trusted again from here on
+            # (else every write -- refused ones too -- read the file again after someone else's bump)
+            generation = current if current is not None else state.generation
+            self.state = _FileState(signature, kept.digest, generation, state.error, kept)
             return kept, False
         self.kept = KeptConfig.read(data, str(self.config_file))
         return self.kept, kept is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dsproxy import registry as registry_mod
-from dsproxy.config import Operation, Value, dump, parse, read_raw
+from dsproxy.config import Operation, Value, dump, parse, read_raw, replace_file
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
@@ -548,3 +548,61 @@ def test_a_hand_edit_only_a_worker_saw_is_kept_by_the_next_write(paths: Paths, m
         _assert_views(paths, [reg])
     finally:
         reg.close()
+
+
+def test_after_someone_elses_bump_the_manager_reads_the_file_once(
+    paths: Paths, manager: _Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bump the manager did not make has its next write read the file (was it edited?); found
+    as kept, the file is trusted again -- refused writes after it read nothing more."""
+    from dsproxy.daemon import writer as writer_mod
+
+    w = manager.writer
+    for i in range(5):
+        w.create({"name": f"rb{i:02d}"})
+    reads: list[object] = []
+    real = read_raw
+
+    def counted(path: Path) -> bytes:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(writer_mod, "read_raw", counted)
+    w.update("rb01", {"comment": "x"})
+    assert reads == []
+    assert manager.seg is not None
+    manager.seg.bump_generation()
+    for _ in range(5):
+        with pytest.raises(WriteRefused):
+            w.remove("nope", None)
+    w.update("rb02", {"comment": "ok"})
+    assert len(reads) == 1
+
+
+def test_a_same_size_rename_right_after_the_managers_is_not_taken_for_its_file(
+    paths: Paths, manager: _Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's rename (``sed -i``) between the manager's rename and its look at the file, with
+    the same size: the manager compares the stamp of the file it wrote, so the next write starts
+    from the file and keeps the edit."""
+    from dsproxy.daemon import writer as writer_mod
+
+    w = manager.writer
+    for i in range(5):
+        w.create({"name": f"rr{i:02d}", "comment": "aaaa"})
+    real = replace_file
+
+    def replace_then_edit(path: Path, data: list[bytes], *args: object, **kwargs: object) -> object:
+        written = real(path, data, *args, **kwargs)  # type: ignore[arg-type]
+        text = read_raw(path).replace(b"rr00\n\tcomment aaaa", b"rr00\n\tcomment EDIT")
+        tmp = Path(f"{path}.sed")
+        tmp.write_bytes(text)
+        os.rename(tmp, path)
+        return written
+
+    monkeypatch.setattr(writer_mod, "replace_file", replace_then_edit)
+    w.update("rr03", {"comment": "bbbb"})
+    monkeypatch.undo()
+    w.update("rr04", {"comment": "cccc"})
+    config = _fresh(paths)
+    assert (config["rr00"]["comment"], config["rr03"]["comment"], config["rr04"]["comment"]) == ("EDIT", "bbbb", "cccc")

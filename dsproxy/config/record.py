@@ -108,14 +108,16 @@ _warned = False
 
 
 def write(fd: int, record: FileRecord, path: str) -> bool:
-    """Set ``record`` on the open file ``fd``; whether it was (a file system that takes no user
-    xattr is logged once: every write then has its workers read the whole file)."""
+    """Set ``record`` on the open file ``fd``; whether it was.  It is an optimisation, so no error
+    fails the write: a file system that takes no user xattr is logged once (every write then has
+    its workers read the whole file), any other error each time."""
     global _warned
     try:
         os.setxattr(fd, NAME, record.pack())
-    except OSError as err:
+    except OSError as err:  # never a reason to refuse the write (EDQUOT for an xattr block, EIO)
         if err.errno not in _UNSUPPORTED:
-            raise
+            log.warning('cannot keep the file record with "%s": %s', path, err.strerror or err)
+            return False
         if not _warned:
             _warned = True
             log.info(

@@ -857,12 +857,16 @@ class ConfigWriter:
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 record = FileRecord(new_token())
                 written = replace_file(self.config_file, pending.pieces, record=record)
-                kept.commit(pending, kept.hash(pending), (record.token, written.stamp) if written.recorded else None)
+                signature = _stat_signature(self.config_file)
+                if signature is None or signature[:3] != written.stamp:  # replaced meanwhile: look again
+                    signature = None
+                known = signature is not None and written.recorded
+                kept.commit(pending, kept.hash(pending), (record.token, written.stamp) if known else None)
                 self.kept = kept
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
-        self.state = _FileState(_stat_signature(self.config_file), kept.digest, gen, None)
+        self.state = _FileState(signature, kept.digest, gen, None)
         return gen
 
     def _hand_edit(self) -> None:

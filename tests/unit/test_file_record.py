@@ -99,3 +99,17 @@ def test_a_file_system_without_user_xattrs_still_takes_the_file(tmp_path: Path, 
     assert not written.recorded and path.read_bytes() == b"z\n"
     monkeypatch.undo()
     assert _read(path) is None
+
+
+def test_any_other_error_setting_it_leaves_the_record_out_not_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is an optimisation: a quota hit by its xattr block must not refuse a config write."""
+
+    def quota(*args: object) -> None:
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "setxattr", quota)
+    path = tmp_path / "datastore.cfg"
+    written = replace_file(path, b"q\n", record=FileRecord(new_token()))
+    assert not written.recorded and path.read_bytes() == b"q\n"

@@ -246,7 +246,7 @@ def patch(
     untouched, when the change is not one this can prove (then the caller reads the whole file).
 
     The caller knows that the rest of the file is unchanged (the manager's file record,
-    :mod:`dsproxy.ipc.shm`); what is proven here is the part that changed, widened to whole
+    :mod:`dsproxy.config.record`); what is proven here is the part that changed, widened to whole
     regions on both sides: each region of the new part parses alone to exactly one store, every
     one of the old part is the store the config has, the stores kept appear in the same order,
     and stores that are new come after them at the end of the file (where :func:`parse` puts

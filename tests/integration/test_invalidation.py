@@ -465,21 +465,29 @@ def test_an_edit_in_place_during_the_patch_read_is_read_whole(
         reg.refresh()
         w.update("pr02", {"comment": "cccc"})
         pread = registry_mod._pread_all
+        fired: list[int] = []
 
-        def pread_then_edit(fd: int, length: int, offset: int) -> bytes | None:
-            got = pread(fd, length, offset)
+        def edit() -> None:
             with open(paths.config_file, "r+b") as f:
                 data = f.read()
                 f.seek(data.index(b"pr04\n\tcomment aaaa") + len(b"pr04\n\tcomment "))
                 f.write(b"dddd")
             now = time.time_ns() + 50_000_000
             os.utime(paths.config_file, ns=(now, now))
+
+        def pread_then_edit(fd: int, length: int, offset: int) -> bytes | None:
+            got = pread(fd, length, offset)
+            edit()
+            fired.append(length)
             return got
 
         monkeypatch.setattr(registry_mod, "_pread_all", pread_then_edit)
+        if registry_mod.DISCARD_CACHES:
+            edit()  # no patch path to read during: the full read must serve the edit all the same
         patched = reg.changes_patched
         assert reg.refresh()
         monkeypatch.undo()
+        assert fired or registry_mod.DISCARD_CACHES  # the edit did land during the patch's read
         config = reg.config()[0]
         assert (config["pr02"]["comment"], config["pr04"]["comment"]) == ("cccc", "dddd")
         assert reg.changes_patched == patched

@@ -298,9 +298,8 @@ def _read_after(path: str, prefix: bytes, buf: bytearray | None = None) -> tuple
             del buf[len(prefix) + got :]
         elif more := f.read(1):
             buf += more + f.read()
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        after = os.fstat(f.fileno())
-        record = file_record.read(f.fileno()) if stamp == (after.st_ino, after.st_size, after.st_mtime_ns) else None
+        stamp = file_record.stamp_of(st)
+        record = file_record.read(f.fileno()) if stamp == file_record.stamp_of(os.fstat(f.fileno())) else None
     return buf, None if record is None or record.new != stamp else (record.token, stamp)
 
 
@@ -785,21 +784,20 @@ class Registry:
         except OSError:
             return None  # the read path reports it
         try:
-            st = os.fstat(fd)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            stamp = file_record.stamp_of(os.fstat(fd))
             record = file_record.read(fd)
             if record is None or record.new != stamp or record.old_token != known[0] or record.old != known[1]:
                 return None  # not the manager's write after the one we read, or edited in place since
-            length = st.st_size - record.prefix - record.suffix
+            length = stamp[1] - record.prefix - record.suffix
             if length > PATCH_MAX:
                 return None
             middle = _pread_all(fd, length, record.prefix)
-            after = os.fstat(fd)
+            after = file_record.stamp_of(os.fstat(fd))
         except OSError:
             return None
         finally:
             os.close(fd)
-        if middle is None or (after.st_ino, after.st_size, after.st_mtime_ns) != stamp:
+        if middle is None or after != stamp:
             return None  # edited in place while read
         props = patch(text, old.config, 1 + record.prefix, len(text) - record.suffix, middle, old.regions)
         if props is None:

@@ -118,9 +118,9 @@ def replace_file(
 
     ``record`` (the manager's writes of ``datastore.cfg``) is set on the temp file before the
     rename (:mod:`dsproxy.config.record`), so the file never exists without it; its ``new`` stamp
-    is filled in here.  Returns the new
-    file's stamp, ``(inode, size, mtime ns)``, from the temp file's fd once it is written, and
-    whether the record was set (a file system without user xattrs takes none).
+    is filled in here.  Returns the new file's stamp, ``(inode, size, mtime ns)``, from the temp
+    file's fd once it is written, and whether the record was set (a file system without user
+    xattrs takes none).
     """
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."
@@ -155,9 +155,9 @@ def _replace_in(
             os.fchmod(fd, mode)
             if group is not None:
                 os.fchown(fd, -1, group)
-            st = os.fstat(fd)  # (the record and fsync leave size and mtime as they are)
+            stamp = file_record.stamp_of(os.fstat(fd))  # (the record and fsync leave it as it is)
             if record is not None:
-                record = record._replace(new=(st.st_ino, st.st_size, st.st_mtime_ns))
+                record = record._replace(new=stamp)
             recorded = record is not None and file_record.write(fd, record, target)
             if sync:
                 os.fsync(fd)
@@ -168,7 +168,7 @@ def _replace_in(
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise WriteError(f'writing "{target}" failed: {err.strerror or err}') from None
-    replaced = Replaced((st.st_ino, st.st_size, st.st_mtime_ns), recorded)
+    replaced = Replaced(stamp, recorded)
     if not sync:
         return replaced
     try:

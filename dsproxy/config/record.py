@@ -54,6 +54,11 @@ _UNSUPPORTED: Final = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, e
 Stamp = tuple[int, int, int]
 
 
+def stamp_of(st: os.stat_result) -> Stamp:
+    """The stamp of a ``stat``/``fstat`` result."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class FileRecord(NamedTuple):
     """What the manager's write says of its file (see the module docs)."""
 
@@ -65,8 +70,9 @@ class FileRecord(NamedTuple):
     suffix: int = 0  #: bytes at the end they share (``prefix + suffix`` fits in both)
 
     def pack(self) -> bytes:
-        old = self.old if self.old_token is not None and self.old is not None else (0, 0, 0)
-        old_token = self.old_token if self.old_token is not None and self.old is not None else _ZERO
+        old_token, old = _ZERO, (0, 0, 0)
+        if self.old_token is not None and self.old is not None:
+            old_token, old = self.old_token, self.old
         return _FORMAT.pack(MAGIC, VERSION, self.token, *self.new, old_token, *old, self.prefix, self.suffix)
 
     @classmethod

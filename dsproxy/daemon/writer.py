@@ -76,7 +76,7 @@ from ..config import (
     replace_file,
     request,
 )
-from ..config.record import FileRecord, new_token
+from ..config.record import FileRecord, Stamp, new_token
 from ..fsutil import (
     STORE_DIR_MODE,
     DirChain,
@@ -262,7 +262,22 @@ class ConfigWriter:
         if reread or kept.identity is None:
             return FileRecord(token)
         old_token, old_stamp = kept.identity
-        return FileRecord(token, (0, 0, 0), old_token, old_stamp, *kept.window(pending))
+        prefix, suffix = kept.window(pending)
+        return FileRecord(token, old_token=old_token, old=old_stamp, prefix=prefix, suffix=suffix)
+
+    def _replace(
+        self, pending: PendingWrite, record: FileRecord, sync: bool = True
+    ) -> tuple[tuple[bytes, Stamp] | None, tuple[int, int, int, int] | None]:
+        """Replace the file with ``pending``'s bytes and ``record``; returns the written file's
+        identity for :meth:`KeptConfig.commit` (None: no record was set, or the file was replaced
+        again meanwhile) and its stat signature (None if it is not the file written: the next write
+        reads the file -- an editor's rename of the same size, ``sed -i``, right after ours)."""
+        written = replace_file(self.config_file, pending.pieces, sync=sync, record=record)
+        signature = _stat_signature(self.config_file)
+        if signature is None or signature[:3] != written.stamp:
+            signature = None
+        identity = (record.token, written.stamp) if signature is not None and written.recorded else None
+        return identity, signature
 
     def _write(
         self,
@@ -294,14 +309,10 @@ class ConfigWriter:
                 record = self._record_of(kept, pending, reread)
                 with self._replaced_later():
                     # fleet mode: etcd is the durable copy, the file is synced later (sync_mirror)
-                    written = replace_file(self.config_file, pending.pieces, sync=self.mirror is None, record=record)
+                    identity, signature = self._replace(pending, record, sync=self.mirror is None)
                     self._unsynced = self.mirror is not None
-                    signature = _stat_signature(self.config_file)
-                    if signature is None or signature[:3] != written.stamp:  # replaced meanwhile (sed -i)
-                        signature = None  # the next write reads the file
                     hashed = None if hashing is None else hashing.result()
-                    known = signature is not None and written.recorded
-                    kept.commit(pending, hashed, (record.token, written.stamp) if known else None)
+                    kept.commit(pending, hashed, identity)
                     # publish after write; a file changed by hand since the last write: everyone reloads
                     if reread:
                         gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
@@ -855,13 +866,8 @@ class ConfigWriter:
         try:
             with config_lock(self.lock_file):
                 pending = kept.prepare(changes, str(self.config_file), verified)
-                record = FileRecord(new_token())
-                written = replace_file(self.config_file, pending.pieces, record=record)
-                signature = _stat_signature(self.config_file)
-                if signature is None or signature[:3] != written.stamp:  # replaced meanwhile: look again
-                    signature = None
-                known = signature is not None and written.recorded
-                kept.commit(pending, kept.hash(pending), (record.token, written.stamp) if known else None)
+                identity, signature = self._replace(pending, FileRecord(new_token()))
+                kept.commit(pending, kept.hash(pending), identity)
                 self.kept = kept
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:

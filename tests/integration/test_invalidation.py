@@ -77,6 +77,15 @@ def _assert_views(paths: Paths, registries: list[Registry]) -> None:
                 assert handle.path == props["path"]
 
 
+def _overwrite(paths: Paths, old: bytes, new: bytes) -> None:
+    """An edit in place (same inode, same size): the first ``old`` in the file becomes ``new``."""
+    assert len(old) == len(new)
+    with open(paths.config_file, "r+b") as f:
+        data = f.read()
+        f.seek(data.index(old))
+        f.write(new)
+
+
 def _hand_edit(paths: Paths, rng: random.Random) -> None:
     cfg = _fresh(paths)
     if cfg and rng.random() < 0.5:
@@ -383,10 +392,7 @@ def test_a_hand_edit_in_place_after_a_write_is_read_not_patched(paths: Paths, ma
         if not registry_mod.DISCARD_CACHES:
             assert reg.changes_patched == patched + 1
         w.update("ip07", {"comment": "written"})
-        with open(paths.config_file, "r+b") as f:  # in place, same size: only the mtime tells
-            data = f.read()
-            f.seek(data.index(b"\tcomment patched"))
-            f.write(b"\tcomment by-hand")
+        _overwrite(paths, b"\tcomment patched", b"\tcomment by-hand")  # same size: only the mtime tells
         os.utime(paths.config_file, ns=(time.time_ns(), time.time_ns() + 10_000_000))  # past the write's tick
         patched = reg.changes_patched
         assert reg.refresh()
@@ -411,10 +417,7 @@ def _edit_keeping_the_stamp(paths: Paths, old: bytes, new: bytes, writer: Config
     timestamps shows of an edit within one tick of the write before.  With ``writer``, its watch
     misses it too (the ctime it would see move is taken as the file's: the same tick)."""
     st = os.stat(paths.config_file)
-    with open(paths.config_file, "r+b") as f:
-        data = f.read()
-        f.seek(data.index(old))
-        f.write(new)
+    _overwrite(paths, old, new)
     os.utime(paths.config_file, ns=(st.st_atime_ns, st.st_mtime_ns))
     after = os.stat(paths.config_file)
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -468,10 +471,7 @@ def test_an_edit_in_place_during_the_patch_read_is_read_whole(
         fired: list[int] = []
 
         def edit() -> None:
-            with open(paths.config_file, "r+b") as f:
-                data = f.read()
-                f.seek(data.index(b"pr04\n\tcomment aaaa") + len(b"pr04\n\tcomment "))
-                f.write(b"dddd")
+            _overwrite(paths, b"pr04\n\tcomment aaaa", b"pr04\n\tcomment dddd")
             now = time.time_ns() + 50_000_000
             os.utime(paths.config_file, ns=(now, now))
 

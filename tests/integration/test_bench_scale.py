@@ -36,7 +36,9 @@ def test_bench_scale_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
             assert res["status_idle_p99_ms"] > 0 and res["status_busy_p99_ms"] > 0
             assert res["status_busy_writes"] >= 1
             assert res["worker_rss_mb"] > 0 and res["worker_fds"] > 0 and len(res["worker_pids"]) == 2
-    assert data["rows"][1]["layout"]["made"] == 40  # the first 20 are reused from the smaller row
+    assert data["rows"][1]["layout"]["made"] == 60  # laid out once, for the largest row
+    for row in data["rows"]:  # every row's lookup measured in the same phase, rounds in turn
+        assert len(row["lookup"]["rounds"]) == scale.LOOKUP_ROUNDS and row["lookup"]["reference_ns"] > 0
     targets = {t["target"]: t for t in data["targets"]}
     assert targets["proxy ready at 60 (s) <= 20"]["holds"] is True
     assert targets["stall full / delta at 60 >= 50"]["value"] > 0
@@ -85,3 +87,15 @@ def test_the_full_invalidation_environment_reaches_both_daemons(tmp_path: Path) 
         pids = [d.manager.pid, *d.worker_pids()]
         for pid in pids:
             assert b"DSPROXY_INVALIDATION=full" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def test_the_lookup_target_divides_by_the_machine_reference_measured_beside_it() -> None:
+    # the machine ran twice as slow while the large row was measured: raw 2x, the same code
+    measured = {"median_ns": 2000.0, "reference_ns": 500.0, "normalised": 4.0}
+    small = {"stores": 1000, "modes": {}, "lookup": {"median_ns": 1000.0, "reference_ns": 250.0, "normalised": 4.0}}
+    large = {"stores": 100000, "modes": {}, "lookup": measured}
+    target = scale.targets([small, large])[0]
+    assert target["value"] == 1.0 and target["holds"] is True
+    measured["normalised"] = 6.0  # 1.5x slower than the machine explains: a real regression
+    target = scale.targets([small, large])[0]
+    assert target["value"] == 1.5 and target["holds"] is False

@@ -169,6 +169,32 @@ def test_prewarm_stops_at_the_budget(pool: FdPool, make_registry: Callable[..., 
     assert cold in open_fds(reg) and len(open_fds(reg)) == BUDGET
 
 
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="prewarm is off under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_prewarm_is_not_a_use_the_first_miss_closes_a_store_nobody_asked_for(
+    pool: FdPool, make_registry: Callable[..., Registry]
+) -> None:
+    reg = make_registry()
+    reg.refresh()
+    reg.prewarm()
+    warm = sorted(open_fds(reg))
+    assert len(warm) == BUDGET
+    hot = warm[0]  # the oldest prewarmed: the clock's hand stands at it
+    reg.lookup(hot, Operation.READ).release()  # asked for after prewarm
+    swept: list[str] = []
+    probe = reg._fd_recent
+
+    def counting(inst: object) -> bool:
+        swept.append(inst.name)  # type: ignore[attr-defined]
+        return probe(inst)  # type: ignore[arg-type]
+
+    reg._fd_recent = counting  # type: ignore[method-assign]
+    cold = next(name for name in NAMES if name not in reg.instances)
+    reg.lookup(cold, Operation.READ).release()
+    assert hot in open_fds(reg)  # the store in use since prewarm kept its fd
+    assert open_fds(reg) == {hot, *warm[2:], cold} and pool.closes == 1  # the next prewarmed one went
+    assert swept == warm[:2]  # one step past the used one: no pass over the whole budget
+
+
 def test_a_config_change_keeps_the_fds_within_the_budget(
     pool: FdPool, make_registry: Callable[..., Registry], tmp_path: Path
 ) -> None:

@@ -34,7 +34,7 @@ def test_bench_scale_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
             assert 0 < res["write_p50_ms"] <= res["write_p99_ms"]
             assert res["stall_ms"] > 0 and res["stall_idle_ms"] > 0
             assert res["status_idle_p99_ms"] > 0 and res["status_busy_p99_ms"] > 0
-            assert res["status_busy_writes"] >= 1
+            assert res["status_busy_writes"] >= 1 and res["status_p99_ratio"] > 0 and res["status_windows"]
             assert res["worker_rss_mb"] > 0 and res["worker_fds"] > 0 and len(res["worker_pids"]) == 2
     assert data["rows"][1]["layout"]["made"] == 60  # laid out once, for the largest row
     for row in data["rows"]:  # every row's lookup measured in the same phase, rounds in turn

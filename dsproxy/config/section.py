@@ -32,7 +32,12 @@ exact bytes before they replace the file, to make that a checked fact rather tha
 
 Speed: a 1,000-section file (~180 KB) parses in a few milliseconds; validated values are memoised
 (per process, bounded) because most stores share schedules and property strings, and every
-worker re-parses the same file on each reload.
+worker re-parses the same file on each reload.  :func:`parse` first tries a lean pass that takes
+only plainly written files (what dsproxy and PBS write: :func:`_fast`), and hands anything else
+to the full parser, which reports errors by line.  At 100,000 stores (bench-scale's 14 MB file,
+this 2-core VM, quiet, best of 4): 0.59 s against 0.92 s for the full parser (the rest is the
+check of each unique value, ``path`` and ``comment``, ~0.3 s); it is what a worker's full
+reload, a proxy's start and a fleet host's cold start (manager and workers) each pay.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .schema import (
     check_section_rules,
     check_value,
     format_value,
+    is_name,
     show,
 )
 
@@ -210,6 +216,89 @@ class _Parser:
         return self.config
 
 
+#: property lines seen by the fast path (``"\tkey value"`` -> key, typed value), shared by every parse
+#: of this process like :data:`_MEMO`; keys whose values are nearly always unique stay out of it
+_LINES: dict[str, tuple[str, Value]] = {}
+_UNIQUE_KEYS = frozenset({"path", "comment"})
+_HEADER = f"{SECTION_TYPE}: "
+
+
+def _fast(text: str) -> SectionConfig | None:
+    """The parse of a well-formed file in one lean pass, or None where anything is unusual (the full
+    parser then decides, and reports): every section ``datastore: NAME`` then ``\tkey value`` lines,
+    one empty line between two, no ``\r``, no duplicate name or key, every value valid.
+
+    What it accepts, :class:`_Parser` parses to the same config (a differential property test
+    holds them together): it only takes the shapes whose meaning is plain -- a header exactly as
+    written (the name valid, so it has no white space to trim), a property line whose key is
+    followed by one space and a value without white space at either end (what ``split(None, 1)``
+    and ``rstrip`` would make of it).  Speed: see the module docstring.
+    """
+    if "\r" in text:
+        return None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    config = SectionConfig()
+    memo, seen_lines, unique = _MEMO, _LINES, _UNIQUE_KEYS
+    props: dict[str, Value] | None = None
+    name = ""
+    for line in lines:
+        if props is not None and line:
+            hit = seen_lines.get(line)
+            if hit is not None:
+                key, value = hit
+            else:
+                if line[0] != "\t":
+                    return None
+                key, sep, raw = line[1:].partition(" ")
+                if not sep or raw != raw.strip():
+                    return None
+                if key in unique:  # checked each time, remembered nowhere
+                    try:
+                        value = check_value(key, raw)
+                    except SchemaError:
+                        return None
+                else:
+                    cached = memo.get((key, raw))
+                    if cached is None:
+                        try:
+                            cached = check_value(key, raw)
+                        except SchemaError:
+                            return None
+                        if len(memo) >= _MEMO_LIMIT:
+                            memo.clear()
+                        memo[(key, raw)] = cached
+                    value = cached
+                    if len(seen_lines) >= _MEMO_LIMIT:
+                        seen_lines.clear()
+                    seen_lines[line] = (key, value)
+            if key in props:
+                return None
+            props[key] = value
+        elif props is not None:  # the empty line that ends a section
+            if not _complete(config, name, props):
+                return None
+            props = None
+        elif line.startswith(_HEADER) and is_name(name := line[len(_HEADER) :]) and name not in config:
+            props = {}
+        else:
+            return None  # a blank line that ends nothing, or not a plain header
+    if props is not None and not _complete(config, name, props):
+        return None
+    return config
+
+
+def _complete(config: SectionConfig, name: str, props: dict[str, Value]) -> bool:
+    for key in REQUIRED_KEYS:
+        if key not in props:
+            return False
+    if check_section_rules(props) is not None:
+        return False
+    config[name] = props
+    return True
+
+
 def parse(text: str | bytes, filename: str = "datastore.cfg") -> SectionConfig:
     """Parse ``datastore.cfg`` text (or raw bytes, which must be UTF-8).
 
@@ -220,6 +309,9 @@ def parse(text: str | bytes, filename: str = "datastore.cfg") -> SectionConfig:
         text = _decode(bytes(text), filename)
     elif not isinstance(text, str):
         raise ParseError(filename, [(0, f"expected text or bytes, got {type(text).__name__}")])
+    fast = _fast(text)
+    if fast is not None:
+        return fast
     return _Parser(filename).feed(text)
 
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsproxy import config
-from dsproxy.config import ConfigError, MaintenanceMode
+from dsproxy.config import ConfigError, MaintenanceMode, section
 from dsproxy.config.schema import MAINTENANCE_TYPES
 
 KEYS = ["path", "comment", "gc-schedule", "keep-last", "verify-new", "maintenance-mode", "tuning", "notify", "bogus"]
@@ -194,3 +194,72 @@ def test_the_api_checker_and_the_file_agree_on_every_value(item: tuple[str, str]
     except config.PropertyError:
         return
     assert config.parse(config.dump({"store1": typed})) == {"store1": typed}
+
+
+# -- the fast path of parse() and the full parser agree ------------------------------------------------
+
+
+def _full(text: str) -> config.SectionConfig | None:
+    try:
+        return section._Parser("datastore.cfg").feed(text)
+    except ConfigError:
+        return None
+
+
+def _agree(text: str) -> None:
+    fast = section._fast(text)
+    if fast is None:
+        return  # the full parser decides
+    full = _full(text)
+    assert full is not None, "the fast path accepted what the full parser refuses"
+    assert list(fast.items()) == list(full.items()) and fast.duplicates == full.duplicates
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_the_fast_path_accepts_nothing_the_full_parser_reads_otherwise(text: str) -> None:
+    _agree(text)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(valued_documents())
+def test_the_fast_path_agrees_on_every_kind_of_value(text: str) -> None:
+    _agree(text)
+    cfg = _full(text)
+    if cfg is not None:  # what dsproxy writes takes the fast path (else its speed is lost unnoticed)
+        canonical = config.dump(cfg)
+        assert section._fast(canonical) == cfg
+        _agree(canonical)
+
+
+_ODD_SPACE = ["", " ", "  ", "\t", "\xa0", "\x1c", "\u2028", "\x85"]
+
+
+def _mostly(draw: st.DrawFn, plain: str, odd: list[str]) -> str:
+    """``plain`` nine times in ten, else one of ``odd``: most files stay plain, many do not."""
+    return plain if draw(st.integers(0, 9)) else draw(st.sampled_from(odd))
+
+
+@st.composite
+def near_canonical(draw: st.DrawFn) -> str:
+    """Canonical-looking files with white space of every kind where the grammar trims or splits."""
+    props = [("comment", "a b"), ("comment", ""), ("gc-schedule", "daily"), ("keep-last", "3"), ("notify", "x")]
+    out = []
+    for i in range(draw(st.integers(min_value=1, max_value=3))):
+        name = _mostly(draw, f"store{i}", ["store0", "ab", "s" * 33, "store 1", "store1:"])
+        header = _mostly(draw, "datastore: {}", ["datastore:  {}", "datastore : {}", "datastore:{}", "Datastore: {}"])
+        lines = [header.format(name) + _mostly(draw, "", _ODD_SPACE)]
+        for key, value in [("path", "/srv/s"), *draw(st.lists(st.sampled_from(props), max_size=3))]:
+            lead = _mostly(draw, "\t", [" ", "\t\t", "\t ", "\xa0"])
+            sep = _mostly(draw, " ", ["  ", "\t", "\xa0", "\x1c", ""])
+            tail = _mostly(draw, "", [" ", "\t", "\xa0", "  "])
+            lines.append(f"{lead}{key}{sep}{value}{tail}")
+        out.append("\n".join(lines))
+    blank = _mostly(draw, "\n\n", ["\n \n", "\n\t\n", "\n\n\n", "\r\n\r\n", "\n"])
+    return blank.join(out) + _mostly(draw, "", ["\n", "\n\n", " "])
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(near_canonical())
+def test_the_fast_path_agrees_on_white_space_of_every_kind(text: str) -> None:
+    _agree(text)

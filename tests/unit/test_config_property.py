@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from dsproxy import config
 from dsproxy.config import ConfigError, MaintenanceMode, section
 from dsproxy.config.schema import MAINTENANCE_TYPES
+from dsproxy.daemon.kept import canonical_text
 
 KEYS = ["path", "comment", "gc-schedule", "keep-last", "verify-new", "maintenance-mode", "tuning", "notify", "bogus"]
 VALUES = [
@@ -219,6 +220,16 @@ def _agree(text: str) -> None:
 @given(documents)
 def test_the_fast_path_accepts_nothing_the_full_parser_reads_otherwise(text: str) -> None:
     _agree(text)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(valued_documents())
+def test_what_parses_renders_canonically_without_a_second_check(text: str) -> None:
+    cfg = _full(text)
+    if cfg is None:
+        return
+    for name, props in cfg.items():  # the manager keeps a hand-edited file's texts this way
+        assert canonical_text(name, props) == section.render_section(name, props)[0].encode()
 
 
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])

@@ -23,7 +23,7 @@ TINY = (
 def test_bench_scale_small_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     out, data = run_bench("bench-scale", tmp_path, "--stores", "20,60", "--invalidation", "delta,full", *TINY)
     assert "bench-scale: 2 workers" in out and "targets of issue 9" in out
-    assert "stall full/delta" in out and "error" not in out
+    assert "full/delta" in out and "[before]" in out and "error" not in out  # the ratio columns, headers whole
     assert [r["stores"] for r in data["rows"]] == [20, 60]
     for row in data["rows"]:
         assert row["lookup"]["median_ns"] > 0 and row["floor"]["p50_ms"] > 0 and row["config_bytes"] > 0

@@ -43,6 +43,7 @@ reload, a proxy's start and a fleet host's cold start (manager and workers) each
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 from .errors import ParseError, PropertyError
 from .schema import (
@@ -60,6 +61,9 @@ from .schema import (
 )
 
 SECTION_TYPE = "datastore"
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # Validated values by (key, raw text), shared by every parse of this process: a reload re-parses
 # mostly the same values.  Only successes are stored; the bound keeps a hostile file from growing it.
@@ -140,10 +144,7 @@ class _Parser:
             else:
                 self.error(lineno, str(err))
             return
-        memo = self.memo
-        if len(memo) >= _MEMO_LIMIT:
-            memo.clear()
-        memo[(key, raw)] = value
+        _remember(self.memo, (key, raw), value)
         self.props[key] = value
 
     def end_section(self, lineno: int) -> None:
@@ -226,7 +227,8 @@ _HEADER = f"{SECTION_TYPE}: "
 def _fast(text: str) -> SectionConfig | None:
     """The parse of a well-formed file in one lean pass, or None where anything is unusual (the full
     parser then decides, and reports): every section ``datastore: NAME`` then ``\tkey value`` lines,
-    one empty line between two, no ``\r``, no duplicate name or key, every value valid.
+    empty lines between sections (and around them), no ``\r``, no duplicate name or key, every
+    value valid.
 
     What it accepts, :class:`_Parser` parses to the same config (a differential property test
     holds them together): it only takes the shapes whose meaning is plain -- a header exactly as
@@ -236,14 +238,11 @@ def _fast(text: str) -> SectionConfig | None:
     """
     if "\r" in text:
         return None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
     config = SectionConfig()
     memo, seen_lines, unique = _MEMO, _LINES, _UNIQUE_KEYS
     props: dict[str, Value] | None = None
     name = ""
-    for line in lines:
+    for line in text.split("\n"):
         if props is not None and line:
             hit = seen_lines.get(line)
             if hit is not None:
@@ -266,13 +265,9 @@ def _fast(text: str) -> SectionConfig | None:
                             cached = check_value(key, raw)
                         except SchemaError:
                             return None
-                        if len(memo) >= _MEMO_LIMIT:
-                            memo.clear()
-                        memo[(key, raw)] = cached
+                        _remember(memo, (key, raw), cached)
                     value = cached
-                    if len(seen_lines) >= _MEMO_LIMIT:
-                        seen_lines.clear()
-                    seen_lines[line] = (key, value)
+                    _remember(seen_lines, line, (key, value))
             if key in props:
                 return None
             props[key] = value
@@ -280,13 +275,23 @@ def _fast(text: str) -> SectionConfig | None:
             if not _complete(config, name, props):
                 return None
             props = None
+        elif not line:
+            continue  # before the first section, after the last, or a second one between: nothing to end
         elif line.startswith(_HEADER) and is_name(name := line[len(_HEADER) :]) and name not in config:
             props = {}
         else:
-            return None  # a blank line that ends nothing, or not a plain header
+            return None  # not a plain header
     if props is not None and not _complete(config, name, props):
         return None
     return config
+
+
+def _remember(table: dict[K, V], key: K, value: V) -> None:
+    """``table[key] = value`` in a memo bounded by :data:`_MEMO_LIMIT` (emptied when full: a
+    hostile file cannot grow it)."""
+    if len(table) >= _MEMO_LIMIT:
+        table.clear()
+    table[key] = value
 
 
 def _complete(config: SectionConfig, name: str, props: dict[str, Value]) -> bool:

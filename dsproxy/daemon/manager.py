@@ -53,6 +53,7 @@ from ..auth.errors import AuthError, Refused
 from ..auth.files import AccessFiles
 from ..auth.writer import AccessWriter
 from ..ipc import shm
+from ..ipc.proc import Liveness
 from . import limits, systemd
 from .http import HTTPError, Limits, PeerCredentials, Reply, Request, Router, Server, bind_unix_socket, data_reply
 from .options import ManagerOptions as ManagerOptions  # re-exported: it used to live here
@@ -144,6 +145,7 @@ class Manager:
         self.paths = options.paths
         self.seg: shm.Segment | None = None
         self.slot = -1
+        self.liveness = Liveness()  # the segments' look at who is alive (pidfds: one poll a look)
         #: the segment processes are still moving from after a move (their operations count there)
         self.previous: shm.Segment | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
@@ -186,6 +188,7 @@ class Manager:
     def _adopt(self, seg: shm.Segment) -> None:
         """Make ``seg`` the manager's segment: a slot of its own, marked booted."""
         self.seg = seg
+        seg.liveness = self.liveness
         self.slot = seg.claim_slot(shm.Role.MANAGER)
         seg.set_booted(self.slot)
 

@@ -295,6 +295,7 @@ class Mirror:
         self.due: float | None = None  # when to report a datastore change nobody waits for (monotonic)
         self.reported: dict[str, Any] | None = None  # the last value put
         self.poke = asyncio.Event()
+        self._nudged: int | None = None  # the generation this host's workers were last nudged to load
         self.tasks: list[asyncio.Task[None]] = []
         # Another manager running with this host id: (when its put was seen (monotonic), its pid)
         self.instance = secrets.token_hex(8)  # in every put of the host key: which manager wrote it
@@ -497,19 +498,30 @@ class Mirror:
             self.poke.set()
 
     async def _applied(self) -> None:
-        self.nudge()
+        seg = self.segment()
+        record = None if seg is None else seg.fleet()
+        if record is None or record.generation != self._nudged:  # (a batch of host keys alone: no)
+            self._nudged = None if record is None else record.generation
+            self.nudge()
         self.poke.set()
         async with self.changed:
             self.changed.notify_all()
 
     def nudge(self) -> None:
         """Wake this host's workers (SIGUSR2): they load a mirror write now, not at their next tick
-        (:mod:`dsproxy.daemon.worker`).  Only workers: a library process may not expect the signal."""
+        (:mod:`dsproxy.daemon.worker`).  Only workers: a library process may not expect the signal.
+        Through the manager's pidfds (:class:`~dsproxy.ipc.proc.Liveness`): no signal reaches a
+        process that took a dead worker's pid."""
         seg = self.segment()
         if seg is None:
             return
-        for slot in seg.slots():
-            if slot.role == shm.Role.WORKER:
+        live = seg.liveness
+        for slot in seg.claimed_slots() if live is not None else seg.slots():
+            if slot.role != shm.Role.WORKER:
+                continue
+            if live is not None:
+                live.signal(slot.pid, slot.start, signal.SIGUSR2)
+            else:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(slot.pid, signal.SIGUSR2)
 

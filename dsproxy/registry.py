@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 import weakref
@@ -365,6 +366,7 @@ class Registry:
         self._evict_names: frozenset[str] = frozenset()  # stores to drop once idle (current config)
         self._prewarm_failed: set[str] = set()  # stores prewarm() could not open (current config)
         self._warm: _Cache | None = None  # the cache prewarm() last completed
+        self._warm_at: tuple[_Cache | None, int] = (None, 0)  # the cache being warmed, and how far it got
         self._spare: bytearray | None = None  # the text buffer of a cache a delta replaced: read into next
         self._next_check = _monotonic() + SEGMENT_CHECK_INTERVAL
         self.reloads = 0
@@ -1085,32 +1087,41 @@ class Registry:
         whose directory cannot be opened, are skipped (a lookup reports the latter), and so are new
         fds once the fd budget (:mod:`dsproxy.fdbudget`) is spent: prewarm never closes one store's
         fd to open another's, those stores open on their first lookup.  Stops after ``budget``
-        seconds; returns how many stores are still without an instance for want of time.
+        seconds, and the next call goes on from there; returns 0 once through every store, else
+        (roughly) how many are still to go.
         """
         cache = self._cache
         if cache is None or not self._fast or self._words is None or DISCARD_CACHES or self._warm is cache:
             return 0
         deadline = None if budget is None else _monotonic() + budget
-        missing = self._prewarm_entries(cache.entries.values(), deadline)
-        if not missing:
-            self._warm = cache  # every tick would scan all stores again for nothing
-        return missing
+        # resume where the last slice stopped: from the start each time, a first boot's warm-up
+        # in slices walked all 100,000 entries per slice (the built ones skipped, each of the rest
+        # timed) -- a third of the warm-up's samples at 100,000 stores (py-spy)
+        at, start = self._warm_at
+        start = start if at is cache else 0
+        done = self._prewarm_entries(itertools.islice(cache.entries.values(), start, None), deadline)
+        if done is None:
+            self._warm, self._warm_at = cache, (None, 0)  # every tick would scan all stores again for nothing
+            return 0
+        self._warm_at = (cache, start + done)
+        return max(len(cache.entries) - start - done, 1)
 
-    def _prewarm_entries(self, entries: Iterable[_Entry], deadline: float | None = None) -> int:
-        """Build the instances of ``entries`` that have none (until ``deadline``); how many are left."""
+    def _prewarm_entries(self, entries: Iterable[_Entry], deadline: float | None = None) -> int | None:
+        """Build the instances of ``entries`` that have none, until ``deadline``: None once through
+        them all, else how many it went through (where the next slice starts)."""
         cache = self._cache
         assert cache is not None
-        missing = 0
         skip = self._prewarm_failed
         fds, instances = _fds.budget, self._instances
-        for entry in entries:
+        built = False
+        for done, entry in enumerate(entries):
             if entry.instance is not None or entry.evicts or entry.name in skip:
                 continue
             if _fds.open >= fds and ((held := instances.get(entry.name)) is None or held.lock_fd < 0):
                 continue  # the fd budget is spent: a new fd would close another store's (§3.2)
-            if deadline is not None and _monotonic() > deadline:
-                missing += 1
-                continue
+            if built and deadline is not None and _monotonic() > deadline:
+                return done  # (one store a slice at least: a slice shorter than a build still gets on)
+            built = True
             try:
                 if entry.counter < 0:
                     self._resolve_counter(entry)
@@ -1126,7 +1137,7 @@ class Registry:
             # requests for stores outside the budget in bench-fleet at 100,000 stores.
             entry.fast = _UNPRIMED
             inst.used = False
-        return missing
+        return None
 
     # -- the locked paths: cache=config, cache=off, degraded ---------------------------------------
 

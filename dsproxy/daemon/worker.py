@@ -61,7 +61,7 @@ log = logging.getLogger("dsproxy.worker")
 
 TICK = 0.1
 PREWARM_BUDGET = 0.005  # seconds of instance building per tick: at most 5 % of a core
-WARM_SLICE = 0.02  # seconds of instance building per loop turn while a first boot's worker warms up
+WARM_SLICE = 0.005  # seconds of instance building per loop turn while a first boot's worker warms up
 
 
 @dataclass(frozen=True)

@@ -226,3 +226,18 @@ def test_a_closed_registry_gives_its_fds_back(pool: FdPool, make_registry: Calla
     held = [other.lookup(name, Operation.WRITE) for name in NAMES[:BUDGET]]  # the whole budget again
     for handle in held:
         handle.release()
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="prewarm is off under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_a_warm_up_in_slices_goes_on_where_the_last_slice_stopped(
+    make_registry: Callable[..., Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = make_registry()
+    reg.refresh()
+    clock = iter(range(1_000_000))  # every look at the clock is a second later: one store per slice
+    monkeypatch.setattr(registry_mod, "_monotonic", lambda: float(next(clock)))
+    built = []
+    while reg.prewarm(0.5):
+        built.append(len(reg.instances))
+    assert built == list(range(1, len(NAMES)))  # one more store each slice, none built twice
+    assert sorted(reg.instances) == NAMES and reg.prewarm(0.5) == 0  # then warm: nothing left to do

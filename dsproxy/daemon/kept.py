@@ -55,7 +55,7 @@ from ..config.schema import format_value
 from ..config.section import SECTION_SEPARATOR, SECTION_TYPE, render_section
 from ..config.splice import common_prefix, common_suffix
 from ..fsutil import components
-from ..ipc.shm import ChangeKind
+from ..ipc.shm import RING_SIZE, ChangeKind
 
 _SEPARATOR = SECTION_SEPARATOR.encode()
 
@@ -249,8 +249,10 @@ class KeptConfig:
         texts already known to parse to their change's properties (fleet mode's full read: the
         values from etcd, parsed there), used as they are.
         """
-        edit = _Edit(self)
         known = verified or {}
+        if not self.texts and len(changes) > BLOCK_SECTIONS and all(n in known and p is not None for n, p in changes):
+            return self._fill(changes, known)
+        edit = _Edit(self)
         for name, props in changes:
             if props is None:
                 edit.remove(name)
@@ -258,6 +260,41 @@ class KeptConfig:
                 edit.put(name, known[name], props)
             else:
                 edit.put(name, *section_bytes(name, props, filename))
+        return edit.pending()
+
+    def _fill(self, changes: Sequence[Change], known: Mapping[str, bytes]) -> PendingWrite:
+        """:meth:`prepare` of an empty file filled with verified texts (a new host's first read
+        of etcd): the blocks cut at once, not one :class:`_Edit` put per store -- those were
+        0.5 s of a 100,000-store host's cold start (py-spy); the same pending write."""
+        sections: dict[str, tuple[bytes, dict[str, Value]] | None] = {}
+        appended: dict[str, _Block] = {}
+        new_blocks: list[_Block] = []
+        for i in range(0, len(changes), BLOCK_SECTIONS):
+            chunk = changes[i : i + BLOCK_SECTIONS]
+            names = [name for name, _ in chunk]
+            if len(set(names)) != len(names) or any(n in sections for n in names):
+                return self._edit_all(changes, known)  # a store twice: the general way
+            block = _Block(names, _SEPARATOR.join([known[n] for n in names]))
+            new_blocks.append(block)
+            for name, props in chunk:
+                assert props is not None
+                sections[name] = (known[name], props)
+                appended[name] = block
+        if len(sections) > RING_SIZE // 4:  # what the ring records of that many (one look at it)
+            records = [(ChangeKind.EVERYTHING, "*")]
+        else:
+            created = ChangeKind.CREATED
+            records = [(created, name) for name in sections]
+        pieces = _pieces(new_blocks, {})
+        return PendingWrite(pieces, sum(map(len, pieces)), records, sections, appended, {}, new_blocks, 0)
+
+    def _edit_all(self, changes: Sequence[Change], known: Mapping[str, bytes]) -> PendingWrite:
+        edit = _Edit(self)
+        for name, props in changes:
+            if props is None:
+                edit.remove(name)
+            else:
+                edit.put(name, known[name], props)
         return edit.pending()
 
     def hash(self, pending: PendingWrite) -> Hashed:

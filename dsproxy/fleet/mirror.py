@@ -94,6 +94,7 @@ LAZY_REPORT: Final = 1.0
 KEEP_INTERVAL: Final = 0.25  # seconds between looks at the link to etcd and the lease
 #: lease TTLs after another manager's last put of this host's key during which writes stay refused
 DUPLICATE_HOLD: Final = 3
+LAYOUT_SLICE_SECONDS: Final = 0.02  # writer-thread time per slice of a first read's deferred lay-out
 
 
 def waits(mode: MaintenanceMode | None) -> bool:
@@ -322,7 +323,7 @@ class Mirror:
             seg = self.segment()
             if seg is not None:  # the manager's start bump, left to the first mirror write
                 await self.in_writer(seg.publish, [(shm.ChangeKind.EVERYTHING, "*")])
-        self.tasks = [
+        self.tasks += [
             asyncio.ensure_future(self._follow()),
             asyncio.ensure_future(self._report()),
             asyncio.ensure_future(self._keep()),
@@ -348,7 +349,8 @@ class Mirror:
         revision, every = await self.etcd.get_prefix(f"{self.prefix}/".encode())  # datastores and hosts at once
         read = time.monotonic() - started
         kvs = [kv for kv in every if kv.key.startswith(self.datastores)]
-        gen = await self.in_writer(self._replace, kvs, revision)
+        # the first read looks at the stores' directories after the write (lay_out_deferred)
+        gen = await self.in_writer(self._replace, kvs, revision, not self.recovered)
         first = False
         if not self.recovered:
             # creates interrupted by a crash: only now does the file name every store etcd has -- a
@@ -375,14 +377,24 @@ class Mirror:
             # start ~0.1 s; what is garbage now is freed by reference counts, the read included)
             del every, kvs
             gc.freeze()
+            self.tasks.append(asyncio.ensure_future(self._lay_out()))
         await self._applied()
 
-    def _replace(self, kvs: list[KV], revision: int) -> int | None:
-        """(Writer thread.)  A full read: decode every value, mirror exactly those."""
+    async def _lay_out(self) -> None:
+        """The stores' directories the first read did not look at: slices in the writer thread,
+        config writes served between them."""
+        started = time.monotonic()
+        while await self.in_writer(self.writer.lay_out_deferred, LAYOUT_SLICE_SECONDS):
+            await asyncio.sleep(0)
+        log.debug("fleet: the mirrored stores' directories looked at in %.2f s", time.monotonic() - started)
+
+    def _replace(self, kvs: list[KV], revision: int, first: bool = False) -> int | None:
+        """(Writer thread.)  A full read: decode every value, mirror exactly those (the first:
+        the lay-out of missing directories deferred)."""
         decoded = decode_all(self.datastores, kvs)
         sections = {n: s for n, s in decoded.sections.items() if s is not None}
         mods = {n: m for n, m in decoded.mod_revisions.items() if m is not None}
-        return self.writer.mirror_replace(sections, mods, revision, decoded.texts)
+        return self.writer.mirror_replace(sections, mods, revision, decoded.texts, defer_layout=first)
 
     # -- the watch ----------------------------------------------------------------------------------
 

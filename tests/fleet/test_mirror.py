@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -433,7 +434,9 @@ def test_a_cold_host_sizes_its_store_table_for_the_prefix_before_it_answers_and_
 ) -> None:
     """A host with an empty base dir starts on a 65,536-entry table; with 34,000 stores in etcd its
     manager moves to a 131,072-entry one before it answers (its workers never load the names into
-    a table too small for them), and the proxy's first workers are ready before their prewarm."""
+    a table too small for them), and the proxy's first workers are ready before their prewarm.  A
+    store whose directory this host lacks is laid out (after the first write: not on its way to
+    serving) and then served."""
     from dsproxy.fleet.admin import import_config
     from dsproxy.fleet.etcd import Etcd
     from dsproxy.testing.fleetbench import _uv
@@ -441,6 +444,8 @@ def test_a_cold_host_sizes_its_store_table_for_the_prefix_before_it_answers_and_
 
     data_dir = tmp_path / "stores"
     lay_out(data_dir, COLD_STORES)
+    missing = data_dir / "store00007"  # a store this host lacks: laid out after the first write
+    shutil.rmtree(missing)
     prefix = "/t/cold-start"
 
     async def populate() -> int:
@@ -463,6 +468,8 @@ def test_a_cold_host_sizes_its_store_table_for_the_prefix_before_it_answers_and_
         ready = [line for line in log.splitlines() if "ready: generation" in line]
         assert len(ready) == 2 and all(line.endswith(" 0 stores open") for line in ready), ready
         wait_for(lambda: host.log_text(100_000).count("warm: ") == 2, 20.0, what="both workers warm")
+        wait_for((missing / ".lock").is_file, 20.0, what="the missing store laid out")
+        assert host.get(f"{API}/admin/datastore/store00007/status?verbose=0").status == 200
     finally:
         host.stop()
 

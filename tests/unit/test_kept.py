@@ -92,3 +92,34 @@ def test_the_path_index_follows_spliced_writes() -> None:
     pending = kept.prepare([("bbb", None)], "datastore.cfg")
     kept.commit(pending, kept.hash(pending))
     assert not kept.paths.conflicts("/srv/b/inner") and kept.paths.conflicts("/srv/a/x")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_empty_file_filled_with_verified_texts_is_the_same_write_cut_at_once(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new host's first read of etcd: the blocks cut at once (``_fill``) -- the very pending write
+    one put per store makes, and a kept config that goes on the same way after its commit."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(kept_mod, "BLOCK_SECTIONS", rng.choice([1, 3, 7, 256]))
+    count = rng.randrange(kept_mod.BLOCK_SECTIONS + 1, 3 * kept_mod.BLOCK_SECTIONS + 40)
+    wanted = {f"s{i:04d}": _props(rng, f"s{i:04d}") for i in range(count)}
+    texts = {n: kept_mod.canonical_text(n, parse(dump({n: p}).encode())[n]) for n, p in wanted.items()}
+    changes: list[Change] = [(n, parse(texts[n])[n]) for n in wanted]
+    filled, put = (KeptConfig(parse(b""), {}, digest(b"")) for _ in range(2))
+    pending = filled.prepare(changes, "datastore.cfg", texts)
+    assert pending.blocks == {}  # (the bulk path: the general one touches every new block)
+    reference = put._edit_all(changes, texts)
+    assert pending.data == reference.data == dump(wanted).encode()
+    assert pending.records == reference.records and pending.sections == reference.sections
+    assert [b.names for b in pending.new_blocks] == [reference.blocks[b][0] for b in reference.new_blocks]
+    filled.commit(pending, filled.hash(pending))
+    put.commit(reference, put.hash(reference))
+    assert filled.joined() == put.joined() and filled.config == put.config and filled.digest == put.digest
+    more: list[Change] = [("s0001", {"path": "/srv/x", "comment": "moved"}), ("s0002", None), ("new", {"path": "/n"})]
+    assert filled.prepare(more, "datastore.cfg").data == put.prepare(more, "datastore.cfg").data
+    # a store twice in one fill: the general way, the same file as a dump
+    twice: list[Change] = [*changes, changes[0]]
+    assert filled.prepare([], "x").data == put.prepare([], "x").data
+    empty = KeptConfig(parse(b""), {}, digest(b""))
+    assert empty.prepare(twice, "datastore.cfg", texts).data == dump(wanted).encode()

@@ -226,3 +226,17 @@ def test_a_mirror_write_is_synced_once_writes_pause_and_a_single_host_write_befo
     single.update("alpha", {"comment": "here"})
     assert any(p.startswith(str(paths.config_dir) + "/.datastore.cfg.tmp") for p in synced), synced
     assert str(paths.config_dir) in synced
+
+
+def test_a_first_read_writes_the_file_first_and_lays_the_stores_out_afterwards(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment
+) -> None:
+    sections = {n: _props(paths, n) for n in ("alpha", "beta", "gamma")}
+    writer.mirror_replace(sections, {"alpha": 1, "beta": 2, "gamma": 3}, 3, defer_layout=True)
+    assert read_config(paths.config_file)[0] == sections  # the file (and the workers) first
+    assert not (paths.data_dir / "alpha").exists()
+    writer.mirror_apply({"gamma": None}, {"gamma": None}, 4)  # removed before its turn came
+    assert writer.lay_out_deferred(10.0) == 0
+    assert (paths.data_dir / "alpha" / ".lock").is_file() and (paths.data_dir / "beta" / ".lock").is_file()
+    assert not (paths.data_dir / "gamma").exists()  # what is no longer mirrored is not laid out
+    assert writer.lay_out_deferred(10.0) == 0  # nothing left: a no-op

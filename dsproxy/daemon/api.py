@@ -46,10 +46,13 @@ whose request fails or times out is closed, never reused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import itertools
+import math
 import os
 import time
-from typing import Any
+from typing import Any, Final
 
 from .. import client as client_mod
 from ..auth import acl
@@ -61,7 +64,17 @@ from ..ipc import shm
 from ..registry import DISCARD_CACHES, Handle, Registry
 from . import limits
 from .http import Connection, Handler, HTTPError, Reply, Request, Router, data_reply, error_reply
-from .protocol import AUTH_ID_HEADER, CLIENT_HEADER, GENERATION_HEADER, REVISION_HEADER, WORKER_HEADER
+from .protocol import (
+    AUTH_ID_HEADER,
+    CLIENT_HEADER,
+    GENERATION_HEADER,
+    MIN_REVISION_HEADER,
+    MIN_REVISION_WAIT,
+    MIN_REVISION_WAIT_LIMIT,
+    REVISION_HEADER,
+    WAIT_HEADER,
+    WORKER_HEADER,
+)
 
 _FALSE = schema.FALSE | {""}  # a bare ``?verbose=`` is false
 _BACKUP_TYPES = ("vm", "ct", "host")
@@ -122,6 +135,7 @@ class WorkerApp:
         # the last generation the record named as ours
         self._fleet_seen: tuple[int, int | None] = (0, None)
         self._fleet_revision = 0
+        self._loaded = asyncio.Event()  # set (and replaced) each time the worker's tick has loaded
 
     def router(self) -> Router:
         r = Router()
@@ -183,16 +197,53 @@ class WorkerApp:
 
     def _guarded(self, handler: Handler) -> Handler:
         def guarded(request: Request) -> Any:
+            call = self._at_revision(handler) if MIN_REVISION_HEADER in request.headers else handler
             if request.remote is None:
-                return handler(request)
+                return call(request)
             failure = self._auth_failure(request)
             if failure is None:
-                return handler(request)
+                return call(request)
             if isinstance(failure, AuthConfigError):
                 raise HTTPError(failure.status, failure.message)
             return self._refuse_later(failure)
 
         return guarded
+
+    # -- read your writes across hosts (fleet mode) -------------------------------------------------
+
+    def loaded(self) -> None:
+        """The worker's tick has loaded what the manager published: wake the requests waiting for
+        a revision (:meth:`_at_revision`)."""
+        self._loaded.set()
+        self._loaded = asyncio.Event()
+
+    def _at_revision(self, handler: Handler) -> Handler:
+        return lambda request: self._revision_then(handler, request)
+
+    async def _revision_then(self, handler: Handler, request: Request) -> Any:
+        """``handler``'s answer once this worker serves the revision ``x-dsproxy-min-revision``
+        names (or a later one): it catches up at once when the manager has published it, else
+        waits for its tick to load it (the manager nudges its workers after each mirror write),
+        up to ``x-dsproxy-wait`` s -- then 504 naming both revisions.  Outside fleet mode: 400.
+        No polling: the answer comes with the load (what ``scripts/bench-fleet`` times with it)."""
+        wanted, wait = _revision_request(request)
+        deadline = time.monotonic() + wait
+        while True:
+            self.registry.refresh()  # what the manager published is loaded now
+            served = self.served_revision()
+            if served is None:
+                raise HTTPError(400, f"{MIN_REVISION_HEADER}: this host is not in fleet mode (no etcd revision)")
+            if served >= wanted:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HTTPError(
+                    504, f"this host serves etcd revision {served}, not {wanted} or later, after waiting {wait:g} s"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), min(remaining, REVISION_LOOK))
+        result = handler(request)
+        return await result if inspect.isawaitable(result) else result
 
     def _guarded_start(self, start: Any) -> Any:
         def guarded(request: Request) -> None:
@@ -578,6 +629,30 @@ class WorkerApp:
     def publish(self) -> None:
         """Copy this worker's statistics into its process slot (called from the worker's tick)."""
         self.registry.publish_stats(self.lookups, self.cache_hits, self.lookup_errors)
+
+
+#: s between looks at the record while a min-revision request waits without a load to wake it
+#: (a nudge lost to a worker still booting: the tick comes within its own 0.1 s anyway)
+REVISION_LOOK: Final = 0.25
+
+
+def _revision_request(request: Request) -> tuple[int, float]:
+    """The revision and the wait a min-revision request asks for (400 naming a bad header)."""
+    raw = request.headers.get(MIN_REVISION_HEADER, "").strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 0 < int(raw) < 2**63):
+        raise HTTPError(400, f"{MIN_REVISION_HEADER}: expected an etcd revision (a positive integer), got {raw[:40]!r}")
+    wait_raw = request.headers.get(WAIT_HEADER)
+    if wait_raw is None:
+        return int(raw), MIN_REVISION_WAIT
+    try:
+        wait = float(wait_raw) if len(wait_raw) <= 40 else math.nan
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MIN_REVISION_WAIT_LIMIT:  # (NaN too)
+        raise HTTPError(
+            400, f"{WAIT_HEADER}: expected seconds from 0 to {MIN_REVISION_WAIT_LIMIT:g}, got {wait_raw[:40]!r}"
+        )
+    return int(raw), wait
 
 
 _USAGE_BODY = b'{"data":{"total":%d,"used":%d,"avail":%d}}'

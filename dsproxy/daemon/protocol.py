@@ -20,6 +20,14 @@ GENERATION_HEADER: Final = "x-dsproxy-generation"
 #: on every answer of a worker in fleet mode: the etcd revision of the config it served the answer
 #: under (never a newer one than it has loaded: see "The fleet record" in dsproxy.ipc.shm)
 REVISION_HEADER: Final = "x-dsproxy-revision"
+#: client -> worker in fleet mode: answer only once this worker serves this etcd revision or a
+#: later one (read-your-writes across hosts: the ``revision`` a write's answer carried), waiting
+#: up to ``x-dsproxy-wait`` s for it (else MIN_REVISION_WAIT) -- then 504
+MIN_REVISION_HEADER: Final = "x-dsproxy-min-revision"
+WAIT_HEADER: Final = "x-dsproxy-wait"
+#: the wait of a min-revision request without ``x-dsproxy-wait``, and the most it may ask
+MIN_REVISION_WAIT: Final = 10.0
+MIN_REVISION_WAIT_LIMIT: Final = 60.0
 #: on every answer of a worker: its pid (the stress checker logs it with each answer)
 WORKER_HEADER: Final = "x-dsproxy-worker"
 

@@ -161,6 +161,7 @@ async def _main(
             await asyncio.wait_for(tick.wait(), TICK)
         tick.clear()
         registry.refresh()
+        app.loaded()  # requests waiting for a revision (x-dsproxy-min-revision) look again
         if spec.prewarm:
             registry.prewarm(PREWARM_BUDGET)  # stores added (or rebuilt) by a config change
         app.publish()

@@ -579,7 +579,23 @@ class Mirror:
                 log.exception("fleet: updating this host's key failed")
                 await asyncio.sleep(0.5)
 
+    def _report_due(self) -> bool:
+        """Whether a put of this host's key may be due: someone waits for a revision it has not
+        reported, the lazy report's time came, its question or the stores others wait on may
+        have news, or it runs another number of workers.  Otherwise a batch needs no look at the
+        workers and no count of operations (a thread hop): a plain write is reported lazily."""
+        previous = self.reported
+        if previous is None or self.want > previous.get("revision", -1):
+            return True
+        if sorted(self.asking) != previous.get("asking") or previous.get("active") or self._asked():
+            return True
+        if self.due is not None and time.monotonic() >= self.due:
+            return True
+        return self.served()[2] != previous.get("workers")
+
     async def _report_once(self) -> None:
+        if not self._report_due():
+            return
         while True:
             revision, gen, workers = self.served()
             if revision >= 0:

@@ -30,8 +30,10 @@ prints, saves and plots it).  Each row has its own 3-member etcd cluster
   ``proxy.sock`` of host ``i % 3`` (forwarded to its manager: validated, one ``put_if``, answered
   once its own mirror applied the revision), from the send until a status request on a keep-alive
   connection *to each worker of every host* is answered with ``x-dsproxy-revision`` >= the
-  ``revision`` the write's answer carries (a request makes its worker catch up at once, as in
-  bench-scale); **ack** is the write's answer alone.  Polled every 1 ms per connection.
+  ``revision`` the write's answer carries; **ack** is the write's answer alone.  One request
+  per connection with ``x-dsproxy-min-revision`` (the worker answers it once it has loaded that
+  revision): polled every 1 ms until 2026-12-03, when the 6 pollers' requests were a fifth of
+  the workers' CPU per write and the poll added its granularity.
 * **throughput** (writes/s): ``--throughput-writes`` comment updates through host 0, one after the
   other on one connection, each answered before the next is sent.
 * **offline transition** (ms, p50/p99 of ``--transitions``): ``maintenance-mode offline`` on a store
@@ -65,7 +67,7 @@ from typing import Any, TypeVar
 
 from ..client import ApiError, AsyncConnection, Client
 from ..config import Value
-from ..daemon.protocol import REVISION_HEADER, WORKER_HEADER
+from ..daemon.protocol import MIN_REVISION_HEADER, REVISION_HEADER, WAIT_HEADER, WORKER_HEADER
 from ..daemon.run import DaemonFailed
 from .etcd import EtcdCluster, EtcdHarnessError
 from .fleet import Fleet, FleetHost
@@ -78,7 +80,6 @@ PREFIX = "/bench-fleet"
 FLOOR_PREFIX = b"/bench-fleet-floor/"  # outside the fleet's prefix: the hosts do not watch it
 HOSTS = 3
 SERVED_TIMEOUT = 30.0  # s until every worker of every host must serve a write's revision
-POLL = 0.001  # s between status requests on one connection while waiting for a revision
 COLD_POLL = 0.005  # s between looks while the 4th host starts
 WARM_UP = 5  # untimed puts before the watch delivery is timed (the watcher's stream is set up)
 
@@ -200,16 +201,15 @@ async def _request(conn: AsyncConnection, method: str, path: str, body: dict[str
 
 
 async def _until_revision(conn: AsyncConnection, store: str, revision: int) -> None:
-    deadline = time.monotonic() + SERVED_TIMEOUT
+    """One status request that its worker answers once it serves ``revision`` (the
+    ``x-dsproxy-min-revision`` wait: the answer comes with the load, no polling)."""
     path = f"{API}/admin/datastore/{store}/status?verbose=0"
-    while True:
-        resp = await conn.request("GET", path)
-        served = resp.headers.get(REVISION_HEADER)
-        if served is not None and int(served) >= revision:
-            return
-        if time.monotonic() > deadline:
-            raise MeasureError(f"a worker still served etcd revision {served} {SERVED_TIMEOUT:g} s after {revision}")
-        await asyncio.sleep(POLL)
+    wait = {MIN_REVISION_HEADER: str(revision), WAIT_HEADER: f"{SERVED_TIMEOUT:g}"}
+    resp = await conn.request("GET", path, headers=wait)
+    served = resp.headers.get(REVISION_HEADER)
+    if resp.status != 200 or served is None or int(served) < revision:
+        body = resp.body[:200]
+        raise MeasureError(f"a worker answered {resp.status} at etcd revision {served} for {revision}: {body!r}")
 
 
 class _Connections:

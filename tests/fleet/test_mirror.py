@@ -124,6 +124,45 @@ def test_a_write_on_one_host_is_served_by_every_worker_of_the_others(fleet: Flee
     assert took < 5.0
 
 
+def test_a_read_on_another_host_can_wait_for_the_revision_a_write_answered(fleet: Fleet) -> None:
+    """Read your writes across hosts: ``x-dsproxy-min-revision`` makes a worker answer once it
+    serves that etcd revision (a write's answer names it), ``x-dsproxy-wait`` bounds the wait
+    (then 504 naming both revisions); a header that is not a revision is a 400."""
+    a, b, _ = fleet.hosts
+    with b.manager_frozen():  # b's mirror cannot follow: the read must wait for it, then get it
+        revision = _revision(_create(a, "ryw1", comment="written on host0"))
+        answers: list[Response] = []
+        reader = threading.Thread(
+            target=lambda: answers.append(
+                b.client().request(
+                    "GET", f"{API}/config/datastore/ryw1", headers={"x-dsproxy-min-revision": str(revision)}
+                )
+            )
+        )
+        reader.start()
+        time.sleep(0.5)
+        assert not answers  # still waiting: host1 does not serve the revision yet
+    reader.join(10)
+    assert answers and answers[0].raise_for_status().data["comment"] == "written on host0"
+    assert int(answers[0].headers[REVISION_HEADER]) >= revision
+    with b.client() as c:
+        started = time.monotonic()
+        late = c.request(
+            "GET",
+            f"{API}/admin/datastore",
+            headers={"x-dsproxy-min-revision": str(revision + 10**6), "x-dsproxy-wait": "0.3"},
+        )
+        assert late.status == 504 and f"not {revision + 10**6} or later" in late.body.decode()
+        assert 0.3 <= time.monotonic() - started < 5
+        for bad in ("-1", "0", "12a", "1e3", "9" * 30):
+            answer = c.request("GET", f"{API}/admin/datastore", headers={"x-dsproxy-min-revision": bad})
+            assert answer.status == 400 and b"x-dsproxy-min-revision" in answer.body, (bad, answer.body)
+        for wait in ("nan", "-1", "61", "inf"):
+            headers = {"x-dsproxy-min-revision": "1", "x-dsproxy-wait": wait}
+            answer = c.request("GET", f"{API}/admin/datastore", headers=headers)
+            assert answer.status == 400 and b"x-dsproxy-wait" in answer.body, (wait, answer.body)
+
+
 def test_racing_creates_of_one_name_on_two_hosts_give_one_winner_and_one_409(fleet: Fleet) -> None:
     a, b, _ = fleet.hosts
     for round_ in range(5):

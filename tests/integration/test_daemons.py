@@ -606,3 +606,10 @@ def _check_write_authorisation(daemons: Daemons) -> None:
     direct = as_nobody("manager.sock", "PUT", f"{API}/config/datastore/demo0001", '{"comment": "x"}', "0,0,1")
     assert direct["status"] == 403 and "may not forward requests" in direct["body"]["message"]
     assert "comment x" not in daemons.config_file.read_text().replace("\tcomment demo", "")
+
+
+def test_a_min_revision_read_outside_fleet_mode_is_refused_not_held(daemons: Daemons) -> None:
+    """``x-dsproxy-min-revision`` names an etcd revision: a single host has none to wait for."""
+    with daemons.client() as c:
+        answer = c.request("GET", f"{API}/admin/datastore", headers={"x-dsproxy-min-revision": "5"})
+    assert answer.status == 400 and b"not in fleet mode" in answer.body

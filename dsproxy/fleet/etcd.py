@@ -715,8 +715,12 @@ class Etcd:
         async def attempt(conn: _Conn, timeout: float) -> int:
             call = conn.lease.LeaseKeepAlive(timeout=timeout, metadata=_METADATA)
             try:
-                await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-                reply = await call.read()
+                # bounded here too: the call's deadline did not always end a stream write to a dead
+                # member (a lease then never expired, so a --fleet-fencing offline host never fenced:
+                # 1 run in ~8 of the fencing test; see also _replies)
+                async with asyncio.timeout(timeout):
+                    await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                    reply = await call.read()
                 if reply is grpc.aio.EOF:
                     raise TimeoutError("keepalive stream ended")
                 return int(reply.TTL)
@@ -879,6 +883,10 @@ class Lease:
 
     @property
     def alive(self) -> bool:
+        """Not expired nor revoked -- and refreshed within its TTL: past that etcd has dropped it
+        whatever the refresh task is doing (a refresh that hangs must not keep a lease alive)."""
+        if time.monotonic() - self._last_ok >= self.ttl and not self.expired.is_set():
+            self._expire(f"no refresh succeeded for {self.ttl} s")
         return not self.expired.is_set() and not self._revoked
 
     async def revoke(self) -> None:
@@ -903,6 +911,8 @@ class Lease:
         interval = self.ttl / 3
         while True:
             await asyncio.sleep(max(self._last_ok + interval - time.monotonic(), 0.0))
+            if self.expired.is_set():  # (found so by alive)
+                return
             sent = time.monotonic()
             budget = self._last_ok + self.ttl - sent
             if budget <= 0:

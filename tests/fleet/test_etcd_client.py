@@ -298,6 +298,37 @@ def alive(lease: Lease) -> bool:
     return lease.alive and not lease.expired.is_set()
 
 
+def lease_alive(lease: Lease) -> bool:
+    """``lease.alive`` as a call (a property mypy would take for constant between two reads)."""
+    return lease.alive
+
+
+def test_a_lease_whose_refresh_hangs_is_not_alive_past_its_ttl(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh that never returns (a stream write to a dead member once did) does not keep a
+    lease alive: past its TTL since the last good refresh it is gone, as it is in etcd -- what a
+    ``--fleet-fencing offline`` host waits for before it fences."""
+
+    async def main() -> None:
+        async with Etcd(etcd_cluster.endpoints, timeout=0.5) as etcd:
+            lease = await etcd.grant(1)
+            hung = asyncio.Event()
+
+            async def hang(lease_id: int, budget: float) -> int:
+                hung.set()
+                await asyncio.Event().wait()  # for ever
+                return 0
+
+            monkeypatch.setattr(etcd, "_keepalive", hang)
+            await asyncio.wait_for(hung.wait(), 2 * lease.ttl)
+            assert lease_alive(lease)  # within its TTL
+            await asyncio.sleep(lease.ttl + 0.1)
+            assert not lease_alive(lease) and lease.expired.is_set() and "no refresh succeeded" in lease.reason
+
+    run(main())
+
+
 def test_a_lease_lives_past_its_ttl_and_expires_when_etcd_is_gone(
     etcd_cluster: EtcdCluster, etcd_prefix: bytes
 ) -> None:

@@ -86,7 +86,10 @@ SERVING_ROLES: Final = frozenset({shm.Role.WORKER, shm.Role.LIBRARY})
 #: maintenance modes a fleet-wide transition waits for (each refuses new reads and writes)
 WAITING_MODES: Final = frozenset({"offline", "unmount", "delete", "s3-refresh"})
 HOST_KEY_VERSION: Final = 1
-POLL: Final = 0.005  # seconds between looks at the workers' slots while they catch up
+#: seconds between looks at the workers' slots while they catch up (someone waits for it: a
+#: fleet-wide transition; a look is ~50 us since the slots are read through pidfds -- at 5 ms the
+#: wait added ~2.5 ms on average to each host's part of a transition)
+POLL: Final = 0.001
 #: seconds after a datastore change nobody waits for before the host key shows it (``dsproxy fleet
 #: status``' lag): reporting each at once made every config write four etcd writes (the txn and
 #: three host keys) and raised the txn's p50 from ~2 to 3-9 ms with 3 hosts

@@ -98,7 +98,9 @@ def _fleet_figures(fleet: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
     for name, kind, text, value in (
         ("revision", GaugeMetricFamily, "etcd revision of the config the answering worker serves", fleet["revision"]),
         ("mirror_revision", GaugeMetricFamily, "etcd revision the manager mirrors", fleet["mirror-revision"]),
-        ("connected", GaugeMetricFamily, "1 if the manager reaches etcd", fleet["state"] == "connected"),
+        ("connected", GaugeMetricFamily, "1 if the manager reaches etcd", fleet["state"] in ("connected", "duplicate")),
+        ("duplicate_host_id", GaugeMetricFamily, "1 if another manager runs with this --host-id (writes refused)",
+         fleet["state"] == "duplicate"),
         ("fenced", GaugeMetricFamily, "1 if every store is offline here (--fleet-fencing offline)",
          fleet["state"] == "fenced"),
         ("disconnected_since_seconds", GaugeMetricFamily, "Unix time since when etcd is unreachable (0: reached)",

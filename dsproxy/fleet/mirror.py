@@ -662,6 +662,8 @@ class Mirror:
                 await self.in_writer(self.writer.fence, f"fleet: cut off from etcd since {_when(since, short=True)}")
                 self.nudge()
         now = shm.FleetState.CONNECTED if etcd.connected else shm.FleetState.DISCONNECTED
+        if now is shm.FleetState.CONNECTED and self._duplicate_message() is not None:
+            now = shm.FleetState.DUPLICATE  # (status and metrics say so, not only the log and the 503s)
         if now != link:
             cut = None if etcd.connected else (etcd.disconnected_since or time.time())
             await self.in_writer(self.writer.set_link, now, cut)

@@ -349,6 +349,8 @@ class FleetState(enum.IntEnum):
     CONNECTED = 1
     DISCONNECTED = 2  # serving the last mirror, config writes refused
     FENCED = 3  # disconnected past the lease: ``--fleet-fencing offline`` took every store offline
+    #: connected, but another live manager runs with this ``--host-id``: config writes refused
+    DUPLICATE = 4
 
 
 _FLEET_STATES: Final = frozenset(int(s) for s in FleetState)
@@ -366,7 +368,7 @@ class FleetRecord(NamedTuple):
 
     @property
     def connected(self) -> bool:
-        return self.state is FleetState.CONNECTED
+        return self.state in (FleetState.CONNECTED, FleetState.DUPLICATE)
 
 
 def _fleet_garbage(v: Sequence[int]) -> str | None:
@@ -375,7 +377,8 @@ def _fleet_garbage(v: Sequence[int]) -> str | None:
         return f"revision {v[FLEET_REVISION]} out of range"
     if v[FLEET_STATE] not in _FLEET_STATES:
         return f"unknown state {v[FLEET_STATE]}"
-    if v[FLEET_DISCONNECTED] >= STAT_LIMIT or (v[FLEET_STATE] == FleetState.CONNECTED and v[FLEET_DISCONNECTED]):
+    connected = v[FLEET_STATE] in (FleetState.CONNECTED, FleetState.DUPLICATE)
+    if v[FLEET_DISCONNECTED] >= STAT_LIMIT or (connected and v[FLEET_DISCONNECTED]):
         return f"disconnected-since {v[FLEET_DISCONNECTED]} out of range for state {v[FLEET_STATE]}"
     if v[FLEET_HAND_EDITS] >= STAT_LIMIT:
         return f"hand edits {v[FLEET_HAND_EDITS]} out of range"
@@ -1124,9 +1127,9 @@ class Segment:
             v[FLEET_GENERATION] = generation & MASK64
         if state is not None:
             v[FLEET_STATE] = int(state)
-            if state is FleetState.CONNECTED:
+            if state in (FleetState.CONNECTED, FleetState.DUPLICATE):
                 v[FLEET_DISCONNECTED] = 0
-        if disconnected_since is not None and v[FLEET_STATE] != FleetState.CONNECTED:
+        if disconnected_since is not None and v[FLEET_STATE] not in (FleetState.CONNECTED, FleetState.DUPLICATE):
             v[FLEET_DISCONNECTED] = min(max(int(disconnected_since * 1000), 1), STAT_LIMIT - 1)
         if hand_edits is not None:
             v[FLEET_HAND_EDITS] = min(max(hand_edits, 0), STAT_LIMIT - 1)

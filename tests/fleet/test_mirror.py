@@ -526,7 +526,19 @@ def test_two_managers_with_one_host_id_refuse_writes_and_say_why(
         refused = _create(host, "dup2")
         assert refused.status == 503
         assert f"also runs as host 'host0'; {said}" in refused.json()["message"]
+        # and the status and the metrics say so, not only the log and the 503
+        wait_for(partial(_state_is, host, "duplicate"), 5, what="the record to say duplicate")
+        metrics = _metrics(host)
+        assert "dsproxy_fleet_duplicate_host_id 1.0" in metrics and "dsproxy_fleet_connected 1.0" in metrics
     assert "dup2" not in a.datastores()
+
+
+def _state_is(host: FleetHost, state: str) -> bool:
+    return bool(host.fleet_status()["state"] == state)
+
+
+def _metrics(host: FleetHost) -> str:
+    return host.get("/metrics").raise_for_status().body.decode()
 
 
 def _said(host: FleetHost, text: str) -> bool:

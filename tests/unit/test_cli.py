@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,3 +56,30 @@ def test_a_fleet_manager_with_demo_stores_refuses_to_start_before_it_makes_anyth
     run_dir = Paths.resolve(base).run_dir
     assert not (run_dir / "manager.sock").exists()  # nothing bound, no segment left behind
     assert not os.path.exists("/dev/shm" + shm.segment_name(run_dir))
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        ("connected", "connected"),
+        ("duplicate", "connected; DUPLICATE: another manager runs with this --host-id, config writes refused"),
+        ("disconnected", "disconnected since 1970-01-01"),
+        ("fenced", "FENCED: every datastore offline here until etcd is back"),
+    ],
+)
+def test_the_fleet_line_of_status_names_each_state(state: str, says: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsproxy.cli import _fleet_line
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        fleet = {
+            "revision": 7, "mirror-revision": 8, "state": state, "hand-edits-refused": 2,
+            "disconnected-since": 60.0 if state in ("disconnected", "fenced") else None,
+        }  # fmt: skip
+        line = _fleet_line(fleet)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert line.startswith("fleet: serving etcd revision 7 (mirror 8)") and says in line
+    assert line.endswith(", 2 hand edits refused")

@@ -231,6 +231,12 @@ class WorkerApp:
         while True:
             self.registry.refresh()  # what the manager published is loaded now
             served = self.served_revision()
+            seg = self.registry.segment
+            if served is not None and seg is not None and self.registry.loaded_generation is None:
+                # nothing kept (cache=off or config, degraded): each lookup reads the file, which
+                # the manager writes before the record names its revision
+                record = seg.fleet()
+                served = served if record is None else record.revision
             if served is None:
                 raise HTTPError(400, f"{MIN_REVISION_HEADER}: this host is not in fleet mode (no etcd revision)")
             if served >= wanted:

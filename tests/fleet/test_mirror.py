@@ -163,6 +163,23 @@ def test_a_read_on_another_host_can_wait_for_the_revision_a_write_answered(fleet
             assert answer.status == 400 and b"x-dsproxy-wait" in answer.body, (wait, answer.body)
 
 
+@pytest.mark.parametrize("cache", ["off", "config"])
+def test_a_min_revision_read_on_a_worker_that_keeps_no_config_is_answered_from_the_file(
+    own_fleet: Callable[..., Fleet], cache: str
+) -> None:
+    """With ``--cache off``/``config`` a worker reads the file per lookup and loads no generation:
+    the revision it serves is the one the manager's record names for the file."""
+    a, b = own_fleet(2, per_host=[{}, {"cache": cache}]).hosts
+    name = f"ryw-{cache}"  # (the two cases' prefixes are one: the test name is cut at 60 characters)
+    revision = _revision(_create(a, name, comment="written on host0"))
+    with b.client() as c:
+        headers = {"x-dsproxy-min-revision": str(revision), "x-dsproxy-wait": "10"}
+        answer = c.request("GET", f"{API}/config/datastore/{name}", headers=headers)
+        assert answer.raise_for_status().data["comment"] == "written on host0"
+        late = {"x-dsproxy-min-revision": str(revision + 10**6), "x-dsproxy-wait": "0.2"}
+        assert c.request("GET", f"{API}/config/datastore/{name}", headers=late).status == 504
+
+
 def test_racing_creates_of_one_name_on_two_hosts_give_one_winner_and_one_409(fleet: Fleet) -> None:
     a, b, _ = fleet.hosts
     for round_ in range(5):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,30 @@ def run_script(
     name: str, *args: str | Path, timeout: float = 300, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run ``scripts/<name> ARGS`` with this interpreter, its output captured as text; ``check``:
-    assert that it exited with 0 (the failure shows its output)."""
+    assert that it exited with 0 (the failure shows its output).
+
+    Interrupted (its own ``timeout``, pytest-timeout's, a Ctrl-C), the script gets SIGINT first
+    and ``INTERRUPT_GRACE`` s to unwind: its ``finally`` blocks stop the daemons it started and
+    unlink their shared memory.  ``subprocess.run`` killed it at once, and a bench-scale run cut
+    off by the suite's timeout left its segment in /dev/shm."""
     cmd = [sys.executable, str(SCRIPTS / name), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=INTERRUPT_GRACE)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+            raise
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert not check or result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+INTERRUPT_GRACE = 30.0  # s an interrupted script has to stop its daemons before it is killed
 
 
 def run_bench(name: str, out_dir: Path, *args: str) -> tuple[str, Any]:

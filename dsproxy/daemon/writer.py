@@ -147,7 +147,7 @@ class MirrorState:
             revision=self.revision,
             generation=generation,
             state=state,
-            disconnected_since=None if state in _CONNECTED else self.disconnected_since,
+            disconnected_since=None if state in shm.CONNECTED_STATES else self.disconnected_since,
             hand_edits=self.hand_edits,
         )
 
@@ -1057,7 +1057,6 @@ class ConfigWriter:
 MESSAGE_LIMIT: Final = 64
 #: a replaced file is closed once no write ended for this long (s), and at most this many wait
 CLOSE_AFTER: Final = 0.05
-_CONNECTED: Final = frozenset({shm.FleetState.CONNECTED, shm.FleetState.DUPLICATE})
 LAYOUT_SLICE: Final = 256  # stores a deferred lay-out looks at between looks at the clock
 REPLACED_HELD: Final = 4
 

@@ -354,6 +354,8 @@ class FleetState(enum.IntEnum):
 
 
 _FLEET_STATES: Final = frozenset(int(s) for s in FleetState)
+#: the states in which the manager reaches etcd (no disconnected-since)
+CONNECTED_STATES: Final = frozenset({FleetState.CONNECTED, FleetState.DUPLICATE})
 REVISION_LIMIT: Final = 2**63  # etcd revisions are int64
 
 
@@ -368,7 +370,7 @@ class FleetRecord(NamedTuple):
 
     @property
     def connected(self) -> bool:
-        return self.state in (FleetState.CONNECTED, FleetState.DUPLICATE)
+        return self.state in CONNECTED_STATES
 
 
 def _fleet_garbage(v: Sequence[int]) -> str | None:
@@ -377,7 +379,7 @@ def _fleet_garbage(v: Sequence[int]) -> str | None:
         return f"revision {v[FLEET_REVISION]} out of range"
     if v[FLEET_STATE] not in _FLEET_STATES:
         return f"unknown state {v[FLEET_STATE]}"
-    connected = v[FLEET_STATE] in (FleetState.CONNECTED, FleetState.DUPLICATE)
+    connected = v[FLEET_STATE] in CONNECTED_STATES
     if v[FLEET_DISCONNECTED] >= STAT_LIMIT or (connected and v[FLEET_DISCONNECTED]):
         return f"disconnected-since {v[FLEET_DISCONNECTED]} out of range for state {v[FLEET_STATE]}"
     if v[FLEET_HAND_EDITS] >= STAT_LIMIT:
@@ -1127,9 +1129,9 @@ class Segment:
             v[FLEET_GENERATION] = generation & MASK64
         if state is not None:
             v[FLEET_STATE] = int(state)
-            if state in (FleetState.CONNECTED, FleetState.DUPLICATE):
+            if state in CONNECTED_STATES:
                 v[FLEET_DISCONNECTED] = 0
-        if disconnected_since is not None and v[FLEET_STATE] not in (FleetState.CONNECTED, FleetState.DUPLICATE):
+        if disconnected_since is not None and v[FLEET_STATE] not in CONNECTED_STATES:
             v[FLEET_DISCONNECTED] = min(max(int(disconnected_since * 1000), 1), STAT_LIMIT - 1)
         if hand_edits is not None:
             v[FLEET_HAND_EDITS] = min(max(hand_edits, 0), STAT_LIMIT - 1)

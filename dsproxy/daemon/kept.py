@@ -251,7 +251,13 @@ class KeptConfig:
         """
         known = verified or {}
         if not self.texts and len(changes) > BLOCK_SECTIONS and all(n in known and p is not None for n, p in changes):
-            return self._fill(changes, known)
+            filled = self._fill(changes, known)
+            if filled is not None:
+                return filled
+        return self._edit(changes, filename, known)
+
+    def _edit(self, changes: Sequence[Change], filename: str, known: Mapping[str, bytes]) -> PendingWrite:
+        """:meth:`prepare` the general way: one :class:`_Edit` step per change."""
         edit = _Edit(self)
         for name, props in changes:
             if props is None:
@@ -262,10 +268,11 @@ class KeptConfig:
                 edit.put(name, *section_bytes(name, props, filename))
         return edit.pending()
 
-    def _fill(self, changes: Sequence[Change], known: Mapping[str, bytes]) -> PendingWrite:
+    def _fill(self, changes: Sequence[Change], known: Mapping[str, bytes]) -> PendingWrite | None:
         """:meth:`prepare` of an empty file filled with verified texts (a new host's first read
         of etcd): the blocks cut at once, not one :class:`_Edit` put per store -- those were
-        0.5 s of a 100,000-store host's cold start (py-spy); the same pending write."""
+        0.5 s of a 100,000-store host's cold start (py-spy); the same pending write.  None when
+        a store comes twice (then the general way)."""
         sections: dict[str, tuple[bytes, dict[str, Value]] | None] = {}
         appended: dict[str, _Block] = {}
         new_blocks: list[_Block] = []
@@ -273,7 +280,7 @@ class KeptConfig:
             chunk = changes[i : i + BLOCK_SECTIONS]
             names = [name for name, _ in chunk]
             if len(set(names)) != len(names) or any(n in sections for n in names):
-                return self._edit_all(changes, known)  # a store twice: the general way
+                return None
             block = _Block(names, _SEPARATOR.join([known[n] for n in names]))
             new_blocks.append(block)
             for name, props in chunk:
@@ -287,15 +294,6 @@ class KeptConfig:
             records = [(created, name) for name in sections]
         pieces = _pieces(new_blocks, {})
         return PendingWrite(pieces, sum(map(len, pieces)), records, sections, appended, {}, new_blocks, 0)
-
-    def _edit_all(self, changes: Sequence[Change], known: Mapping[str, bytes]) -> PendingWrite:
-        edit = _Edit(self)
-        for name, props in changes:
-            if props is None:
-                edit.remove(name)
-            else:
-                edit.put(name, known[name], props)
-        return edit.pending()
 
     def hash(self, pending: PendingWrite) -> Hashed:
         """The digest of ``pending``'s file (in the writer's helper thread, while it is written).

@@ -109,7 +109,7 @@ def test_an_empty_file_filled_with_verified_texts_is_the_same_write_cut_at_once(
     filled, put = (KeptConfig(parse(b""), {}, digest(b"")) for _ in range(2))
     pending = filled.prepare(changes, "datastore.cfg", texts)
     assert pending.blocks == {}  # (the bulk path: the general one touches every new block)
-    reference = put._edit_all(changes, texts)
+    reference = put._edit(changes, "datastore.cfg", texts)
     assert pending.data == reference.data == dump(wanted).encode()
     assert pending.records == reference.records and pending.sections == reference.sections
     assert [b.names for b in pending.new_blocks] == [reference.blocks[b][0] for b in reference.new_blocks]

@@ -87,6 +87,8 @@ FULL_INVALIDATION: bool = os.environ.get("DSPROXY_INVALIDATION", "delta") == "fu
 DEFAULT_TTL: Final = 60.0
 #: reads of the file one delta apply makes when a newer generation explains what it found
 APPLY_TRIES: Final = 3
+#: stores the warm-up registers in the store table at a time (the writers' lock once for them)
+REGISTER_CHUNK: Final = 256
 SEGMENT_CHECK_INTERVAL: Final = 1.0  # seconds between integrity checks of the shared memory
 MODES: Final = ("on", "config", "off")
 _GEN: Final = shm.OFF_GENERATIONS // 8 + shm.GEN_DATASTORE
@@ -302,6 +304,64 @@ def _read_after(path: str, prefix: bytes, buf: bytearray | None = None) -> tuple
         stamp = file_record.stamp_of(st)
         record = file_record.read(f.fileno()) if stamp == file_record.stamp_of(os.fstat(f.fileno())) else None
     return buf, None if record is None or record.new != stamp else (record.token, stamp)
+
+
+class _Preloaded:
+    """A parse of the config file made in the proxy master before it forks workers (:func:`preload`)."""
+
+    __slots__ = ("config", "digest", "entries", "regions")
+
+    def __init__(self, digest: str, config: SectionConfig, entries: dict[str, _Entry], regions: Regions | None) -> None:
+        self.digest = digest
+        self.config = config
+        self.entries = entries
+        self.regions = regions
+
+
+#: this process's :func:`preload`, inherited by the workers it forks; taken by the first load
+_preloaded: _Preloaded | None = None
+
+
+def preload(config_file: str) -> int | None:
+    """Read and parse ``config_file`` (and make its stores' entries) in this process, for the
+    registries of the processes it forks next: a worker's first load that reads the same bytes
+    (same SHA-256) adopts them instead of parsing the file again.  The proxy master calls it
+    before it forks its first workers; returns the file's store count, or None if the file
+    cannot be read or parsed (then each worker parses it and reports the error as always).
+
+    Why: at 100,000 stores a parse is ~0.6-0.9 s of CPU per worker and making the entries and
+    regions ~0.3 s more; two workers doing it at once on a 2-core machine, with the manager's
+    directory lay-out running beside them, made a fleet host's cold start wait ~1.3 s for it
+    (bench-fleet).  Parsed once here, each worker's first load is a read and a hash (~25 ms).
+    """
+    global _preloaded
+    _preloaded = None
+    if DISCARD_CACHES:
+        return None
+    try:
+        text, _ = _read_after(config_file, b"\n")
+        data = bytes(memoryview(text)[1:])
+        config = parse(data, filename=config_file)
+    except (OSError, ParseError):
+        return None
+    entries = {name: _make_entry(name, props) for name, props in config.items()}
+    regions = None if FULL_INVALIDATION else Regions.of(text, config)
+    _preloaded = _Preloaded(digest(data), config, entries, regions)
+    return len(config)
+
+
+def drop_preloaded() -> None:
+    """Forget this process's :func:`preload` (the master, once its first workers are up)."""
+    global _preloaded
+    _preloaded = None
+
+
+def _take_preloaded(file_digest: str) -> _Preloaded | None:
+    """The preload inherited from the master if it is of these bytes; None from now on either way
+    (its entries become this registry's own: a second registry of the process parses)."""
+    global _preloaded
+    pre, _preloaded = _preloaded, None
+    return pre if pre is not None and pre.digest == file_digest else None
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes | None:
@@ -691,7 +751,11 @@ class Registry:
         text, identity = self._read_text()
         data = bytes(memoryview(text)[1:])  # (a view kept would pin the buffer's size)
         file_digest = digest(data)
-        if old is not None and old.digest == file_digest and not DISCARD_CACHES:
+        pre = _take_preloaded(file_digest) if old is None and self._fast else None
+        if pre is not None:
+            config = pre.config
+            self.config_error = None
+        elif old is not None and old.digest == file_digest and not DISCARD_CACHES:
             self.config_error = None
             if old.generation == gen:  # TTL expired, nothing changed: instances stay valid
                 old.expires = now + self._ttl
@@ -712,14 +776,16 @@ class Registry:
             if bumped == (gen + 1) & shm.MASK64:
                 log.info("datastore.cfg changed on disk without a generation bump; bumped to %d", bumped)
                 gen = bumped
-        entries = {name: _make_entry(name, props) for name, props in config.items()}
-        if seg is not None and self._fast:
-            with contextlib.suppress(shm.SegmentError):  # a lookup of the store reports it
-                seg.register_stores(entries)
+        # (the stores' table entries come with the warm-up, a chunk at a time, or with a lookup:
+        # all 100,000 at once were ~0.5 s of each worker's start before it could serve)
+        entries = pre.entries if pre is not None else {name: _make_entry(name, props) for name, props in config.items()}
         regions = None
         if seg is not None and self._fast and not (DISCARD_CACHES or FULL_INVALIDATION):  # a delta may follow
             same = old is not None and old.regions is not None and old.digest == file_digest
-            regions = old.regions if same and old is not None else Regions.of(text, config)
+            if pre is not None and pre.regions is not None:
+                regions = pre.regions
+            else:
+                regions = old.regions if same and old is not None else Regions.of(text, config)
         cache = _Cache(gen, now + self._ttl, text, config, entries, file_digest, regions, identity)
         self._install(cache)
         return cache
@@ -1109,34 +1175,42 @@ class Registry:
     def _prewarm_entries(self, entries: Iterable[_Entry], deadline: float | None = None) -> int | None:
         """Build the instances of ``entries`` that have none, until ``deadline``: None once through
         them all, else how many it went through (where the next slice starts)."""
-        cache = self._cache
-        assert cache is not None
+        cache, seg = self._cache, self._seg
+        assert cache is not None and seg is not None
         skip = self._prewarm_failed
         fds, instances = _fds.budget, self._instances
         built = False
-        for done, entry in enumerate(entries):
-            if entry.instance is not None or entry.evicts or entry.name in skip:
-                continue
-            if _fds.open >= fds and ((held := instances.get(entry.name)) is None or held.lock_fd < 0):
-                continue  # the fd budget is spent: a new fd would close another store's (§3.2)
-            if built and deadline is not None and _monotonic() > deadline:
-                return done  # (one store a slice at least: a slice shorter than a build still gets on)
-            built = True
-            try:
-                if entry.counter < 0:
-                    self._resolve_counter(entry)
-                inst = self._build(entry, cache.generation)
-            except DatastoreError:
-                skip.add(entry.name)
-                continue
-            # prewarm is not a use: the fd budget's clock marks (primed, ``used``) are cleared: the
-            # store's first lookup takes the slow path once (~2 us), which marks it.  Marked, a
-            # full budget of prewarmed stores (19,744 here at 100,000 stores) made the first miss
-            # after prewarm sweep every one of them to clear its mark (and a store looked up since
-            # lost its fd first: its mark was cleared with the rest) -- 0.2-0.9 s on the first
-            # requests for stores outside the budget in bench-fleet at 100,000 stores.
-            entry.fast = _UNPRIMED
-            inst.used = False
+        done = 0
+        source = iter(entries)
+        while chunk := list(itertools.islice(source, REGISTER_CHUNK)):
+            # the chunk's store-table entries, the writers' lock taken once for those missing (one
+            # lock per store would be 100,000 at a first boot)
+            with contextlib.suppress(shm.SegmentError):  # _resolve_counter reports it
+                seg.register_stores([e.name for e in chunk if e.counter < 0])
+            for entry in chunk:
+                done += 1
+                if entry.instance is not None or entry.evicts or entry.name in skip:
+                    continue
+                if _fds.open >= fds and ((held := instances.get(entry.name)) is None or held.lock_fd < 0):
+                    continue  # the fd budget is spent: a new fd would close another store's (§3.2)
+                if built and deadline is not None and _monotonic() > deadline:
+                    return done - 1  # (one store a slice at least: a slice shorter than a build gets on)
+                built = True
+                try:
+                    if entry.counter < 0:
+                        self._resolve_counter(entry)
+                    inst = self._build(entry, cache.generation)
+                except DatastoreError:
+                    skip.add(entry.name)
+                    continue
+                # prewarm is not a use: the fd budget's clock marks (primed, ``used``) are cleared: the
+                # store's first lookup takes the slow path once (~2 us), which marks it.  Marked, a
+                # full budget of prewarmed stores (19,744 here at 100,000 stores) made the first miss
+                # after prewarm sweep every one of them to clear its mark (and a store looked up since
+                # lost its fd first: its mark was cleared with the rest) -- 0.2-0.9 s on the first
+                # requests for stores outside the budget in bench-fleet at 100,000 stores.
+                entry.fast = _UNPRIMED
+                inst.used = False
         return None
 
     # -- the locked paths: cache=config, cache=off, degraded ---------------------------------------

@@ -133,13 +133,15 @@ def count_sections(data: bytes) -> int:
     return len(_HEADER.findall(data))
 
 
-def check_at_start(config_file: os.PathLike[str], log: logging.Logger) -> FdLimit:
-    """Raise the soft limit, compare with the config's store count, log it (a warning if short)."""
+def check_at_start(config_file: os.PathLike[str], log: logging.Logger, stores: int | None = None) -> FdLimit:
+    """Raise the soft limit, compare with the config's store count (``stores`` if the caller
+    knows it, else its header lines), log it (a warning if short)."""
     before, soft, hard = raise_soft_limit()
-    try:
-        stores = count_sections(read_raw(config_file))
-    except OSError:
-        stores = 0  # the config's own error is reported where it is loaded
+    if stores is None:
+        try:
+            stores = count_sections(read_raw(config_file))
+        except OSError:
+            stores = 0  # the config's own error is reported where it is loaded
     limit = FdLimit(soft, hard, stores)
     fields = {f"DSPROXY_NOFILE_{k.upper()}": v for k, v in limit.as_dict().items()}
     raised = f" (soft raised from {before})" if before != soft else ""

@@ -28,6 +28,9 @@ the status line up to date.
 * **SIGTERM/SIGINT**: ``STOPPING=1``; workers drain (``graceful_timeout``), stragglers are killed.
 * **RLIMIT_NOFILE**: the soft limit is raised to the hard one (children inherit it); a warning
   with the numbers when it is below what the configured stores need (:mod:`.limits`).
+* **The first parse**: with ``--cache on`` the master parses ``datastore.cfg`` once before it
+  forks its first workers (:func:`dsproxy.registry.preload`); each worker that reads the same
+  bytes adopts that parse instead of making its own.  Dropped once they are all up.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import registry
 from ..ipc import shm
 from . import limits, systemd, tls, worker
 from .http import bind_tcp, bind_unix_socket, tcp_address
@@ -103,7 +107,9 @@ class Master:
     def setup(self) -> int | None:
         """Socket, pipes, signals, limits.  Returns an exit code if the proxy cannot start."""
         self.spec.paths.ensure()
-        limits.check_at_start(self.spec.paths.config_file, log)
+        # parsed once here, for the first workers to inherit (registry.preload): not once per worker
+        stores = registry.preload(str(self.spec.paths.config_file)) if self.spec.cache == "on" else None
+        limits.check_at_start(self.spec.paths.config_file, log, stores)
         inherited = systemd.listen_fds()
         if inherited:
             self.sock = inherited[0]
@@ -287,6 +293,7 @@ class Master:
         self.boot_failures = 0
         if not self.booted_once and len([x for x in self.current_workers() if x.ready]) == self.options.workers:
             self.booted_once = True
+            registry.drop_preloaded()  # a worker started from now on parses what it reads then
             log.info("all %d workers ready", self.options.workers)
             systemd.notify("READY=1", f"STATUS={self.status_line()}")
         if self.reload_started is not None and all(x.ready for x in self.current_workers()):

@@ -818,6 +818,13 @@ class ConfigWriter:
         def plan(cfg: SectionConfig) -> list[Change]:
             if self._reread:
                 raise _HandEdited()
+            if not cfg and names is None and m.fenced is None and defer_layout:
+                # a first read into an empty file (a fleet host's cold start): every store is new,
+                # none laid out yet -- the loop below's outcome without its ~3 us per store (0.27 s
+                # at 100,000, py-spy of a cold start)
+                deferred.extend(m.sections)
+                verified.update((n, t) for n, t in m.texts.items() if n in m.sections)
+                return list(m.sections.items())
             candidates = [*cfg, *(n for n in m.sections if n not in cfg)] if names is None else names
             changes: list[Change] = []
             for name in candidates:

@@ -278,7 +278,9 @@ def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Ma
             paths.config_file.write_text(dump({n: {"path": f"{data}/{n}"} for n in names}))
             manager.writer.check_file()
             assert manager.seg is not None
-            reg.refresh()  # loads and registers the 2,000 names
+            reg.refresh()  # loads the 2,000 names
+            assert reg.segment is not None
+            reg.segment.register_stores(names)  # what its warm-up (or a lookup of each) registers
             assert manager.seg.check() is None  # counts the names in use
             size = shm.move_size(manager.seg, len(names))
             if size is not None:
@@ -286,8 +288,10 @@ def test_200000_names_over_a_run_never_fill_the_table(paths: Paths, manager: _Ma
                 moves += 1
                 reg.refresh()
                 manager.previous = None
+                assert reg.segment is not None
+                reg.segment.register_stores(names)  # again in the new segment, as its warm-up does
             assert _moved(reg, manager) and reg.segment is not None
-            assert reg.segment.store_index(names[-1]) is not None  # registered: it has counters
+            assert reg.segment.store_index(names[-1]) is not None  # the table had room for it
         assert moves >= 2
         # compacted, not grown: 2,000 stores live
         assert manager.seg is not None and manager.seg.max_stores == shm.MAX_STORES

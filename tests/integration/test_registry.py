@@ -14,6 +14,7 @@ import posix_ipc
 import pytest
 
 import dsproxy
+import dsproxy.registry as registry_mod
 from dsproxy import Operation
 from dsproxy.ipc import shm
 from tests.helpers import Instance
@@ -341,3 +342,88 @@ def test_a_config_lock_out_of_reach_is_a_datastore_error_not_a_crash(inst: Insta
             assert h.name == "store1"
     finally:
         r.close()
+
+
+# -- the proxy master's parse, inherited by its workers (registry.preload) ------------------------------
+
+
+def _parse_refused(data: object, filename: str = "") -> None:
+    raise AssertionError("parsed again: the preload was not adopted")
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_a_registry_after_a_preload_serves_that_parse_without_parsing_again(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inst.add_stores("store1", "store2", comment="demo")
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    monkeypatch.setattr(registry_mod, "parse", _parse_refused)
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store2", Operation.WRITE) as store:
+            assert store.instance.props["comment"] == "demo"
+            assert reg.active_operations("store2") == {"read": 0, "write": 1}
+        assert sorted(reg.config()[0]) == ["store1", "store2"]
+    finally:
+        reg.close()
+    monkeypatch.undo()
+    # taken once: a second registry of the process parses the file itself (its entries are its own)
+    second = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with second.lookup("store1") as store:
+            assert store.instance.props["comment"] == "demo"
+    finally:
+        second.close()
+
+
+def test_a_file_changed_after_the_preload_is_served_as_it_is_now(inst: Instance) -> None:
+    inst.add_stores("store1", comment="before")
+    assert registry_mod.preload(str(inst.config_file)) == (None if registry_mod.DISCARD_CACHES else 1)
+    inst.update(lambda cfg: cfg["store1"].update(comment="after"))
+    inst.add_stores("store2")
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store1") as store:
+            assert store.instance.props["comment"] == "after"
+        with reg.lookup("store2"):
+            pass
+    finally:
+        reg.close()
+
+
+def test_a_preload_of_a_file_that_does_not_parse_leaves_the_error_to_the_registry(inst: Instance) -> None:
+    inst.write_text("datastore: store1\n\tpath relative\n")
+    assert registry_mod.preload(str(inst.config_file)) is None
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with pytest.raises(dsproxy.ConfigUnavailable, match=r"config unavailable: parsing .* line 2"):
+            reg.lookup("store1")
+    finally:
+        reg.close()
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_a_worker_forked_after_the_preload_adopts_it(inst: Instance) -> None:
+    inst.add_stores("store1", comment="demo")
+    assert registry_mod.preload(str(inst.config_file)) == 1
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: its first load takes the parse it inherited
+        code = 1
+        try:
+            setattr(registry_mod, "parse", _parse_refused)  # noqa: B010 -- the child only, never undone
+            reg = dsproxy.Registry(base_dir=inst.base)
+            with reg.lookup("store1") as store:
+                code = 0 if store.instance.props["comment"] == "demo" else 2
+            reg.close()
+        finally:
+            os.write(write_fd, bytes([code]))
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        assert os.read(read_fd, 1) == b"\x00"
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    registry_mod.drop_preloaded()
+    assert registry_mod._preloaded is None

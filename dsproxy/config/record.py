@@ -133,3 +133,20 @@ def write(fd: int, record: FileRecord, path: str) -> bool:
             )
         return False
     return True
+
+
+def identity_of(path: str) -> tuple[bytes, Stamp] | None:
+    """The token of the file's record and the file's stamp, if it has a record naming its stamp
+    (no edit in place since the manager wrote it), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        stamp = stamp_of(os.fstat(fd))
+        record = read(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if record is None or record.new != stamp else (record.token, stamp)

@@ -518,7 +518,7 @@ class Manager:
     def _file_now(self) -> tuple[int | None, str | None]:
         """(Writer thread.)  The generation and digest of the file as last written."""
         kept = self.writer.kept
-        return self.writer.state.generation, None if kept is None else kept.digest
+        return self.writer.state.generation, None if kept is None else self.writer.served_digest(kept)
 
     async def fleet_update(self, request: Request, name: str) -> Reply:
         from ..fleet.mirror import waits

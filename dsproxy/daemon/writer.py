@@ -76,6 +76,9 @@ from ..config import (
     replace_file,
     request,
 )
+from ..config import overlay as overlays
+from ..config import record as file_record
+from ..config.overlay import Overlay
 from ..config.record import FileRecord, Stamp, new_token
 from ..fsutil import (
     STORE_DIR_MODE,
@@ -247,6 +250,12 @@ class ConfigWriter:
         self.mirror: MirrorState | None = None  #: fleet mode: what this host mirrors of etcd
         self._reread = False  # the current write found the file edited by hand
         self._unsynced = False  # fleet mode: the last write's file is not fsynced yet (sync_mirror)
+        #: fleet mode: the overlay on disk (:mod:`dsproxy.config.overlay`) and the file it is based on
+        #: (this manager's last whole write, with its record), or None: batches write the file whole
+        self.overlay: Overlay | None = None
+        self._overlay_path = overlays.path_in(paths.config_dir)
+        self._overlay_since = 0.0  # monotonic time the overlay's first store came
+        self._overlay_cleared = False  # single-host mode: a stale overlay was removed
 
     # -- publishing ---------------------------------------------------------------------------------
 
@@ -286,6 +295,7 @@ class ConfigWriter:
         plan: Callable[[SectionConfig], list[Change]],
         expected_digest: str | None,
         verified: dict[str, bytes] | None = None,
+        flush: bool = False,
     ) -> tuple[KeptConfig, int | None]:
         """One locked write in O(changed) (:mod:`dsproxy.daemon.kept`): ``plan`` gets the current
         config (read-only) and returns the changes; returns ``(the kept config written, generation)``
@@ -293,7 +303,9 @@ class ConfigWriter:
 
         In fleet mode a plan without changes writes nothing (the generation stays), and the
         publish names the mirror's revision in the fleet record; :attr:`_reread` tells the plan
-        whether the file was found edited by hand."""
+        whether the file was found edited by hand.  A fleet write that fits the overlay goes there
+        and not into the file (:mod:`dsproxy.config.overlay`); ``flush`` writes the file whole with
+        what the overlay holds (:meth:`flush_overlay`)."""
         try:
             with config_lock(self.lock_file):
                 kept, reread = self._current()
@@ -301,9 +313,13 @@ class ConfigWriter:
                 if expected_digest is not None and expected_digest != kept.digest:
                     raise DigestMismatch()
                 changes = plan(kept.config)
-                if not changes and self.mirror is not None:
+                if not changes and self.mirror is not None and not flush:
                     return kept, self._unchanged(kept)
                 pending = kept.prepare(changes, str(self.config_file), verified)
+                overlay = None if reread or flush else self._overlay_after(pending)
+                if overlay is not None:  # fleet mode: the batch into the overlay, the file later
+                    return kept, self._write_overlay(kept, pending, overlay)
+                carried = self.overlay if flush else None
                 # meanwhile: write and fsync (fleet mode: no fsync to hash beside -- hashed when asked)
                 hashing = self._hasher.submit(kept.hash, pending) if self.mirror is None else None
                 # what the workers need not read again: the file record (dsproxy.config.record),
@@ -315,11 +331,13 @@ class ConfigWriter:
                     self._unsynced = self.mirror is not None
                     hashed = None if hashing is None else hashing.result()
                     kept.commit(pending, hashed, identity)
-                    # publish after write; a file changed by hand since the last write: everyone reloads
-                    if reread:
-                        gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
-                    else:
-                        gen = self._publish(pending.records)
+                    records = pending.records
+                    if carried is not None:  # a flush: the overlay's stores are what changed in the file
+                        records = [(shm.ChangeKind.UPDATED, name) for name in carried.stores]
+                    if reread:  # a file changed by hand since the last write: everyone reloads
+                        records = [(shm.ChangeKind.EVERYTHING, "*")]
+                    self._overlay_reset(identity, carried)
+                    gen = self._publish(records)  # (after the write)
         except ParseError as err:
             self.state.error = str(err)
             raise UnparsableFile(
@@ -329,6 +347,96 @@ class ConfigWriter:
             raise WriteRefused(_status_of(err), str(err)) from None
         self.state = _FileState(signature, None, gen, None, kept)
         return kept, gen
+
+    # -- fleet mode: the overlay (dsproxy.config.overlay) ------------------------------------------
+
+    def _overlay_after(self, pending: PendingWrite) -> Overlay | None:
+        """The overlay with ``pending``'s stores added, or None: not in fleet mode, no overlay based
+        on the file (its last whole write had no record), a change of everything, or past the
+        overlay's bounds -- then the write goes into the file whole, as before."""
+        base = self.overlay
+        if self.mirror is None or base is None or not pending.records:
+            return None
+        if any(kind is shm.ChangeKind.EVERYTHING for kind, _ in pending.records):
+            return None
+        stores = dict(base.stores)
+        for name, section in pending.sections.items():
+            stores[name] = None if section is None else section[0].decode()
+        overlay = Overlay(base.token, base.stamp, base.carried, stores)
+        if len(stores) > overlays.MAX_STORES or overlay.size() > overlays.MAX_BYTES:
+            return None
+        return overlay
+
+    def _write_overlay(self, kept: KeptConfig, pending: PendingWrite, overlay: Overlay) -> int | None:
+        """(Under the config lock.)  Publish ``pending`` through the overlay: written before the
+        bump, as the file would be; the kept config then holds what the file will (its record
+        window is no longer the file's: the next whole write names no old file)."""
+        try:
+            replace_file(self._overlay_path, overlay.dump(), sync=False)
+        except WriteError as err:
+            raise WriteRefused(500, str(err)) from None
+        kept.commit(pending, None, None)
+        if self.overlay is None or not self.overlay.stores:
+            self._overlay_since = time.monotonic()
+        self.overlay = overlay
+        self._written = time.monotonic()
+        self._unsynced = True
+        gen = self._publish(pending.records)
+        self.state = _FileState(self.state.signature, None, gen, None, kept)
+        return gen
+
+    def _overlay_reset(self, identity: tuple[bytes, Stamp] | None, flushed: Overlay | None) -> None:
+        """(After a whole write in fleet mode, before its publish.)  An empty overlay based on the
+        file just written -- carrying on the digest of ``flushed`` (the overlay it took in), else
+        a new one -- or, for a file without a record, none: batches then write the file whole."""
+        if self.mirror is None:
+            return
+        if identity is None:
+            self.overlay = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._overlay_path)
+            return
+        carried = flushed.digest(None) if flushed is not None else overlays.fresh_digest(identity[0])
+        overlay = Overlay(identity[0], identity[1], carried, {})
+        try:
+            replace_file(self._overlay_path, overlay.dump(), sync=False)
+        except WriteError as err:  # the workers ignore an overlay of another file: none is as good
+            log.warning("%s", err)
+            self.overlay = None
+            return
+        self.overlay = overlay
+
+    def _is_base_file(self) -> bool:
+        """Whether the file is still the one the overlay is based on (its record names its stamp)."""
+        overlay = self.overlay
+        return overlay is not None and file_record.identity_of(str(self.config_file)) == (overlay.token, overlay.stamp)
+
+    def served_digest(self, kept: KeptConfig) -> str:
+        """The config's digest as the workers show it: the overlay's in fleet mode, else the file's."""
+        if self.mirror is not None and self.overlay is not None:
+            return self.overlay.digest(None)
+        return kept.digest
+
+    def flush_overlay(self, idle: float = overlays.FLUSH_IDLE) -> int | None:
+        """Fleet mode: write the file whole with the overlay's stores once no write ended for
+        ``idle`` s (or the overlay is :data:`~dsproxy.config.overlay.MAX_AGE` old); the
+        generation, or None when nothing was due."""
+        overlay, now = self.overlay, time.monotonic()
+        if self.mirror is None or overlay is None or not overlay.stores:
+            return None
+        if now - self._written < idle and now - self._overlay_since < overlays.MAX_AGE:
+            return None
+
+        def plan(cfg: SectionConfig) -> list[Change]:
+            if self._reread:
+                raise _HandEdited()
+            return []
+
+        try:
+            return self._write(plan, None, flush=True)[1]
+        except (_HandEdited, UnparsableFile):
+            self._hand_edit()
+            return self._rewrite_mirror()
 
     def _unchanged(self, kept: KeptConfig) -> int | None:
         """A fleet write that changes nothing: the file (as kept) mirrors the new revision too."""
@@ -389,6 +497,11 @@ class ConfigWriter:
         signature = _stat_signature(self.config_file)
         if trusted and signature == state.signature:
             assert kept is not None
+            return kept, False
+        if kept is not None and self.mirror is not None and self.overlay is not None and self._is_base_file():
+            # the file the overlay is based on (touched, or someone else bumped): kept holds more
+            generation = current if current is not None else state.generation
+            self.state = _FileState(signature, None, generation, state.error, kept)
             return kept, False
         data = read_raw(self.config_file)
         if kept is not None and digest(data) == kept.digest:
@@ -693,8 +806,14 @@ class ConfigWriter:
         edit is not published but undone (:meth:`_check_mirrored_file`)."""
         self.close_replaced(CLOSE_AFTER)
         if self.mirror is not None:
+            flushed = self.flush_overlay()
             self.sync_mirror(CLOSE_AFTER)
-            return self._check_mirrored_file()
+            checked = self._check_mirrored_file()
+            return checked if checked is not None else flushed
+        if not self._overlay_cleared:  # one left by an earlier run in fleet mode: nobody serves it
+            self._overlay_cleared = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._overlay_path)
         signature = _stat_signature(self.config_file)
         if signature == self.state.signature and self.state.known:
             return None
@@ -908,6 +1027,7 @@ class ConfigWriter:
                 identity, signature = self._replace(pending, FileRecord(new_token()))
                 kept.commit(pending, kept.hash(pending), identity)
                 self.kept = kept
+                self._overlay_reset(identity, None)
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
@@ -933,6 +1053,9 @@ class ConfigWriter:
         signature = _stat_signature(self.config_file)
         state = self.state
         if signature == state.signature and state.known:
+            return None
+        if self.overlay is not None and state.kept is not None and self._is_base_file():
+            self.state = _FileState(signature, None, state.generation, None, state.kept)  # touched
             return None
         if state.known and digest(read_raw(self.config_file)) == state.digest:
             self.state = _FileState(signature, state.digest, state.generation, None)  # touched, not changed
@@ -1055,7 +1178,7 @@ class ConfigWriter:
             ) from None
         if reread:
             self.kept = before
-        if expected_digest is not None and expected_digest != kept.digest:
+        if expected_digest is not None and expected_digest != self.served_digest(kept):
             raise DigestMismatch()
         return kept
 

@@ -287,6 +287,8 @@ def test_a_hand_edit_in_fleet_mode_is_undone_and_reported(fleet: Fleet) -> None:
     a = fleet.hosts[0]
     revision = _revision(_create(a, "edit1"))
     a.wait_revision(revision)
+    # served at once (the overlay), in the file once the batches pause (dsproxy.config.overlay)
+    wait_for(lambda: b"datastore: edit1\n" in a.config_file.read_bytes(), 5, what="the mirror file written")
     mirrored = a.config_file.read_bytes()
     before = a.fleet_status()["hand-edits-refused"]
     tmp = a.config_file.with_suffix(".edit")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from dsproxy.config import MaintenanceMode, Value, dump, parse, read_config
+from dsproxy.config.overlay import served
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused
 from dsproxy.ipc import shm
 from dsproxy.paths import Paths
@@ -42,7 +43,7 @@ def test_a_full_read_makes_the_file_the_mirror_and_publishes_the_difference(
     sections = {n: _props(paths, n) for n in ("alpha", "beta", "gamma")}
     gen0 = seg.generation()
     gen = writer.mirror_replace(sections, {"alpha": 5, "beta": 6, "gamma": 7}, 7)
-    cfg, _ = read_config(paths.config_file)
+    cfg = served(paths.config_file)
     assert cfg == sections
     assert (paths.data_dir / "beta" / ".chunks").is_dir()  # laid out on this host
     assert _changes(seg, gen0) == frozenset({"alpha", "beta", "gamma"})
@@ -56,7 +57,7 @@ def test_a_full_read_makes_the_file_the_mirror_and_publishes_the_difference(
     gen1 = seg.generation()
     again.mirror_replace(sections, {"alpha": 5, "beta": 9, "gamma": 7}, 12)
     assert _changes(seg, gen1) == frozenset({"beta"})
-    assert read_config(paths.config_file)[0]["beta"]["comment"] == "changed elsewhere"
+    assert served(paths.config_file)["beta"]["comment"] == "changed elsewhere"
 
 
 def test_a_batch_is_one_write_with_per_store_changes_and_a_batch_without_any_moves_only_the_revision(
@@ -69,7 +70,14 @@ def test_a_batch_is_one_write_with_per_store_changes_and_a_batch_without_any_mov
     )
     assert new == gen + 1  # one bump for the batch
     assert _changes(seg, gen) == frozenset({"alpha", "beta"})
-    assert list(read_config(paths.config_file)[0]) == ["alpha"]
+    assert list(served(paths.config_file)) == ["alpha"]
+    assert list(read_config(paths.config_file)[0]) == ["alpha", "beta"]  # the batch is in the overlay
+    assert writer.flush_overlay(idle=60) is None  # not idle long enough
+    flushed = writer.flush_overlay(idle=0)
+    assert flushed == new + 1 and _changes(seg, new) == frozenset({"alpha", "beta"})
+    assert list(read_config(paths.config_file)[0]) == ["alpha"]  # the file whole, once idle
+    assert list(served(paths.config_file)) == ["alpha"]
+    new = flushed
     assert writer._fleet().mod_revisions == {"alpha": 4}
     # a batch of host keys only: nothing written, the same generation now serves revision 9
     assert writer.mirror_apply({}, {}, 9) == new
@@ -113,7 +121,7 @@ def test_a_hand_edit_that_an_api_write_reads_first_is_still_undone(
     sections["alpha"] = _props(paths, "alpha", comment="through the API")
     writer.mirror_apply({"alpha": sections["alpha"]}, {"alpha": 4}, 4)  # the watch brings it back
     writer.check_file()
-    assert read_config(paths.config_file)[0] == sections
+    assert served(paths.config_file) == sections
     record = seg.fleet()
     assert record is not None and record.hand_edits == 1
 
@@ -129,7 +137,7 @@ def test_fencing_takes_every_store_offline_locally_and_unfencing_restores_the_mi
     writer.mirror_replace(sections, {"alpha": 2, "rostore": 3, "gone": 4}, 4)
     mirrored = paths.config_file.read_bytes()
     writer.fence("fleet: etcd unreachable, the lease expired and this is longer than a message may be")
-    cfg, _ = read_config(paths.config_file)
+    cfg = served(paths.config_file)
     for name in ("alpha", "rostore"):
         mode = MaintenanceMode.parse(str(cfg[name]["maintenance-mode"]))
         assert mode.type == "offline" and "lease expired" in urllib.parse.unquote(mode.message) and len(mode.message) <= 64
@@ -138,10 +146,11 @@ def test_fencing_takes_every_store_offline_locally_and_unfencing_restores_the_mi
     assert record is not None and record.state is shm.FleetState.FENCED
     # a batch arriving while fenced is applied fenced
     writer.mirror_apply({"new": _props(paths, "new")}, {"new": 5}, 5)
-    assert "offline" in str(read_config(paths.config_file)[0]["new"]["maintenance-mode"])
+    assert "offline" in str(served(paths.config_file)["new"]["maintenance-mode"])
     writer.unfence()
-    cfg, _ = read_config(paths.config_file)
+    cfg = served(paths.config_file)
     assert cfg == {**sections, "new": _props(paths, "new")}
+    writer.flush_overlay(idle=0)
     assert paths.config_file.read_bytes().startswith(mirrored)
     record = seg.fleet()
     assert record is not None and record.state is not shm.FleetState.FENCED
@@ -160,7 +169,7 @@ def test_api_writes_are_validated_against_the_mirror_and_compare_its_mod_revisio
     assert (paths.data_dir / "beta" / ".lock").is_file()  # laid out before the transaction
     writer.fleet_finish(create, False)  # the transaction lost: the lay-out goes
     assert not (paths.data_dir / "beta").exists()
-    assert not read_config(paths.config_file)[0].get("beta")  # nothing local was written
+    assert not served(paths.config_file).get("beta")  # nothing local was written
     update = writer.fleet_update("alpha", {"comment": "x"})
     assert update.mod_revision == 17 and update.value is not None and b"\tcomment x\n" in update.value
     offline = writer.fleet_update("alpha", {"maintenance-mode": "offline"})
@@ -208,7 +217,7 @@ def test_a_mirror_write_is_synced_once_writes_pause_and_a_single_host_write_befo
 
     monkeypatch.setattr(os, "fsync", fsync)
     writer.mirror_replace({"alpha": _props(paths, "alpha")}, {"alpha": 3}, 3)
-    assert synced == [] and read_config(paths.config_file)[0]["alpha"]["path"] == str(paths.data_dir / "alpha")
+    assert synced == [] and served(paths.config_file)["alpha"]["path"] == str(paths.data_dir / "alpha")
     assert not writer.sync_mirror(idle=60.0)  # a write ended just now: not yet
     writer.check_file()  # the watch, right after the write: not yet either
     assert synced == []
@@ -233,7 +242,7 @@ def test_a_first_read_writes_the_file_first_and_lays_the_stores_out_afterwards(
 ) -> None:
     sections = {n: _props(paths, n) for n in ("alpha", "beta", "gamma")}
     writer.mirror_replace(sections, {"alpha": 1, "beta": 2, "gamma": 3}, 3, defer_layout=True)
-    assert read_config(paths.config_file)[0] == sections  # the file (and the workers) first
+    assert served(paths.config_file) == sections  # the file (and the workers) first
     assert not (paths.data_dir / "alpha").exists()
     writer.mirror_apply({"gamma": None}, {"gamma": None}, 4)  # removed before its turn came
     assert writer.lay_out_deferred(10.0) == 0

@@ -1,0 +1,164 @@
+"""Fleet mode's overlay (:mod:`dsproxy.config.overlay`): a watch batch reaches the workers through
+the small overlay file, the mirror file follows once the batches pause.  A fleet writer (as the
+manager's writer thread drives it) and registries in every cache mode, in one process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsproxy import Operation, Registry
+from dsproxy.config import Value, dump, parse, read_config, replace_file
+from dsproxy.config import overlay as overlays
+from dsproxy.daemon.writer import ConfigWriter, WriteRefused
+from dsproxy.errors import MaintenanceRefused, NoSuchDatastore
+from dsproxy.ipc import shm
+from dsproxy.paths import Paths
+from dsproxy.registry import DISCARD_CACHES
+
+
+@pytest.fixture
+def writer(paths: Paths, seg: shm.Segment) -> ConfigWriter:
+    w = ConfigWriter(paths, lambda: seg)
+    w.check_file()
+    w.enable_fleet()
+    w.mirror_replace({n: _props(paths, n) for n in ("alpha", "beta")}, {"alpha": 2, "beta": 3}, 3)
+    return w
+
+
+@pytest.fixture(params=["on", "config", "off"])
+def reg(paths: Paths, writer: ConfigWriter, request: pytest.FixtureRequest) -> Iterator[Registry]:
+    r = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, cache=request.param, create_shm=False)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _props(paths: Paths, name: str, **extra: Any) -> dict[str, Value]:
+    section: dict[str, Value] = parse(dump({name: {"path": str(paths.data_dir / name), **extra}}))[name]
+    return section
+
+
+def _comment(reg: Registry, name: str) -> object:
+    return reg.config()[0][name].get("comment")
+
+
+def test_a_batch_is_served_from_the_overlay_and_the_file_follows_once_idle(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    before = paths.config_file.read_bytes()
+    assert _comment(reg, "alpha") is None
+    writer.mirror_apply(
+        {"alpha": _props(paths, "alpha", comment="one"), "beta": None, "gamma": _props(paths, "gamma")},
+        {"alpha": 4, "beta": None, "gamma": 4},
+        4,
+    )
+    assert paths.config_file.read_bytes() == before  # not written: the batch is in the overlay
+    assert _comment(reg, "alpha") == "one"
+    with pytest.raises(NoSuchDatastore):
+        reg.lookup("beta")
+    reg.lookup("gamma").release()
+    cfg, digest = reg.config()
+    assert list(cfg) == ["alpha", "gamma"] and digest == writer.served_digest(writer.kept)  # type: ignore[arg-type]
+    if reg.mode == "on" and not DISCARD_CACHES:
+        assert reg.changes_overlaid >= 1  # (the file not read again)
+    # idle: the file whole, the digest a client holds unchanged, the same config served
+    writer.flush_overlay(idle=0)
+    assert list(read_config(paths.config_file)[0]) == ["alpha", "gamma"]
+    assert reg.config() == (cfg, digest)
+    assert _comment(reg, "alpha") == "one"
+    # the next batch after the flush: the overlay again, the same stores served
+    writer.mirror_apply({"alpha": _props(paths, "alpha", comment="two")}, {"alpha": 5}, 5)
+    assert _comment(reg, "alpha") == "two"
+    assert reg.config()[1] != digest
+
+
+def test_the_writes_digest_check_takes_the_digest_the_workers_show(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    writer.mirror_apply({"alpha": _props(paths, "alpha", comment="one")}, {"alpha": 4}, 4)
+    shown = reg.config()[1]
+    writer.fleet_update("alpha", {"comment": "x", "digest": shown})  # validates: no DigestMismatch
+    with pytest.raises(WriteRefused) as err:
+        writer.fleet_update("alpha", {"comment": "x", "digest": "0" * 64})
+    assert err.value.status == 409
+
+
+def test_a_maintenance_mode_in_the_overlay_refuses_operations(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    reg.lookup("alpha", Operation.WRITE).release()
+    writer.mirror_apply({"alpha": _props(paths, "alpha", **{"maintenance-mode": "offline"})}, {"alpha": 4}, 4)
+    with pytest.raises(MaintenanceRefused):
+        reg.lookup("alpha", Operation.READ)
+    writer.mirror_apply({"alpha": _props(paths, "alpha")}, {"alpha": 5}, 5)  # back online: the file's again
+    reg.lookup("alpha", Operation.READ).release()
+
+
+def test_a_hand_edit_of_the_file_still_serves_the_overlays_stores(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    # an editor that read the file (without the overlay's store) and wrote it back: no record
+    replace_file(paths.config_file, paths.config_file.read_bytes() + b"\ndatastore: sneaky\n\tpath /tmp/sneaky\n")
+    seg = reg.segment
+    if seg is not None:
+        seg.bump_generation()  # as a worker that noticed it does
+    assert {"gamma", "sneaky"} <= set(reg.config()[0])  # the edit and what it left out
+    writer.check_file()  # the manager's watch: the mirror restored, whole
+    assert set(read_config(paths.config_file)[0]) == {"alpha", "beta", "gamma"}
+    assert set(reg.config()[0]) == {"alpha", "beta", "gamma"}
+
+
+def test_an_overlay_of_another_file_or_garbage_is_not_served(writer: ConfigWriter, reg: Registry, paths: Paths) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    good = Path(path).read_bytes()
+    overlay = overlays.read(path)
+    assert overlay is not None and set(overlay.stores) == {"gamma"}
+    for bad in (b"", b"{", b'{"version": 1}', good.replace(b'"version":1', b'"version":2'), b"[]" * 10):
+        replace_file(path, bad)
+        assert overlays.read(path) is None
+    other = overlays.Overlay(os.urandom(16), overlay.stamp, overlay.carried, overlay.stores)
+    replace_file(path, other.dump())
+    seg = reg.segment
+    if seg is not None:
+        seg.bump_generation()
+    assert "gamma" not in reg.config()[0]  # based on another file: the file alone
+    os.chmod(path, 0o666)
+    replace_file(path, good, mode=0o646)
+    assert overlays.read(path) is None  # writable by others
+    replace_file(path, good)
+    if seg is not None:
+        seg.bump_generation()
+    assert "gamma" in reg.config()[0]
+
+
+def test_a_batch_past_the_overlays_bounds_writes_the_file_whole(
+    writer: ConfigWriter, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(overlays, "MAX_STORES", 2)
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    assert "gamma" not in read_config(paths.config_file)[0]
+    writer.mirror_apply({n: _props(paths, n) for n in ("delta1", "delta2")}, {"delta1": 5, "delta2": 5}, 5)
+    assert {"gamma", "delta1", "delta2"} <= set(read_config(paths.config_file)[0])
+    assert overlays.served(paths.config_file) == read_config(paths.config_file)[0]
+
+
+def test_a_single_host_manager_removes_an_overlay_left_by_fleet_mode(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    assert os.path.exists(path)
+    # the same host without --etcd, its file then edited by hand: the overlay must not come back
+    single = ConfigWriter(paths, lambda: seg)
+    single.check_file()
+    assert not os.path.exists(path)
+    replace_file(paths.config_file, paths.config_file.read_bytes() + b"\n")
+    assert "gamma" not in overlays.served(paths.config_file)

@@ -420,10 +420,7 @@ def _fleet_line(fleet: dict[str, Any]) -> str:
     if fleet["state"] == "connected":
         return f"{served}, connected{edits}"
     if fleet["state"] == "duplicate":
-        return (
-            f"{served}, connected; DUPLICATE: another manager runs with this --host-id, "
-            f"config writes refused{edits}"
-        )
+        return f"{served}, connected; DUPLICATE: another manager runs with this --host-id, config writes refused{edits}"
     since = fleet["disconnected-since"]
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "start"
     fenced = "; FENCED: every datastore offline here until etcd is back" if fleet["state"] == "fenced" else ""

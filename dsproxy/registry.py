@@ -474,6 +474,7 @@ class Registry:
         self.changes_patched = 0  #: ... of which read only the changed bytes (the manager's file record)
         self.changes_overlaid = 0  #: ... of which read only the overlay (fleet mode: dsproxy.config.overlay)
         self._overlay_file = overlays.path_in(self._config_dir)
+        self._loading: Overlay | None = None  # the overlay the load under way read (before the file)
         #: the overlay's stores as last parsed: name -> (text, properties)
         self._overlay_parsed: dict[str, tuple[str, dict[str, Value]]] = {}
         # counts carried to a new segment: (old words, {old counter index: new index}, new words)
@@ -782,9 +783,14 @@ class Registry:
             gen = seg.generation() if seg is not None else gen
         old = self._cache
         now = _monotonic()
+        # the overlay before the file: based on the file read next, both are served; based on an
+        # older one (or an overlay of another file), the file read next holds what it holds -- a
+        # flush writes the file before the next overlay, so the other order could pair a file
+        # with the empty overlay of a newer one and serve the file without its stores
+        self._loading = overlay = self._read_overlay()
         delta = old is not None and seg is not None and self._fast and not (DISCARD_CACHES or FULL_INVALIDATION)
         if delta and old is not None and seg is not None and old.generation != gen:
-            overlaid = None if now >= old.expires else self._overlay_only(old, gen)
+            overlaid = None if now >= old.expires else self._overlay_only(old, gen, seg, overlay)
             if overlaid is not None:
                 return overlaid
             # also past the TTL: the splice reads the whole file and proves every byte outside the
@@ -945,24 +951,23 @@ class Registry:
         self._install_changes(cache, old, props)
         return cache
 
-    def _overlay_only(self, old: _Cache, gen: int) -> _Cache | None:
+    def _overlay_only(self, old: _Cache, gen: int, seg: shm.Segment, overlay: Overlay | None) -> _Cache | None:
         """The delta path when the file is still the one ``old`` was read from (its record's token
-        and stamp) and the overlay on it changed (:mod:`dsproxy.config.overlay`): only the
-        overlay's stores are looked at -- no read of the file, no splice.  None otherwise."""
-        if old.identity is None:
+        and stamp) and ``overlay`` (read before this look at the file) is based on it
+        (:mod:`dsproxy.config.overlay`): only the overlay's stores are looked at -- no read of
+        the file, no splice.  None otherwise."""
+        if old.identity is None or overlay is None or not overlay.applies_to(old.identity):
             return None
-        path = self._config_file
-        if file_record.identity_of(path) != old.identity:
+        if file_record.identity_of(self._config_file) != old.identity:
             return None
-        overlay = self._read_overlay()
-        if overlay is None or overlay == old.overlay or not overlay.applies_to(old.identity):
-            return None
-        if file_record.identity_of(path) != old.identity:
-            return None  # replaced while the overlay was read: that overlay may be the new file's
+        if overlay == old.overlay:  # read already, with the load before (written before its bump)
+            told = seg.changes_since(old.generation, gen)
+            if told is None or not told <= overlay.stores.keys():
+                return None  # something the overlay does not say: the file's paths look
         cache = _Cache(gen, old.expires, old.text, old.config, old.entries, old._digest, old.regions, old.identity)
         self.changes_applied += 1
         self.changes_overlaid += 1
-        self._install_changes(cache, old, {}, overlay)
+        self._install_changes(cache, old, {})
         return cache
 
     def _read_overlay(self) -> Overlay | None:
@@ -1028,13 +1033,10 @@ class Registry:
         cache: _Cache,
         old: _Cache,
         props: dict[str, dict[str, Value] | None],
-        overlay: Overlay | bool | None = True,
     ) -> None:
-        """:meth:`_install` for a delta: only the changed stores are looked at (and the overlay's:
-        ``overlay`` read already, or True to read it)."""
-        if overlay is True:
-            overlay = self._read_overlay()
-        props = {**props, **self._overlaid(cache, old.over, overlay or None)}
+        """:meth:`_install` for a delta: only the changed stores are looked at (and the overlay's,
+        as the load read it before the file)."""
+        props = {**props, **self._overlaid(cache, old.over, self._loading)}
         self._cache = cache
         entries = cache.entries
         evict = set(self._evict_names).difference(props)
@@ -1077,7 +1079,7 @@ class Registry:
 
     def _install(self, cache: _Cache) -> None:
         """Make ``cache`` current, evict what it says must go, then acknowledge its generation."""
-        self._overlaid(cache, {}, self._read_overlay())
+        self._overlaid(cache, {}, self._loading)
         self._cache = cache
         self._prewarm_failed = set()
         entries = cache.entries
@@ -1389,7 +1391,9 @@ class Registry:
                 raise NoSuchDatastore(name)
             return entry, cache.generation
         # cache=off / degraded: parse every time; instances are keyed by the digest
-        data = self._read_file()
+        overlay = self._read_overlay()  # (before the file: see _load)
+        text, identity = self._read_text()
+        data = bytes(memoryview(text)[1:])
         file_digest = digest(data)
         try:
             config = parse(data, filename=self._config_file)
@@ -1398,7 +1402,7 @@ class Registry:
             self.config_error = str(err)
             raise ConfigUnavailable(f"config unavailable: {err}") from None
         self.config_error = None
-        config, file_digest = self._overlay_off(config, file_digest)
+        config, file_digest = self._overlay_off(config, file_digest, overlay, identity)
         for other in list(self._instances):
             other_props = config.get(other)
             if other_props is None or _make_entry(other, other_props).evicts:
@@ -1422,24 +1426,29 @@ class Registry:
         """The config this process serves and its digest (refreshing it first, like a lookup).
 
         The mapping is the registry's own, read-only: a later lookup or refresh that applies the
-        ring's changes updates it in place (copy it to keep a snapshot)."""
+        ring's changes may update it in place (copy it to keep a snapshot).  In fleet mode, with
+        an overlay (:mod:`dsproxy.config.overlay`), it is a copy made once per overlay served."""
         if self._words is not None and self.mode != "off":
             gen = self._words[_GEN]
             cache = self._cache
             if cache is None or cache.generation != gen or _monotonic() >= cache.expires:
                 cache = self._load(gen)
             return cache.served(), cache.digest
-        data = self._read_file()
+        overlay = self._read_overlay()  # (before the file: see _load)
+        text, identity = self._read_text()
+        data = bytes(memoryview(text)[1:])
         try:
             config = parse(data, filename=self._config_file)
         except ParseError as err:
             raise ConfigUnavailable(f"config unavailable: {err}") from None
-        return self._overlay_off(config, digest(data))
+        return self._overlay_off(config, digest(data), overlay, identity)
 
-    def _overlay_off(self, config: SectionConfig, file_digest: str) -> tuple[SectionConfig, str]:
-        """cache=off (or degraded): the file just parsed with the overlay that applies to it, if any."""
-        overlay = self._read_overlay()
-        if overlay is None or not overlay.applies_to(file_record.identity_of(self._config_file)):
+    def _overlay_off(
+        self, config: SectionConfig, file_digest: str, overlay: Overlay | None, identity: Identity | None
+    ) -> tuple[SectionConfig, str]:
+        """cache=off (or degraded): the file just parsed (its ``identity``) with ``overlay``, read
+        before it, if that applies to it."""
+        if overlay is None or not overlay.applies_to(identity):
             return config, file_digest
         return _with_overlay(config, self._overlay_sections(overlay)), overlay.digest(None)
 

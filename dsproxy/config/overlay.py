@@ -45,7 +45,8 @@ from .record import TOKEN_BYTES, Stamp
 
 #: the overlay's file name, in the config dir beside ``datastore.cfg``
 NAME: Final = ".datastore.cfg.overlay"
-#: a batch that would take the overlay past either bound writes the file whole instead
+#: a batch that would take the overlay past either bound (stores; bytes of the file as written,
+#: which a reader refuses above) writes the file whole instead
 MAX_STORES: Final = 256
 MAX_BYTES: Final = 256 * 1024
 #: the file is written whole once no batch came for this long (s) ...
@@ -75,9 +76,6 @@ class Overlay:
         h = hashlib.sha256((start or "").encode())
         h.update(json.dumps(self.stores, sort_keys=True, separators=(",", ":")).encode())
         return h.hexdigest()
-
-    def size(self) -> int:
-        return sum(len(n) + len(t or "") for n, t in self.stores.items())
 
     def dump(self) -> bytes:
         return json.dumps(
@@ -115,7 +113,7 @@ def read(path: str, owner: int | None = None) -> Overlay | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > 2 * MAX_BYTES + 4096 or st.st_mode & stat.S_IWOTH:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES or st.st_mode & stat.S_IWOTH:
             return None
         if owner is not None and st.st_uid != owner:
             return None
@@ -126,7 +124,7 @@ def read(path: str, owner: int | None = None) -> Overlay | None:
         os.close(fd)
     try:
         return _decode(json.loads(raw))
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeError, RecursionError):  # (a lone surrogate; [[[[...)
         return None
 
 
@@ -147,6 +145,9 @@ def _decode(data: Any) -> Overlay | None:
     for name, text in stores.items():
         if not 0 < len(name) <= _NAME_MAX or not (text is None or isinstance(text, str)):
             return None
+        name.encode()  # (UnicodeEncodeError for a lone surrogate: no text of the manager's has one)
+        if text is not None:
+            text.encode()
     return Overlay(token, (stamp[0], stamp[1], stamp[2]), carried, stores)
 
 

@@ -593,6 +593,8 @@ class WorkerApp:
             "changes-applied": reg.changes_applied,
             # ... of which read only the changed bytes of the file (the manager's file record)
             "changes-patched": reg.changes_patched,
+            # ... of which read only the overlay (fleet mode: dsproxy.config.overlay)
+            "changes-overlaid": reg.changes_overlaid,
             "workers": workers,
             "processes": processes,
             "rlimit-nofile": limits.of_registry(reg).as_dict(),

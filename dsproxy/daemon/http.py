@@ -246,7 +246,6 @@ class Request:
         return self.connection.peer
 
 
-
 #: Form keys that are lists: repeated (``-d delete=a -d delete=b``) or comma-separated, as PBS takes them.
 FORM_ARRAYS: Final = frozenset({"delete"})
 

@@ -332,9 +332,7 @@ class KeptConfig:
             suffix += common_suffix(old[-j], new[-j], min(len(old[-j]), len(new[-j])))
         return prefix, min(suffix, limit - prefix)
 
-    def commit(
-        self, pending: PendingWrite, hashed: Hashed | None, identity: tuple[bytes, Stamp] | None = None
-    ) -> None:
+    def commit(self, pending: PendingWrite, hashed: Hashed | None, identity: tuple[bytes, Stamp] | None = None) -> None:
         """Make the kept state what ``pending`` wrote (hashed as ``hashed``, or None: the digest is
         computed when asked; the file's token and stamp if it is known to hold exactly these bytes,
         :attr:`identity`): O(changed) and the blocks' list."""

@@ -206,6 +206,8 @@ class Manager:
         except OSError as err:
             log.error("cannot listen on %s: %s", self.paths.run_dir / "manager.sock", err.strerror or err)
             return EXIT_BOOT_FAILURE
+        if not self.options.etcd:
+            self.writer.drop_stale_overlay()
         self.open_segment(publish=not self.options.etcd)
         if not self.options.etcd:  # fleet mode: after the first read of etcd, which names the stores (Mirror.load)
             await self.in_writer(self.writer.recover_interrupted_creates)
@@ -263,9 +265,7 @@ class Manager:
         )
         etcd = ",".join(options.etcd)
         secured = "" if tls is None else f" over TLS ({', '.join(tls.subjects) or 'the system trust store'})"
-        log.info(
-            "fleet mode: host '%s', etcd %s%s, prefix %s", self.fleet.host_id, etcd, secured, options.etcd_prefix
-        )
+        log.info("fleet mode: host '%s', etcd %s%s, prefix %s", self.fleet.host_id, etcd, secured, options.etcd_prefix)
         await self.fleet.start()
         # the store table for what the first read mirrored, before anyone serves it: a host that
         # starts with an empty file has a table of 65,536 entries, and its workers loading 100,000

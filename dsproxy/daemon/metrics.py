@@ -56,6 +56,13 @@ class _SlotCollector(Collector):
         )
         patched.add_metric([str(os.getpid())], float(reg.changes_patched))
         yield patched
+        overlaid = CounterMetricFamily(
+            "dsproxy_worker_changes_overlaid",
+            "Of those, loads that read only the fleet mirror's overlay (dsproxy.config.overlay)",
+            labels=["pid"],
+        )
+        overlaid.add_metric([str(os.getpid())], float(reg.changes_overlaid))
+        yield overlaid
         lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])

@@ -47,6 +47,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -255,7 +256,10 @@ class ConfigWriter:
         self.overlay: Overlay | None = None
         self._overlay_path = overlays.path_in(paths.config_dir)
         self._overlay_since = 0.0  # monotonic time the overlay's first store came
-        self._overlay_cleared = False  # single-host mode: a stale overlay was removed
+        self._overlay_signature: tuple[int, int, int, int] | None = None  # of the overlay as written
+        #: the file the overlay is based on, as written (its digest: hashed when first asked)
+        self._base_pieces: list[bytes] | None = None
+        self._base_hash: str | None = None
 
     # -- publishing ---------------------------------------------------------------------------------
 
@@ -318,8 +322,12 @@ class ConfigWriter:
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 overlay = None if reread or flush else self._overlay_after(pending)
                 if overlay is not None:  # fleet mode: the batch into the overlay, the file later
-                    return kept, self._write_overlay(kept, pending, overlay)
-                carried = self.overlay if flush else None
+                    written = self._write_overlay(kept, pending, overlay)
+                    if written is not None:
+                        return kept, written[0]
+                # what the overlay held is in this file too: its stores go into the ring with the write's
+                # own (the workers' splice proves every other byte unchanged: without them, a full parse)
+                held = self.overlay if self.overlay is not None and self.overlay.stores else None
                 # meanwhile: write and fsync (fleet mode: no fsync to hash beside -- hashed when asked)
                 hashing = self._hasher.submit(kept.hash, pending) if self.mirror is None else None
                 # what the workers need not read again: the file record (dsproxy.config.record),
@@ -332,11 +340,13 @@ class ConfigWriter:
                     hashed = None if hashing is None else hashing.result()
                     kept.commit(pending, hashed, identity)
                     records = pending.records
-                    if carried is not None:  # a flush: the overlay's stores are what changed in the file
-                        records = [(shm.ChangeKind.UPDATED, name) for name in carried.stores]
+                    if held is not None:
+                        records = records + [
+                            (shm.ChangeKind.UPDATED, name) for name in held.stores if name not in pending.sections
+                        ]
                     if reread:  # a file changed by hand since the last write: everyone reloads
                         records = [(shm.ChangeKind.EVERYTHING, "*")]
-                    self._overlay_reset(identity, carried)
+                    self._overlay_reset(identity, held if flush else None, pending.pieces)  # (a flush: same digest)
                     gen = self._publish(records)  # (after the write)
         except ParseError as err:
             self.state.error = str(err)
@@ -363,34 +373,41 @@ class ConfigWriter:
         for name, section in pending.sections.items():
             stores[name] = None if section is None else section[0].decode()
         overlay = Overlay(base.token, base.stamp, base.carried, stores)
-        if len(stores) > overlays.MAX_STORES or overlay.size() > overlays.MAX_BYTES:
+        if len(stores) > overlays.MAX_STORES:
             return None
         return overlay
 
-    def _write_overlay(self, kept: KeptConfig, pending: PendingWrite, overlay: Overlay) -> int | None:
+    def _write_overlay(self, kept: KeptConfig, pending: PendingWrite, overlay: Overlay) -> tuple[int | None] | None:
         """(Under the config lock.)  Publish ``pending`` through the overlay: written before the
         bump, as the file would be; the kept config then holds what the file will (its record
         window is no longer the file's: the next whole write names no old file)."""
+        data = overlay.dump()
+        if len(data) > overlays.MAX_BYTES:  # (a reader refuses it): the file whole instead
+            return None
         try:
-            replace_file(self._overlay_path, overlay.dump(), sync=False)
+            replace_file(self._overlay_path, data, sync=False)
         except WriteError as err:
             raise WriteRefused(500, str(err)) from None
         kept.commit(pending, None, None)
         if self.overlay is None or not self.overlay.stores:
             self._overlay_since = time.monotonic()
-        self.overlay = overlay
+        self.overlay, self._overlay_signature = overlay, _stat_signature(Path(self._overlay_path))
         self._written = time.monotonic()
         self._unsynced = True
         gen = self._publish(pending.records)
         self.state = _FileState(self.state.signature, None, gen, None, kept)
-        return gen
+        return (gen,)
 
-    def _overlay_reset(self, identity: tuple[bytes, Stamp] | None, flushed: Overlay | None) -> None:
+    def _overlay_reset(
+        self, identity: tuple[bytes, Stamp] | None, flushed: Overlay | None, pieces: list[bytes]
+    ) -> None:
         """(After a whole write in fleet mode, before its publish.)  An empty overlay based on the
-        file just written -- carrying on the digest of ``flushed`` (the overlay it took in), else
-        a new one -- or, for a file without a record, none: batches then write the file whole."""
+        file just written (``pieces``: its bytes) -- carrying on the digest of ``flushed`` (the
+        overlay it took in), else a new one -- or, for a file without a record, none: batches
+        then write the file whole."""
         if self.mirror is None:
             return
+        self._base_pieces, self._base_hash = pieces, None
         if identity is None:
             self.overlay = None
             with contextlib.suppress(FileNotFoundError):
@@ -404,12 +421,70 @@ class ConfigWriter:
             log.warning("%s", err)
             self.overlay = None
             return
-        self.overlay = overlay
+        self.overlay, self._overlay_signature = overlay, _stat_signature(Path(self._overlay_path))
 
-    def _is_base_file(self) -> bool:
-        """Whether the file is still the one the overlay is based on (its record names its stamp)."""
-        overlay = self.overlay
-        return overlay is not None and file_record.identity_of(str(self.config_file)) == (overlay.token, overlay.stamp)
+    def _fold_overlay(self, kept: KeptConfig) -> None:
+        """(Start in fleet mode.)  The overlay an earlier manager left on the file, into ``kept``
+        -- the workers serve it, so the mirror until etcd is read again is the file with it --
+        and continued by this one's batches.  An overlay of another file, or a store text that
+        does not parse, is not taken (the file alone; the first read of etcd writes it whole)."""
+        path = str(self.config_file)
+        identity = file_record.identity_of(path)
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            return
+        overlay = overlays.read(self._overlay_path, owner)
+        if overlay is None or identity is None or not overlay.applies_to(identity):
+            return
+        changes: list[Change] = []
+        verified: dict[str, bytes] = {}
+        try:
+            for name, text in overlay.stores.items():
+                if text is None:
+                    if name in kept.config:
+                        changes.append((name, None))
+                    continue
+                cfg = parse(text.encode(), filename=self._overlay_path)
+                if list(cfg) != [name]:
+                    return
+                changes.append((name, cfg[name]))
+                verified[name] = text.encode()
+            base = read_raw(path)
+            if digest(base) != kept.digest:
+                return  # (replaced since the watch read it)
+            pending = kept.prepare(changes, path, verified)
+        except (ConfigError, OSError):
+            return
+        kept.commit(pending, None, None)
+        self.overlay, self._overlay_signature = overlay, _stat_signature(Path(self._overlay_path))
+        self._base_pieces, self._base_hash = [base], None
+        self._overlay_since = time.monotonic()
+        self.state = _FileState(self.state.signature, None, self.state.generation, self.state.error, kept)
+        log.info("fleet: continuing the overlay of %d datastores on %s", len(overlay.stores), path)
+
+    def _written_digest(self, kept: KeptConfig) -> str:
+        """SHA-256 of the file as this manager last wrote it: ``kept``'s bytes, or -- while the
+        overlay holds stores -- those of the file it is based on (hashed when first asked: only a
+        file whose stat signature changed, or a generation someone else bumped, asks)."""
+        if self.mirror is None or self.overlay is None or not self.overlay.stores or self._base_pieces is None:
+            return kept.digest
+        if self._base_hash is None:
+            h = hashlib.sha256()
+            for piece in self._base_pieces:
+                h.update(piece)
+            self._base_hash = h.hexdigest()
+        return self._base_hash
+
+    def _overlay_edited(self) -> bool:
+        """Whether the overlay on disk is not the one this manager wrote last (its stat signature)."""
+        return self.overlay is not None and _stat_signature(Path(self._overlay_path)) != self._overlay_signature
+
+    def drop_stale_overlay(self) -> None:
+        """A manager without ``--etcd``: an overlay an earlier run in fleet mode left is nobody's
+        (before the start's bump: the workers' next load no longer serves it)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._overlay_path)
 
     def served_digest(self, kept: KeptConfig) -> str:
         """The config's digest as the workers show it: the overlay's in fleet mode, else the file's."""
@@ -498,13 +573,8 @@ class ConfigWriter:
         if trusted and signature == state.signature:
             assert kept is not None
             return kept, False
-        if kept is not None and self.mirror is not None and self.overlay is not None and self._is_base_file():
-            # the file the overlay is based on (touched, or someone else bumped): kept holds more
-            generation = current if current is not None else state.generation
-            self.state = _FileState(signature, None, generation, state.error, kept)
-            return kept, False
         data = read_raw(self.config_file)
-        if kept is not None and digest(data) == kept.digest:
+        if kept is not None and digest(data) == self._written_digest(kept):
             # the file is what was kept, at the generation now current: trusted again from here on
             # (else every write -- refused ones too -- read the file again after someone else's bump)
             generation = current if current is not None else state.generation
@@ -810,10 +880,6 @@ class ConfigWriter:
             self.sync_mirror(CLOSE_AFTER)
             checked = self._check_mirrored_file()
             return checked if checked is not None else flushed
-        if not self._overlay_cleared:  # one left by an earlier run in fleet mode: nobody serves it
-            self._overlay_cleared = True
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._overlay_path)
         signature = _stat_signature(self.config_file)
         if signature == self.state.signature and self.state.known:
             return None
@@ -850,8 +916,11 @@ class ConfigWriter:
 
     def enable_fleet(self) -> MirrorState:
         """From now on the file mirrors :attr:`mirror`: until the first read of etcd, the file as it
-        is (the last mirror this host wrote), at revision 0 (unknown)."""
+        is (the last mirror this host wrote) with the overlay on it (what its workers serve: a
+        restarted manager continues it), at revision 0 (unknown)."""
         kept = self.kept
+        if kept is not None:
+            self._fold_overlay(kept)
         self.mirror = MirrorState(dict(kept.config) if kept is not None else {})
         seg = self._segment()
         if seg is not None and self.state.generation is not None:
@@ -1027,7 +1096,7 @@ class ConfigWriter:
                 identity, signature = self._replace(pending, FileRecord(new_token()))
                 kept.commit(pending, kept.hash(pending), identity)
                 self.kept = kept
-                self._overlay_reset(identity, None)
+                self._overlay_reset(identity, None, pending.pieces)
                 gen = self._publish([(shm.ChangeKind.EVERYTHING, "*")])
         except ConfigError as err:
             raise WriteRefused(_status_of(err), str(err)) from None
@@ -1052,12 +1121,17 @@ class ConfigWriter:
         """The watch in fleet mode: a file changed by hand is restored (whole: publish everything)."""
         signature = _stat_signature(self.config_file)
         state = self.state
+        if self._overlay_edited():  # only the manager writes it: undone like a hand edit of the file
+            log.error("%s was changed by someone else than this manager", self._overlay_path)
+            self._hand_edit()
+            return self._rewrite_mirror()
         if signature == state.signature and state.known:
             return None
-        if self.overlay is not None and state.kept is not None and self._is_base_file():
-            self.state = _FileState(signature, None, state.generation, None, state.kept)  # touched
-            return None
-        if state.known and digest(read_raw(self.config_file)) == state.digest:
+        if state.kept is not None:
+            if digest(read_raw(self.config_file)) == self._written_digest(state.kept):
+                self.state = _FileState(signature, None, state.generation, None, state.kept)  # touched, not changed
+                return None
+        elif state.known and digest(read_raw(self.config_file)) == state.digest:
             self.state = _FileState(signature, state.digest, state.generation, None)  # touched, not changed
             return None
         return self._sync(None)

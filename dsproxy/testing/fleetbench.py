@@ -259,7 +259,7 @@ async def _served_everywhere(conns: _Connections, names: list[str], writes: int)
     (ack_p50, ack_p99), (served_p50, served_p99) = _ms(acks), _ms(served)
     return {
         "ack_p50_ms": ack_p50, "ack_p99_ms": ack_p99, "served_p50_ms": served_p50, "served_p99_ms": served_p99,
-        "served": served, "pollers": len(conns.pollers),
+        "served_max_ms": max(served) * 1e3, "served": served, "pollers": len(conns.pollers),
     }  # fmt: skip
 
 

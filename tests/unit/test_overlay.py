@@ -4,6 +4,7 @@ manager's writer thread drives it) and registries in every cache mode, in one pr
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from dsproxy import Operation, Registry
+from dsproxy import registry as registry_mod
 from dsproxy.config import Value, dump, parse, read_config, replace_file
 from dsproxy.config import overlay as overlays
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused
@@ -143,11 +145,21 @@ def test_a_batch_past_the_overlays_bounds_writes_the_file_whole(
     writer: ConfigWriter, paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(overlays, "MAX_STORES", 2)
-    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
-    assert "gamma" not in read_config(paths.config_file)[0]
-    writer.mirror_apply({n: _props(paths, n) for n in ("delta1", "delta2")}, {"delta1": 5, "delta2": 5}, 5)
-    assert {"gamma", "delta1", "delta2"} <= set(read_config(paths.config_file)[0])
-    assert overlays.served(paths.config_file) == read_config(paths.config_file)[0]
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, create_shm=False)
+    try:
+        reg.config()
+        writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+        assert "gamma" not in read_config(paths.config_file)[0]
+        assert "gamma" in reg.config()[0]
+        applied = reg.changes_applied
+        writer.mirror_apply({n: _props(paths, n) for n in ("delta1", "delta2")}, {"delta1": 5, "delta2": 5}, 5)
+        assert {"gamma", "delta1", "delta2"} <= set(read_config(paths.config_file)[0])
+        assert overlays.served(paths.config_file) == read_config(paths.config_file)[0]
+        assert {"gamma", "delta1", "delta2"} <= set(reg.config()[0])
+        if not DISCARD_CACHES:  # the overlay's stores were in the ring with the write's: spliced, not parsed
+            assert reg.changes_applied == applied + 1
+    finally:
+        reg.close()
 
 
 def test_a_single_host_manager_removes_an_overlay_left_by_fleet_mode(
@@ -158,7 +170,129 @@ def test_a_single_host_manager_removes_an_overlay_left_by_fleet_mode(
     assert os.path.exists(path)
     # the same host without --etcd, its file then edited by hand: the overlay must not come back
     single = ConfigWriter(paths, lambda: seg)
+    single.drop_stale_overlay()  # (the manager without --etcd, before its start's bump)
     single.check_file()
     assert not os.path.exists(path)
     replace_file(paths.config_file, paths.config_file.read_bytes() + b"\n")
     assert "gamma" not in overlays.served(paths.config_file)
+
+
+@pytest.mark.parametrize("mode", ["on", "config"])
+def test_a_flush_while_a_worker_reads_the_file_never_leaves_it_without_the_overlays_stores(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma"), "beta": None}, {"gamma": 4, "beta": None}, 4)
+    gen = seg.generation()
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, cache=mode, create_shm=False)
+    real = registry_mod.parse  # type: ignore[attr-defined]
+    flushed: list[int | None] = []
+
+    def parse_then_flush(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        if not flushed:  # the manager's idle flush lands while this worker parses the file
+            flushed.append(writer.flush_overlay(idle=0))
+        return out
+
+    monkeypatch.setattr(registry_mod, "parse", parse_then_flush)
+    try:
+        cache = reg._load(gen)
+        assert flushed and flushed[0] is not None
+        assert cache.generation == gen and "gamma" in cache.served() and "beta" not in cache.served()
+    finally:
+        reg.close()
+
+
+def test_an_overlay_of_wide_characters_stays_within_what_a_worker_reads(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    wide: dict[str, dict[str, Value] | None] = {
+        f"wide{i}": parse(
+            dump(
+                {
+                    f"wide{i}": {
+                        "path": str(paths.data_dir / f"w{i}" / ("\u00e9" * 50) / ("\u00e9" * 50)),
+                        "comment": "\U0001f600" * 100,
+                    }
+                }
+            )
+        )[f"wide{i}"]
+        for i in range(150)
+    }
+    writer.mirror_apply(wide, dict.fromkeys(wide, 4), 4)  # (~285 KB as JSON: the file whole instead)
+    assert os.path.getsize(overlays.path_in(paths.config_dir)) <= overlays.MAX_BYTES
+    cfg, digest = reg.config()
+    assert set(wide) <= set(cfg) and digest == writer.served_digest(writer.kept)  # type: ignore[arg-type]
+
+
+def test_a_restarted_manager_continues_the_overlay_its_workers_serve(
+    writer: ConfigWriter, reg: Registry, paths: Paths, seg: shm.Segment
+) -> None:
+    writer.mirror_apply({"beta": None, "gamma": _props(paths, "gamma")}, {"beta": None, "gamma": 4}, 4)
+    assert set(reg.config()[0]) == {"alpha", "gamma"}
+    # a new manager (as Manager.run: the watch's check, then fleet mode), etcd not answering yet
+    again = ConfigWriter(paths, lambda: seg)
+    again.check_file()
+    mirror = again.enable_fleet()
+    assert set(mirror.sections) == {"alpha", "gamma"}  # the mirror is what the workers serve
+    seg.publish([(shm.ChangeKind.EVERYTHING, "*")])  # (what Mirror.start does when etcd fails)
+    assert set(reg.config()[0]) == {"alpha", "gamma"}
+    # and its next batch goes on in the same overlay, the digest as the workers see it
+    again.mirror_apply({"delta1": _props(paths, "delta1")}, {"delta1": 5}, 5)
+    assert set(reg.config()[0]) == {"alpha", "gamma", "delta1"}
+    assert reg.config()[1] == again.served_digest(again.kept)  # type: ignore[arg-type]
+    assert "beta" in read_config(paths.config_file)[0]  # (the file itself: not written yet)
+
+
+def test_an_edit_in_place_that_keeps_the_files_stamp_is_still_undone(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)  # an overlay with stores
+    path = paths.config_file
+    st = os.stat(path)
+    data = path.read_bytes()
+    edited = data.replace(b"/alpha", b"/ALPHA")
+    assert len(edited) == len(data)
+    with open(path, "r+b") as f:
+        f.write(edited)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # (touch -r, cp -p, coarse timestamps)
+    writer.check_file()
+    assert writer._fleet().hand_edits == 1
+    assert read_config(path)[0]["alpha"]["path"] == str(paths.data_dir / "alpha")
+    assert "gamma" in read_config(path)[0]  # restored whole: the mirror, overlay's stores included
+
+
+def test_an_overlay_changed_by_someone_else_is_undone_and_counted(
+    writer: ConfigWriter, reg: Registry, paths: Paths
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    forged = json.loads(Path(path).read_bytes())
+    forged["stores"]["sneaky"] = "datastore: sneaky\n\tpath /tmp/sneaky\n"
+    replace_file(path, json.dumps(forged).encode())
+    writer.check_file()  # the watch
+    assert writer._fleet().hand_edits == 1
+    assert set(reg.config()[0]) == {"alpha", "beta", "gamma"}
+    assert set(read_config(paths.config_file)[0]) == {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 200_000, b'{"version":1,"base":["00","1","2","3"],"stores":{}}', "surrogate"],
+    ids=["deep", "short-token", "surrogate"],
+)
+def test_an_overlay_that_is_not_the_managers_reads_as_none(
+    writer: ConfigWriter, reg: Registry, paths: Paths, raw: bytes | str
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    if raw == "surrogate":
+        data = json.loads(Path(path).read_bytes())
+        data["stores"]["gamma"] = "datastore: gamma\n\tcomment X\n"
+        raw = json.dumps(data).replace("comment X", "comment \\ud800").encode()
+    assert isinstance(raw, bytes)
+    replace_file(path, raw)
+    assert overlays.read(path) is None
+    seg = reg.segment
+    if seg is not None:
+        seg.bump_generation()
+    assert "gamma" not in reg.config()[0]  # the file alone (the manager's watch restores it)

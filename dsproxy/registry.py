@@ -814,7 +814,10 @@ class Registry:
                 old.expires = now + self._ttl
                 old.identity = identity  # the same bytes (a touch: the next record names this stamp)
                 self._spare = text
-                self._acknowledge(gen)
+                if self._loading != old.overlay:  # (the file did not change; the overlay on it did)
+                    self._install_changes(old, old, {})
+                else:
+                    self._acknowledge(gen)
                 return old
             config = old.config
         else:
@@ -877,6 +880,7 @@ class Registry:
             if changed is None or now == gen:
                 return None
             gen = now
+            self._loading = self._read_overlay()  # (for the file read next: see _load)
         else:
             return None
         config, props = spliced

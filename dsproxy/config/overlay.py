@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -55,6 +56,7 @@ FLUSH_IDLE: Final = 1.0
 MAX_AGE: Final = 10.0
 _VERSION: Final = 1
 _NAME_MAX: Final = 256  # longer than any store name the schema takes
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def _decode(data: Any) -> Overlay | None:
     stamp = tuple(base[1:])
     if len(token) != TOKEN_BYTES or not all(isinstance(w, int) and 0 <= w < 2**63 for w in stamp):
         return None
-    if carried is not None and not (isinstance(carried, str) and len(carried) == 64):
+    if carried is not None and not (isinstance(carried, str) and _HEX64.fullmatch(carried)):
         return None
     if not isinstance(stores, dict) or len(stores) > MAX_STORES:
         return None

@@ -72,6 +72,7 @@ from ..config import (
     check_value,
     config_lock,
     digest,
+    dump,
     parse,
     read_raw,
     replace_file,
@@ -429,14 +430,22 @@ class ConfigWriter:
         and continued by this one's batches.  An overlay of another file, or a store text that
         does not parse, is not taken (the file alone; the first read of etcd writes it whole)."""
         path = str(self.config_file)
+        if not os.path.lexists(self._overlay_path):
+            return
         identity = file_record.identity_of(path)
         try:
             owner = os.stat(path).st_uid
         except OSError:
-            return
+            owner = -1
         overlay = overlays.read(self._overlay_path, owner)
-        if overlay is None or identity is None or not overlay.applies_to(identity):
+        if overlay is None or not overlay.applies_to(identity) or not self._fold(kept, overlay, path):
+            log.warning("%s is not the overlay of %s: removed", self._overlay_path, path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._overlay_path)  # (before the first publish: nobody serves it any more)
             return
+        log.info("fleet: continuing the overlay of %d datastores on %s", len(overlay.stores), path)
+
+    def _fold(self, kept: KeptConfig, overlay: Overlay, path: str) -> bool:
         changes: list[Change] = []
         verified: dict[str, bytes] = {}
         try:
@@ -447,21 +456,21 @@ class ConfigWriter:
                     continue
                 cfg = parse(text.encode(), filename=self._overlay_path)
                 if list(cfg) != [name]:
-                    return
+                    return False
                 changes.append((name, cfg[name]))
                 verified[name] = text.encode()
             base = read_raw(path)
             if digest(base) != kept.digest:
-                return  # (replaced since the watch read it)
+                return False  # (replaced since the watch read it)
             pending = kept.prepare(changes, path, verified)
         except (ConfigError, OSError):
-            return
+            return False
         kept.commit(pending, None, None)
         self.overlay, self._overlay_signature = overlay, _stat_signature(Path(self._overlay_path))
         self._base_pieces, self._base_hash = [base], None
         self._overlay_since = time.monotonic()
         self.state = _FileState(self.state.signature, None, self.state.generation, self.state.error, kept)
-        log.info("fleet: continuing the overlay of %d datastores on %s", len(overlay.stores), path)
+        return True
 
     def _written_digest(self, kept: KeptConfig) -> str:
         """SHA-256 of the file as this manager last wrote it: ``kept``'s bytes, or -- while the
@@ -477,12 +486,30 @@ class ConfigWriter:
         return self._base_hash
 
     def _overlay_edited(self) -> bool:
-        """Whether the overlay on disk is not the one this manager wrote last (its stat signature)."""
-        return self.overlay is not None and _stat_signature(Path(self._overlay_path)) != self._overlay_signature
+        """Fleet mode: whether the overlay on disk is not the one this manager wrote last (its stat
+        signature), or there is one where this manager wrote none."""
+        if self.mirror is None:
+            return False
+        return _stat_signature(Path(self._overlay_path)) != (
+            self._overlay_signature if self.overlay is not None else None
+        )
 
     def drop_stale_overlay(self) -> None:
-        """A manager without ``--etcd``: an overlay an earlier run in fleet mode left is nobody's
-        (before the start's bump: the workers' next load no longer serves it)."""
+        """A manager without ``--etcd`` (before its start's bump): an overlay an earlier run in fleet
+        mode left is written into the file -- its workers served it -- and removed; one that does
+        not apply to the file (or does not parse on it) is only removed."""
+        if not os.path.lexists(self._overlay_path):
+            return
+        path = str(self.config_file)
+        try:
+            with config_lock(self.lock_file):
+                overlay = overlays.read(self._overlay_path, os.stat(path).st_uid)
+                if overlay is not None and overlay.stores and overlay.applies_to(file_record.identity_of(path)):
+                    served = overlays.served(path)
+                    replace_file(path, dump(served).encode())
+                    log.info("wrote the %d datastores of the fleet overlay into %s", len(overlay.stores), path)
+        except (ConfigError, OSError) as err:
+            log.warning("the fleet overlay %s is not written into %s: %s", self._overlay_path, path, err)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._overlay_path)
 
@@ -565,6 +592,9 @@ class ConfigWriter:
         it is read and its digest compared, as before.
         """
         kept, state, seg = self.kept, self.state, self._segment()
+        if kept is not None and self._overlay_edited():
+            log.error("%s was changed by someone else than this manager", self._overlay_path)
+            return kept, True  # (the plan of a mirror write undoes it; the kept config is still the mirror)
         current = None if seg is None else seg.generation()
         trusted = kept is not None and state.signature is not None and state.describes(kept)
         if trusted and state.generation is not None and current is not None:
@@ -736,7 +766,10 @@ class ConfigWriter:
 
     def _recover_locked(self, pending: list[PendingCreate]) -> list[str]:
         try:
-            cfg = parse(read_raw(self.config_file), filename=str(self.config_file))
+            if self.mirror is not None and self.kept is not None:
+                cfg = self.kept.config  # fleet mode, after the first read: the mirror (the file and its overlay)
+            else:
+                cfg = parse(read_raw(self.config_file), filename=str(self.config_file))
         except ParseError as err:
             log.error("not cleaning up interrupted creates while datastore.cfg does not parse: %s", err)
             self.journal.keep(pending)
@@ -876,9 +909,9 @@ class ConfigWriter:
         edit is not published but undone (:meth:`_check_mirrored_file`)."""
         self.close_replaced(CLOSE_AFTER)
         if self.mirror is not None:
+            checked = self._check_mirrored_file()  # (first: a flush would replace an edited overlay)
             flushed = self.flush_overlay()
             self.sync_mirror(CLOSE_AFTER)
-            checked = self._check_mirrored_file()
             return checked if checked is not None else flushed
         signature = _stat_signature(self.config_file)
         if signature == self.state.signature and self.state.known:
@@ -921,6 +954,9 @@ class ConfigWriter:
         kept = self.kept
         if kept is not None:
             self._fold_overlay(kept)
+        else:  # (a file that does not parse: nothing to continue)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._overlay_path)
         self.mirror = MirrorState(dict(kept.config) if kept is not None else {})
         seg = self._segment()
         if seg is not None and self.state.generation is not None:

@@ -162,19 +162,20 @@ def test_a_batch_past_the_overlays_bounds_writes_the_file_whole(
         reg.close()
 
 
-def test_a_single_host_manager_removes_an_overlay_left_by_fleet_mode(
+def test_a_single_host_manager_writes_the_overlay_left_by_fleet_mode_into_the_file(
     writer: ConfigWriter, paths: Paths, seg: shm.Segment
 ) -> None:
-    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    writer.mirror_apply({"gamma": _props(paths, "gamma"), "beta": None}, {"gamma": 4, "beta": None}, 4)
     path = overlays.path_in(paths.config_dir)
     assert os.path.exists(path)
-    # the same host without --etcd, its file then edited by hand: the overlay must not come back
+    # the same host without --etcd: what its workers served stays, in the file; the overlay goes
     single = ConfigWriter(paths, lambda: seg)
     single.drop_stale_overlay()  # (the manager without --etcd, before its start's bump)
-    single.check_file()
     assert not os.path.exists(path)
-    replace_file(paths.config_file, paths.config_file.read_bytes() + b"\n")
-    assert "gamma" not in overlays.served(paths.config_file)
+    assert set(read_config(paths.config_file)[0]) == {"alpha", "gamma"}
+    single.check_file()
+    replace_file(paths.config_file, paths.config_file.read_bytes() + b"\n")  # a hand edit: the file alone
+    assert set(overlays.served(paths.config_file)) == {"alpha", "gamma"}
 
 
 @pytest.mark.parametrize("mode", ["on", "config"])
@@ -277,8 +278,8 @@ def test_an_overlay_changed_by_someone_else_is_undone_and_counted(
 
 @pytest.mark.parametrize(
     "raw",
-    [b"[" * 200_000, b'{"version":1,"base":["00","1","2","3"],"stores":{}}', "surrogate"],
-    ids=["deep", "short-token", "surrogate"],
+    [b"[" * 200_000, b'{"version":1,"base":["00","1","2","3"],"stores":{}}', "surrogate", "carried"],
+    ids=["deep", "short-token", "surrogate", "carried"],
 )
 def test_an_overlay_that_is_not_the_managers_reads_as_none(
     writer: ConfigWriter, reg: Registry, paths: Paths, raw: bytes | str
@@ -289,6 +290,10 @@ def test_an_overlay_that_is_not_the_managers_reads_as_none(
         data = json.loads(Path(path).read_bytes())
         data["stores"]["gamma"] = "datastore: gamma\n\tcomment X\n"
         raw = json.dumps(data).replace("comment X", "comment \\ud800").encode()
+    elif raw == "carried":
+        data = json.loads(Path(path).read_bytes())
+        data["carried"] = "X" * 64
+        raw = json.dumps(data).replace("X" * 64, "\\ud800" * 64).encode()
     assert isinstance(raw, bytes)
     replace_file(path, raw)
     assert overlays.read(path) is None
@@ -296,3 +301,80 @@ def test_an_overlay_that_is_not_the_managers_reads_as_none(
     if seg is not None:
         seg.bump_generation()
     assert "gamma" not in reg.config()[0]  # the file alone (the manager's watch restores it)
+
+
+def test_a_load_that_retries_after_a_flush_reads_the_overlay_of_the_file_it_then_reads(
+    writer: ConfigWriter, paths: Paths, seg: shm.Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry(config_dir=paths.config_dir, run_dir=paths.run_dir, create_shm=False)
+    try:
+        writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+        reg.config()
+        writer.mirror_apply({"delta1": _props(paths, "delta1")}, {"delta1": 5}, 5)
+        gen = seg.generation()
+        real = reg._read_overlay
+        acted: list[int | None] = []
+
+        def then_the_manager_goes_on() -> overlays.Overlay | None:
+            out = real()
+            if not acted:  # the worker is descheduled right after its overlay read
+                acted.append(writer.flush_overlay(idle=0))  # the file whole, an empty overlay on it
+                acted.append(writer.mirror_apply({"eps1": _props(paths, "eps1")}, {"eps1": 6}, 6))
+            return out
+
+        monkeypatch.setattr(reg, "_read_overlay", then_the_manager_goes_on)
+        cache = reg._load(gen)
+        assert cache.generation != gen or "delta1" in cache.served()
+        if cache.generation == seg.generation():
+            assert "eps1" in cache.served()  # the generation that made eps1 is served with eps1
+        monkeypatch.undo()
+        cfg, _ = reg.config()
+        assert {"gamma", "delta1", "eps1"} <= set(cfg)
+    finally:
+        reg.close()
+
+
+def test_an_overlay_a_restarted_manager_cannot_continue_is_removed(
+    writer: ConfigWriter, reg: Registry, paths: Paths, seg: shm.Segment
+) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    data = json.loads(Path(path).read_bytes())
+    data["stores"]["gamma"] = "datastore: gamma\n\tpath relative/not/allowed\n"  # does not parse
+    replace_file(path, json.dumps(data).encode())
+    again = ConfigWriter(paths, lambda: seg)
+    again.check_file()
+    mirror = again.enable_fleet()
+    assert not os.path.exists(path) and set(mirror.sections) == {"alpha", "beta"}
+    seg.publish([(shm.ChangeKind.EVERYTHING, "*")])
+    assert set(reg.config()[0]) == {"alpha", "beta"}  # what the manager mirrors, nothing else
+
+
+def test_an_overlay_where_the_manager_wrote_none_is_undone(writer: ConfigWriter, reg: Registry, paths: Paths) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    stray = Path(path).read_bytes()
+    writer.overlay = None  # (as after a whole write the file system took no record for)
+    os.unlink(path)
+    writer._overlay_reset(None, None, [])
+    replace_file(path, stray)
+    writer.check_file()
+    assert writer._fleet().hand_edits == 1
+    assert set(reg.config()[0]) == set(writer._fleet().sections)
+
+
+def test_an_overlay_edited_just_before_a_flush_is_still_counted(writer: ConfigWriter, paths: Paths) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    path = overlays.path_in(paths.config_dir)
+    data = json.loads(Path(path).read_bytes())
+    data["stores"]["sneaky"] = "datastore: sneaky\n\tpath /tmp/sneaky\n"
+    replace_file(path, json.dumps(data).encode())
+    writer._written = 0.0  # a flush is due
+    writer.check_file()
+    assert writer._fleet().hand_edits == 1
+    assert "sneaky" not in read_config(paths.config_file)[0]
+    # and a batch that finds it edited undoes it too
+    replace_file(path, json.dumps(data).encode())
+    writer.mirror_apply({"delta1": _props(paths, "delta1")}, {"delta1": 5}, 5)
+    assert writer._fleet().hand_edits == 2
+    assert "sneaky" not in overlays.served(paths.config_file)

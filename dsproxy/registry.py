@@ -1227,7 +1227,7 @@ class Registry:
             evict = name in self._evict_names
         else:  # off / degraded: the last release of a store parses the file (what the fix removed)
             try:
-                config = parse(self._read_file(), filename=self._config_file)
+                config = self.config()[0]  # (the file, with a fleet mirror's overlay)
             except (ParseError, ConfigUnavailable) as err:
                 log.warning("release of '%s': cannot read the config, not evicting: %s", name, err)
                 return

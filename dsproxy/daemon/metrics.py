@@ -42,27 +42,16 @@ class _SlotCollector(Collector):
         nofile.add_metric([], float(soft))
         yield nofile
         yield from _fd_figures(reg)
-        applied = CounterMetricFamily(
-            "dsproxy_worker_changes_applied",
-            "Config loads of the answering worker that applied the ring's per-store changes",
-            labels=["pid"],
+        changes = (
+            ("applied", "Config loads of the answering worker that applied the ring's per-store changes"),
+            ("patched", "Of those, loads that read only the changed bytes of the file (the manager's file record)"),
+            ("overlaid", "Of those, loads that read only the fleet mirror's overlay (dsproxy.config.overlay)"),
         )
-        applied.add_metric([str(os.getpid())], float(reg.changes_applied))
-        yield applied
-        patched = CounterMetricFamily(
-            "dsproxy_worker_changes_patched",
-            "Of those, loads that read only the changed bytes of the file (the manager's file record)",
-            labels=["pid"],
-        )
-        patched.add_metric([str(os.getpid())], float(reg.changes_patched))
-        yield patched
-        overlaid = CounterMetricFamily(
-            "dsproxy_worker_changes_overlaid",
-            "Of those, loads that read only the fleet mirror's overlay (dsproxy.config.overlay)",
-            labels=["pid"],
-        )
-        overlaid.add_metric([str(os.getpid())], float(reg.changes_overlaid))
-        yield overlaid
+        values = {"applied": reg.changes_applied, "patched": reg.changes_patched, "overlaid": reg.changes_overlaid}
+        for kind, text in changes:
+            family = CounterMetricFamily(f"dsproxy_worker_changes_{kind}", text, labels=["pid"])
+            family.add_metric([str(os.getpid())], float(values[kind]))
+            yield family
         lookups = CounterMetricFamily("dsproxy_worker_lookups", "Datastore lookups per worker", labels=["pid"])
         hits = CounterMetricFamily("dsproxy_worker_cache_hits", "Lookups answered from the cache", labels=["pid"])
         reloads = CounterMetricFamily("dsproxy_worker_reloads", "Slow-path config reloads", labels=["pid"])

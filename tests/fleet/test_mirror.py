@@ -121,6 +121,9 @@ def test_a_write_on_one_host_is_served_by_every_worker_of_the_others(fleet: Flee
                 answer = worker.get(f"{API}/config/datastore/served1").raise_for_status()
                 assert answer.data["comment"] == "changed on host1"
                 assert int(answer.headers[REVISION_HEADER]) >= revision
+                if not registry_mod.DISCARD_CACHES:  # through the overlay: the file was not read again
+                    status = worker.get(f"{API}/nodes/localhost/status").raise_for_status().data
+                    assert status["changes-overlaid"] >= 1, status
     assert took < 5.0
 
 

@@ -975,11 +975,7 @@ class Registry:
         return cache
 
     def _read_overlay(self) -> Overlay | None:
-        try:
-            owner = os.stat(self._config_file).st_uid
-        except OSError:
-            return None
-        return overlays.read(self._overlay_file, owner)
+        return overlays.read_beside(self._config_file)
 
     def _overlaid(
         self, cache: _Cache, before: dict[str, dict[str, Value] | None], overlay: Overlay | None

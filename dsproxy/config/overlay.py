@@ -130,6 +130,16 @@ def read(path: str, owner: int | None = None) -> Overlay | None:
         return None
 
 
+def read_beside(config_file: str | os.PathLike[str]) -> Overlay | None:
+    """The overlay beside ``config_file``, owned by that file's owner (:func:`read`), or None
+    (also when the file itself cannot be looked at)."""
+    try:
+        owner = os.stat(config_file).st_uid
+    except OSError:
+        return None
+    return read(path_in(os.path.dirname(os.fspath(config_file))), owner)
+
+
 def _decode(data: Any) -> Overlay | None:
     if not isinstance(data, dict) or data.get("version") != _VERSION:
         return None
@@ -163,7 +173,7 @@ def served(config_file: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
     path = os.fspath(config_file)
     config: dict[str, dict[str, Any]] = dict(parse(read_raw(path), filename=path))
-    overlay = read(path_in(os.path.dirname(path)))
+    overlay = read_beside(path)
     if overlay is None or not overlay.applies_to(identity_of(path)):
         return config
     for name, text in overlay.stores.items():

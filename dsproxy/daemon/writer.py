@@ -323,9 +323,7 @@ class ConfigWriter:
                 pending = kept.prepare(changes, str(self.config_file), verified)
                 overlay = None if reread or flush else self._overlay_after(pending)
                 if overlay is not None:  # fleet mode: the batch into the overlay, the file later
-                    written = self._write_overlay(kept, pending, overlay)
-                    if written is not None:
-                        return kept, written[0]
+                    return kept, self._write_overlay(kept, pending, *overlay)
                 # what the overlay held is in this file too: its stores go into the ring with the write's
                 # own (the workers' splice proves every other byte unchanged: without them, a full parse)
                 held = self.overlay if self.overlay is not None and self.overlay.stores else None
@@ -361,10 +359,11 @@ class ConfigWriter:
 
     # -- fleet mode: the overlay (dsproxy.config.overlay) ------------------------------------------
 
-    def _overlay_after(self, pending: PendingWrite) -> Overlay | None:
-        """The overlay with ``pending``'s stores added, or None: not in fleet mode, no overlay based
-        on the file (its last whole write had no record), a change of everything, or past the
-        overlay's bounds -- then the write goes into the file whole, as before."""
+    def _overlay_after(self, pending: PendingWrite) -> tuple[Overlay, bytes] | None:
+        """The overlay with ``pending``'s stores added and its bytes, or None: not in fleet mode, no
+        overlay based on the file (its last whole write had no record), a change of everything, or
+        past the overlay's bounds (stores; bytes as written, which a reader refuses above) -- then
+        the write goes into the file whole, as before."""
         base = self.overlay
         if self.mirror is None or base is None or not pending.records:
             return None
@@ -373,18 +372,16 @@ class ConfigWriter:
         stores = dict(base.stores)
         for name, section in pending.sections.items():
             stores[name] = None if section is None else section[0].decode()
-        overlay = Overlay(base.token, base.stamp, base.carried, stores)
         if len(stores) > overlays.MAX_STORES:
             return None
-        return overlay
-
-    def _write_overlay(self, kept: KeptConfig, pending: PendingWrite, overlay: Overlay) -> tuple[int | None] | None:
-        """(Under the config lock.)  Publish ``pending`` through the overlay: written before the
-        bump, as the file would be; the kept config then holds what the file will (its record
-        window is no longer the file's: the next whole write names no old file)."""
+        overlay = Overlay(base.token, base.stamp, base.carried, stores)
         data = overlay.dump()
-        if len(data) > overlays.MAX_BYTES:  # (a reader refuses it): the file whole instead
-            return None
+        return None if len(data) > overlays.MAX_BYTES else (overlay, data)
+
+    def _write_overlay(self, kept: KeptConfig, pending: PendingWrite, overlay: Overlay, data: bytes) -> int | None:
+        """(Under the config lock.)  Publish ``pending`` through the overlay (``data``: its bytes):
+        written before the bump, as the file would be; the kept config then holds what the file
+        will (its record window is no longer the file's: the next whole write names no old file)."""
         try:
             replace_file(self._overlay_path, data, sync=False)
         except WriteError as err:
@@ -397,7 +394,7 @@ class ConfigWriter:
         self._unsynced = True
         gen = self._publish(pending.records)
         self.state = _FileState(self.state.signature, None, gen, None, kept)
-        return (gen,)
+        return gen
 
     def _overlay_reset(
         self, identity: tuple[bytes, Stamp] | None, flushed: Overlay | None, pieces: list[bytes]
@@ -433,11 +430,7 @@ class ConfigWriter:
         if not os.path.lexists(self._overlay_path):
             return
         identity = file_record.identity_of(path)
-        try:
-            owner = os.stat(path).st_uid
-        except OSError:
-            owner = -1
-        overlay = overlays.read(self._overlay_path, owner)
+        overlay = overlays.read_beside(path)
         if overlay is None or not overlay.applies_to(identity) or not self._fold(kept, overlay, path):
             log.warning("%s is not the overlay of %s: removed", self._overlay_path, path)
             with contextlib.suppress(FileNotFoundError):
@@ -503,7 +496,7 @@ class ConfigWriter:
         path = str(self.config_file)
         try:
             with config_lock(self.lock_file):
-                overlay = overlays.read(self._overlay_path, os.stat(path).st_uid)
+                overlay = overlays.read_beside(path)
                 if overlay is not None and overlay.stores and overlay.applies_to(file_record.identity_of(path)):
                     served = overlays.served(path)
                     replace_file(path, dump(served).encode())

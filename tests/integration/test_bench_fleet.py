@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsproxy.testing import scale
+from dsproxy.testing import fleetbench, scale
 from tests.helpers import run_bench, run_script
 
 TINY = (
@@ -19,7 +19,8 @@ TINY = (
 def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     out, data = run_bench("bench-fleet", tmp_path, "--stores", "50", "--layout-dir", str(layout), *TINY)
-    for header in ("put_if p50/p99 ms", "put->watch p50/p99 ms", "ack p50/p99 ms", "served p50/p99 ms", "writes/s",
+    for header in ("put_if p50/p99 ms", "put->watch p50/p99 ms", "ack p50/p99 ms", "served p50/p99 ms", "after ack p50/p99 ms",
+                   "writes/s",
                    "offline p50/p99 ms", "cold start s [manager]", "targets of issue 13"):  # fmt: skip
         assert header in out, header
     assert "error" not in out
@@ -31,6 +32,13 @@ def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
         assert 0 < floor[f"{key}_p50_ms"] <= floor[f"{key}_p99_ms"]
     assert len(row["served"]) == 20 and row["pollers"] == 3  # one worker on each of the 3 hosts
     assert 0 < row["ack_p50_ms"] <= row["served_p50_ms"] <= row["served_p99_ms"]
+    after = [s - a for s, a in zip(row["served"], row["acks"], strict=True)]
+    assert (
+        min(after) >= 0
+        and row["after_ack_p99_ms"] <= row["served_p99_ms"]
+        and max(after) * 1e3 >= row["after_ack_p99_ms"]
+    )
+    assert "served from the send at 50 stores" in out and row["quiet_s"] >= fleetbench.QUIET_SETTLE
     assert row["throughput_wps"] > 0 and row["throughput_writes"] == 10
     assert len(row["offline"]) == 3 and 0 < row["offline_p50_ms"] <= row["offline_p99_ms"]
     assert row["online_p50_ms"] > 0
@@ -39,7 +47,7 @@ def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
     assert 0 <= cold["etcd_read_s"] <= cold["manager_s"] and "cold start at 50 stores: the manager answered" in out
     targets = {t["target"]: t for t in data["targets"]}
     assert set(targets) == {
-        "served everywhere p99 / etcd put->watch p99 at 50 <= 3",
+        "acknowledged -> served everywhere p99 / etcd put->watch p99 at 50 <= 3",
         "offline transition p50 at 50 (ms) <= 50",
         "cold start to serving at 50 (s) <= 3",
     }

@@ -61,6 +61,7 @@ from .config import (
     config_lock,
     digest,
     parse,
+    parsed,
     read_raw,
 )
 from .config import overlay as overlays
@@ -373,7 +374,9 @@ def preload(config_file: str) -> int | None:
     directory lay-out running beside them.  Parsed once here, each worker's first load is a read
     and a hash (~25 ms).  With the names registered in the warm-up instead of at the load, a
     fleet host's workers served 2.0-2.1 s after its manager answered, against 2.9-3.1 s before
-    (a cold start from a 1-member etcd at 100,000 stores, A/B in the same minutes).
+    (a cold start from a 1-member etcd at 100,000 stores, A/B in the same minutes).  When the
+    manager left its own parse of these bytes beside the file (:mod:`dsproxy.config.parsed`),
+    that is taken instead of parsing here.
     """
     global _preloaded
     _preloaded = None
@@ -382,11 +385,18 @@ def preload(config_file: str) -> int | None:
     try:
         text, _ = _read_after(config_file, b"\n")
         data = bytes(memoryview(text)[1:])
-        config = parse(data, filename=config_file)
+        file_digest = digest(data)
+        # the manager's own parse of these bytes, when it left one (dsproxy.config.parsed: ~0.09
+        # s at 100,000 stores against the parse's ~0.45 s)
+        config = parsed.load(config_file, file_digest, len(data))
+        if config is None:
+            config = parse(data, filename=config_file)
+        else:
+            log.info("took the manager's parse of %s (%d stores)", config_file, len(config))
     except (OSError, ParseError):
         return None
     regions = None if FULL_INVALIDATION else Regions.of(text, config)
-    _preloaded = _Preloaded(digest(data), config, _make_entries(config), regions)
+    _preloaded = _Preloaded(file_digest, config, _make_entries(config), regions)
     return len(config)
 
 

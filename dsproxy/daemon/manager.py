@@ -223,6 +223,7 @@ class Manager:
         await self.in_writer(self.access.check_files)  # the files as they are now: later changes are edits
         if self.options.etcd:
             await self.start_fleet()
+        await self.in_writer(self.writer.leave_parse)  # (the file as read or first mirrored)
         server = Server(self.router(), Limits(request_timeout=30.0))
         await server.serve(sock)
         loop = asyncio.get_running_loop()

@@ -74,6 +74,7 @@ from ..config import (
     digest,
     dump,
     parse,
+    parsed,
     read_raw,
     replace_file,
     request,
@@ -221,6 +222,10 @@ def _text_props(body: dict[str, Any], skip: tuple[str, ...]) -> dict[str, object
 
 class ConfigWriter:
     """Config writes of one instance.  Not thread-safe: the manager calls it from one thread."""
+
+    #: a file of at least this many stores gets the manager's parse left beside it (leave_parse;
+    #: its parse is ~45 ms here)
+    PARSED_MIN_STORES: int = 10_000
 
     def __init__(
         self,
@@ -612,6 +617,25 @@ class ConfigWriter:
         if self.kept is None or self.kept.digest != file_digest:
             self.kept = KeptConfig.read(data, str(self.config_file))
         return self.kept
+
+    def leave_parse(self) -> None:
+        """(Writer thread, once the start has read the file or written its first mirror.)  The
+        parse of the file as it is now, beside it for the proxy master's preload
+        (:mod:`dsproxy.config.parsed`); a file of fewer than :attr:`PARSED_MIN_STORES` stores
+        gets none (its parse is quick), and a parse left by an earlier start goes.  ~45 ms at
+        100,000 stores (the dump, the digest if not known yet, 11 MB written)."""
+        kept = self.kept
+        if kept is None or len(kept.config) < self.PARSED_MIN_STORES:
+            with contextlib.suppress(OSError):
+                parsed.remove(self.config_file)
+            return
+        started = time.monotonic()
+        try:
+            parsed.save(self.config_file, kept.digest, kept.config)
+        except (OSError, WriteError) as err:  # the master parses the file itself, as without one
+            log.warning("cannot leave the parse of %s for the proxy: %s", self.config_file, err)
+            return
+        log.debug("the parse of %d stores left for the proxy in %.3f s", len(kept.config), time.monotonic() - started)
 
     def rebase(self, generation: int) -> None:
         """A new segment serves ``generation``: the file as last seen is what it publishes, so a

@@ -16,6 +16,7 @@ import pytest
 import dsproxy
 import dsproxy.registry as registry_mod
 from dsproxy import Operation
+from dsproxy.config import digest, parse, parsed
 from dsproxy.ipc import shm
 from tests.helpers import Instance
 
@@ -374,6 +375,36 @@ def test_a_registry_after_a_preload_serves_that_parse_without_parsing_again(
             assert store.instance.props["comment"] == "demo"
     finally:
         second.close()
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_a_preload_takes_the_managers_parse_of_the_same_bytes(inst: Instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    inst.add_stores("store1", "store2", comment="demo")
+    data = inst.config_file.read_bytes()
+    parsed.save(inst.config_file, digest(data), parse(data))  # as the manager leaves it (leave_parse)
+    monkeypatch.setattr(registry_mod, "parse", _parse_refused)
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store2") as store:
+            assert store.instance.props["comment"] == "demo"
+        assert list(reg.config()[0]) == ["store1", "store2"]
+    finally:
+        reg.close()
+
+
+def test_a_preload_parses_a_file_changed_since_the_managers_parse(inst: Instance) -> None:
+    inst.add_stores("store1", comment="before")
+    data = inst.config_file.read_bytes()
+    parsed.save(inst.config_file, digest(data), parse(data))
+    inst.update(lambda cfg: cfg["store1"].update(comment="after"))
+    assert registry_mod.preload(str(inst.config_file)) == (None if registry_mod.DISCARD_CACHES else 1)
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store1") as store:
+            assert store.instance.props["comment"] == "after"
+    finally:
+        reg.close()
 
 
 def test_a_file_changed_after_the_preload_is_served_as_it_is_now(inst: Instance) -> None:

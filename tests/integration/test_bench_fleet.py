@@ -45,6 +45,11 @@ def test_bench_fleet_small_run_writes_table_json_and_plot(tmp_path: Path) -> Non
     cold = row["cold_start"]
     assert 0 < cold["manager_s"] < cold["serving_s"] and cold["revision"] > row["populate"]["revision"]
     assert 0 <= cold["etcd_read_s"] <= cold["manager_s"] and "cold start at 50 stores: the manager answered" in out
+    for daemon in ("manager", "proxy"):
+        assert (
+            cold["cpu"][daemon]["user_s"] + cold["cpu"][daemon]["sys_s"] > 0 and cold["cpu"][daemon]["minor_faults"] > 0
+        )
+    assert "CPU user/system until then: manager" in out
     targets = {t["target"]: t for t in data["targets"]}
     assert set(targets) == {
         "acknowledged -> served everywhere p99 / etcd put->watch p99 at 50 <= 3",

@@ -42,7 +42,7 @@ reload, a proxy's start and a fleet host's cold start (manager and workers) each
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from .errors import ParseError, PropertyError
@@ -238,11 +238,41 @@ def _fast(text: str) -> SectionConfig | None:
     """
     if "\r" in text:
         return None
+    return _fast_lines(text.split("\n"))
+
+
+def parse_values(values: Sequence[bytes]) -> SectionConfig | None:
+    """The config of ``values`` joined by newlines when that is a well-formed file (see
+    :func:`_fast`), or None: then parse the joined bytes, which says what is wrong.  Each value is
+    decoded and split in turn, never the whole: fleet mode's first read at 100,000 stores joined
+    14 MB, decoded it and split it into 800,000 lines at once, 34,700 page faults of the manager's
+    90,000 against 15,900 this way (and 0.43-0.49 s against 0.48-0.49 s of parse, 2026-12-04).
+    (``b"\n".join(values).split(b"\n")`` is exactly each value's lines in turn: the joints are
+    the separators.)"""
+    refused = False
+
+    def lines() -> Iterator[str]:
+        nonlocal refused
+        for value in values:
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "\r"
+            if "\r" in text:
+                refused = True
+                return
+            yield from text.split("\n")
+
+    config = _fast_lines(lines())
+    return None if refused else config
+
+
+def _fast_lines(lines: Iterable[str]) -> SectionConfig | None:
     config = SectionConfig()
     memo, seen_lines, unique = _MEMO, _LINES, _UNIQUE_KEYS
     props: dict[str, Value] | None = None
     name = ""
-    for line in text.split("\n"):
+    for line in lines:
         if props is not None and line:
             hit = seen_lines.get(line)
             if hit is not None:

@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from ..config import MaintenanceMode, ParseError, Value, parse
+from ..config.section import parse_values
 from ..daemon.writer import ConfigWriter, FleetWrite, MirrorState, WriteRefused
 from ..ipc import shm
 from . import datastores_prefix, hosts_prefix
@@ -155,7 +156,10 @@ def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
     names = [_name(prefix, kv.key) for kv in kvs]
     if all(kv.value.endswith(b"\n") for kv in kvs):
         with contextlib.suppress(ParseError):
-            cfg = parse(b"\n".join(kv.value for kv in kvs), filename=f"etcd {prefix.decode(errors='replace')}")
+            values = [kv.value for kv in kvs]
+            cfg = parse_values(values)  # (the common case, without the joined copies)
+            if cfg is None:
+                cfg = parse(b"\n".join(values), filename=f"etcd {prefix.decode(errors='replace')}")
             if list(cfg) == names:
                 out.sections = dict(cfg.items())
                 out.mod_revisions = {n: kv.mod_revision for n, kv in zip(names, kvs, strict=True)}

@@ -243,6 +243,33 @@ def test_the_fast_path_agrees_on_every_kind_of_value(text: str) -> None:
         _agree(canonical)
 
 
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(valued_documents(), st.lists(st.integers(min_value=0), max_size=6))
+def test_parse_values_reads_the_pieces_as_the_joined_file(text: str, cuts: list[int]) -> None:
+    """Fleet mode's first read parses etcd's values in turn (section.parse_values): whatever it
+    takes is what the joined file parses to, and a canonical file cut at its sections takes it."""
+    data = text.encode("utf-8", "surrogatepass")
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    joined = b"\n".join(pieces)  # (each joint a line break more: the pieces are files of their own)
+    got = section.parse_values(pieces)
+    if got is not None:
+        full = _full(joined.decode("utf-8", "surrogatepass"))
+        assert full is not None and list(got.items()) == list(full.items()) and got.duplicates == full.duplicates
+    cfg = _full(text)
+    if cfg:
+        sections = [config.dump({n: p}).encode() for n, p in cfg.items()]
+        taken = section.parse_values(sections)
+        assert taken is not None and list(taken.items()) == list(cfg.items())
+
+
+def test_parse_values_leaves_a_carriage_return_or_bad_utf8_to_the_full_parser() -> None:
+    good = b"datastore: store1\n\tpath /srv/a\n"
+    assert section.parse_values([good]) == {"store1": {"path": "/srv/a"}}
+    assert section.parse_values([good, b"datastore: store2\r\n\tpath /srv/b\n"]) is None
+    assert section.parse_values([good, b"datastore: store2\n\tcomment \xff\n\tpath /srv/b\n"]) is None
+
+
 _ODD_SPACE = ["", " ", "  ", "\t", "\xa0", "\x1c", "\u2028", "\x85"]
 
 

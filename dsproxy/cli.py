@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -586,22 +587,25 @@ def _size(value: Any) -> str:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import overlay
+
     path = args.file or str(_paths(args).config_file)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        os.stat(path)  # (missing: an error here, where the workers serve no stores)
+        # with the fleet overlay beside it, when one applies: what the workers serve
+        cfg, digest, overlaid = overlay.served_with_digest(path)
     except FileNotFoundError:
         print(f"dsproxy: {path}: no such file", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"dsproxy: {path}: {err.strerror}", file=sys.stderr)
         return 1
-    try:
-        cfg = config.parse(data, filename=path)
     except config.ConfigError as err:
         print(err, file=sys.stderr)
         return 1
-    print(f"{path}: OK, {len(cfg)} datastore{'s' if len(cfg) != 1 else ''}, digest {config.digest(data)}")
+    s = "s" if len(cfg) != 1 else ""
+    beside = f" (with the changes in {overlay.NAME} not yet in the file)" if overlaid else ""
+    print(f"{path}: OK, {len(cfg)} datastore{s}{beside}, digest {digest}")
     return 0
 
 
@@ -642,13 +646,15 @@ def _fleet(args: argparse.Namespace, work: Any) -> Any:
 
 
 def cmd_fleet_import(args: argparse.Namespace) -> int:
+    from .config import overlay
     from .fleet import datastores_prefix
     from .fleet.admin import import_config
 
     path = args.config or str(_paths(args).config_file)
     try:
-        with open(path, "rb") as f:
-            sections = config.parse(f.read(), filename=path)
+        os.stat(path)  # (missing: an error here, where the workers serve no stores)
+        # what the host serves: a fleet host's recent changes are in the overlay beside its file
+        sections = overlay.served(path)
     except OSError as err:
         raise CommandError(f"{path}: {err.strerror}") from None
     except config.ConfigError as err:

@@ -166,19 +166,41 @@ def _decode(data: Any) -> Overlay | None:
 def served(config_file: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """What a worker serves of ``config_file`` and the overlay beside it: the file parsed, with
     the overlay's stores on top when it applies to the file (raises ``ParseError`` like
-    :func:`dsproxy.config.parse`).  For tools and tests; the registry keeps its own parses."""
-    from .file import read_raw
-    from .record import identity_of
+    :func:`dsproxy.config.parse`; a missing file reads as empty).  For tools and tests; the
+    registry keeps its own parses.
+
+    The overlay is read first, as a worker reads it: a flush between the two reads leaves a file
+    that holds the overlay's stores (and the overlay read, based on the file before, does not
+    apply to it); the file's bytes and its identity come from one open."""
+    return served_with_digest(config_file)[0]
+
+
+def served_with_digest(config_file: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], str, bool]:
+    """:func:`served`, the digest a client sees of it (the overlay's when one applies, else the
+    file's SHA-256) and whether an overlay with stores applied."""
+    from .file import digest as file_digest
+    from .record import read as read_record
+    from .record import stamp_of
     from .section import parse
 
     path = os.fspath(config_file)
-    config: dict[str, dict[str, Any]] = dict(parse(read_raw(path), filename=path))
     overlay = read_beside(path)
-    if overlay is None or not overlay.applies_to(identity_of(path)):
-        return config
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            record = read_record(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        data, st, record = b"", None, None
+    config: dict[str, dict[str, Any]] = dict(parse(data, filename=path))
+    whole = file_digest(data)
+    stamp = None if st is None else stamp_of(st)
+    identity = None if record is None or record.new != stamp else (record.token, stamp)
+    if overlay is None or not overlay.applies_to(identity):
+        return config, whole, False
     for name, text in overlay.stores.items():
         if text is None:
             config.pop(name, None)
         else:
             config.update(parse(text.encode(), filename=path_in(os.path.dirname(path))))
-    return config
+    return config, overlay.digest(whole), bool(overlay.stores)

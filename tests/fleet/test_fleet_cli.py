@@ -93,6 +93,37 @@ def test_import_refuses_when_a_store_exists_and_writes_nothing(
     assert b"another beta" not in beta.value
 
 
+def test_import_pushes_what_the_host_serves_with_its_overlay(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes, host: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A host whose recent changes are in the overlay beside its file (fleet mode's, not flushed
+    yet) imports them too: what its workers serve, not the file alone."""
+    from dsproxy.config import overlay
+    from dsproxy.daemon.writer import ConfigWriter
+    from dsproxy.ipc import shm
+
+    host.ensure()
+    seg = shm.Segment.open(host.run_dir, create=True)
+    try:
+        writer = ConfigWriter(host, lambda: seg)
+        writer.check_file()
+        writer.enable_fleet()
+        local = dict(parse(host.config_file.read_bytes()))
+        local["alpha"] = {**local["alpha"], "comment": "from etcd"}  # (a whole write: the overlay's base)
+        writer.mirror_replace(local, dict.fromkeys(local, 2), 2)
+        delta = parse(f"datastore: delta\n\tpath {host.data_dir / 'delta'}\n")["delta"]
+        writer.mirror_apply({"delta": delta, "gamma": None}, {"delta": 3, "gamma": None}, 3)
+        assert sorted(parse(host.config_file.read_bytes())) == ["alpha", "beta", "gamma"]  # (the file alone)
+        assert sorted(overlay.served(host.config_file)) == ["alpha", "beta", "delta"]
+        code = cli.main(["--base-dir", str(host.config_dir.parent), *fleet(etcd_cluster, etcd_prefix, "import")])
+        assert code == 0, capsys.readouterr().err
+    finally:
+        seg.close()
+        shm.unlink(host.run_dir)
+    names = [kv.key.rsplit(b"/", 1)[1] for kv in keys_under(etcd_cluster, etcd_prefix + b"datastores/")]
+    assert names == [b"alpha", b"beta", b"delta"]
+
+
 def test_import_of_many_stores_spans_several_txns(
     etcd_cluster: EtcdCluster, etcd_prefix: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -378,3 +378,40 @@ def test_an_overlay_edited_just_before_a_flush_is_still_counted(writer: ConfigWr
     writer.mirror_apply({"delta1": _props(paths, "delta1")}, {"delta1": 5}, 5)
     assert writer._fleet().hand_edits == 2
     assert "sneaky" not in overlays.served(paths.config_file)
+
+
+# -- the tools read what the workers serve -------------------------------------------------------------
+
+
+def test_config_check_reports_the_config_with_its_overlay_and_the_digest_clients_see(
+    writer: ConfigWriter, reg: Registry, paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dsproxy import cli
+
+    writer.mirror_apply({"beta": None, "gamma": _props(paths, "gamma")}, {"beta": None, "gamma": 4}, 4)
+    assert sorted(read_config(paths.config_file)[0]) == ["alpha", "beta"]  # (the file alone: not yet)
+    assert cli.main(["config", "check", str(paths.config_file)]) == 0
+    out = capsys.readouterr().out
+    cfg, digest = reg.config()
+    assert sorted(cfg) == ["alpha", "gamma"]
+    assert f"OK, 2 datastores (with the changes in {overlays.NAME} not yet in the file), digest {digest}" in out
+    writer.flush_overlay(idle=0)  # the file whole: no overlay to name, the same digest
+    assert cli.main(["config", "check", str(paths.config_file)]) == 0
+    assert f"OK, 2 datastores, digest {digest}" in capsys.readouterr().out
+
+
+def test_served_reads_the_overlay_before_the_file(
+    writer: ConfigWriter, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush between the two reads: the overlay read (based on the file before) does not apply
+    to the file read next, which holds its stores -- nothing served is lost either way."""
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    real = overlays.read_beside
+
+    def then_flush(config_file: Any) -> Any:
+        found = real(config_file)
+        writer.flush_overlay(idle=0)
+        return found
+
+    monkeypatch.setattr(overlays, "read_beside", then_flush)
+    assert sorted(overlays.served(paths.config_file)) == ["alpha", "beta", "gamma"]

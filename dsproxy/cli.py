@@ -586,14 +586,27 @@ def _size(value: Any) -> str:
     return str(value)
 
 
+def _is_config_file(path: str, args: argparse.Namespace) -> bool:
+    """Whether ``path`` is this instance's ``datastore.cfg`` (the one a fleet host's overlay is
+    beside), not a copy or another file."""
+    try:
+        return os.path.samefile(path, _paths(args).config_file)
+    except OSError:
+        return False
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from .config import overlay
 
     path = args.file or str(_paths(args).config_file)
     try:
         os.stat(path)  # (missing: an error here, where the workers serve no stores)
-        # with the fleet overlay beside it, when one applies: what the workers serve
-        cfg, digest, overlaid = overlay.served_with_digest(path)
+        if _is_config_file(path, args):  # with the fleet overlay beside it: what the workers serve
+            cfg, digest, overlaid = overlay.served_with_digest(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+            cfg, digest, overlaid = config.parse(data, filename=path), config.digest(data), False
     except FileNotFoundError:
         print(f"dsproxy: {path}: no such file", file=sys.stderr)
         return 1
@@ -653,8 +666,11 @@ def cmd_fleet_import(args: argparse.Namespace) -> int:
     path = args.config or str(_paths(args).config_file)
     try:
         os.stat(path)  # (missing: an error here, where the workers serve no stores)
-        # what the host serves: a fleet host's recent changes are in the overlay beside its file
-        sections = overlay.served(path)
+        if _is_config_file(path, args):  # what the host serves: its recent changes may be in the overlay
+            sections = overlay.served(path)
+        else:
+            with open(path, "rb") as f:
+                sections = config.parse(f.read(), filename=path)
     except OSError as err:
         raise CommandError(f"{path}: {err.strerror}") from None
     except config.ConfigError as err:

@@ -388,16 +388,24 @@ def preload(config_file: str) -> int | None:
         file_digest = digest(data)
         # the manager's own parse of these bytes, when it left one (dsproxy.config.parsed: ~0.09
         # s at 100,000 stores against the parse's ~0.45 s)
-        config = parsed.load(config_file, file_digest, len(data))
-        if config is None:
-            config = parse(data, filename=config_file)
-        else:
-            log.info("took the manager's parse of %s (%d stores)", config_file, len(config))
+        taken = parsed.load(config_file, file_digest, len(data))
+        if taken is not None:
+            try:
+                _preloaded = _preloaded_of(text, file_digest, taken)
+                log.info("took the manager's parse of %s (%d stores)", config_file, len(taken))
+                return len(taken)
+            except Exception as err:  # (the owner's file, checked whole: yet never the reason a proxy stops)
+                log.warning("the manager's parse of %s is not usable (%s): parsing the file", config_file, err)
+        config = parse(data, filename=config_file)
     except (OSError, ParseError):
         return None
-    regions = None if FULL_INVALIDATION else Regions.of(text, config)
-    _preloaded = _Preloaded(file_digest, config, _make_entries(config), regions)
+    _preloaded = _preloaded_of(text, file_digest, config)
     return len(config)
+
+
+def _preloaded_of(text: bytearray, file_digest: str, config: SectionConfig) -> _Preloaded:
+    regions = None if FULL_INVALIDATION else Regions.of(text, config)
+    return _Preloaded(file_digest, config, _make_entries(config), regions)
 
 
 def drop_preloaded() -> None:
@@ -1024,16 +1032,12 @@ class Registry:
             if hit is not None and hit[0] == text:
                 out[name] = hit[1]
                 continue
-            try:
-                cfg = parse(text.encode(), filename=self._overlay_file)
-            except ParseError as err:
-                log.error("overlay: not serving datastore '%s': %s", name, err)
+            section = overlays.store_section(name, text, self._overlay_file)
+            if isinstance(section, str):
+                log.error("overlay: not serving datastore '%s': %s", name, section)
                 continue
-            if list(cfg) != [name]:
-                log.error("overlay: the text of datastore '%s' holds %s", name, list(cfg))
-                continue
-            known[name] = (text, cfg[name])
-            out[name] = cfg[name]
+            known[name] = (text, section)
+            out[name] = section
         for name in [n for n in known if n not in overlay.stores]:
             del known[name]
         return out

@@ -198,9 +198,28 @@ def served_with_digest(config_file: str | os.PathLike[str]) -> tuple[dict[str, d
     identity = None if record is None or record.new != stamp else (record.token, stamp)
     if overlay is None or not overlay.applies_to(identity):
         return config, whole, False
+    where = path_in(os.path.dirname(path))
     for name, text in overlay.stores.items():
-        if text is None:
+        section = None if text is None else store_section(name, text, where)
+        if isinstance(section, str):
+            continue  # (a worker leaves it out too)
+        if section is None:
             config.pop(name, None)
         else:
-            config.update(parse(text.encode(), filename=path_in(os.path.dirname(path))))
+            config[name] = section
     return config, overlay.digest(whole), bool(overlay.stores)
+
+
+def store_section(name: str, text: str, filename: str) -> dict[str, Any] | str:
+    """Store ``name``'s section from its overlay ``text``, or why it is not served: a text that
+    does not parse, or parses to anything but exactly that store's section."""
+    from .errors import ParseError
+    from .section import parse
+
+    try:
+        cfg = parse(text.encode(), filename=filename)
+    except ParseError as err:
+        return str(err)
+    if list(cfg) != [name]:
+        return f"the text of datastore '{name}' holds {list(cfg)}"
+    return cfg[name]

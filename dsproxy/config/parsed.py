@@ -13,22 +13,31 @@ Measured at 100,000 stores (14.3 MB of bench-fleet's sections, this machine): ``
 0.03 s, 11 MB).  ``marshal`` and not ``pickle``: loading it runs no code.
 
 Trust: the file is written like ``datastore.cfg`` (temp file + rename in the config dir, its mode)
-and read only if it is a regular file owned by the config file's owner, not writable by others,
-within :func:`_bound` of the file's size, starting with :data:`MAGIC` and the digest of the exact
-bytes the reader holds: as trusted as ``datastore.cfg`` itself, which only that owner can write.
-Its shape is checked (a dict of store name -> dict of properties); the values themselves are the
-manager's parse of those very bytes.  Anything else reads as "no parse" and the master parses
-the file, as it did before; a stale parse (the file changed since) is never taken, and the next
-first write replaces it.  The manager leaves one only after the first write of a start (a fleet
-host's first mirror): every later whole write would pay the dump and 11 MB of I/O per write.
+and read only if it is a regular file owned by the config file's owner, writable by nobody else
+(group or others), within :func:`_bound` of the file's size, starting with :data:`MAGIC`, the
+fingerprint of the code that parses (:func:`fingerprint`: the Python version and the parser's and
+schema's source -- an upgrade's parser may type or refuse a value differently), the digest of the
+exact bytes the reader holds and the SHA-256 of its own body (a torn or corrupted file after a
+crash: it is written without fsync).  It is then as trusted as ``datastore.cfg`` itself, which
+only that owner can write, and its values are the manager's parse of those very bytes; only the
+shape is checked (a dict of store name -> dict of properties), and the master falls back to
+parsing if making the entries of what it took fails anyway (:func:`dsproxy.registry.preload`).
+Anything else reads as "no parse" and the master parses the file, as it did before; a stale
+parse (the file changed since) is never taken.  The manager leaves one only at start (the file
+as read, or a fleet host's first mirror): every later whole write would pay the dump and 11 MB of
+I/O per write; it leaves none while an overlay holds changes not in the file (its config is not
+the file's), and removes an earlier start's when it cannot write its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import marshal
 import os
 import stat
+import sys
 from typing import Final
 
 from .file import replace_file
@@ -36,9 +45,23 @@ from .section import SectionConfig
 
 #: the file's name, in the config dir beside ``datastore.cfg``
 NAME: Final = ".datastore.cfg.parsed"
-MAGIC: Final = b"dsproxy parsed datastore.cfg v1\n"
-_DIGEST_BYTES: Final = 32
+MAGIC: Final = b"dsproxy parsed datastore.cfg v2\n"
+_HASH: Final = 32  # SHA-256
+_HEAD: Final = len(MAGIC) + 3 * _HASH  # MAGIC, fingerprint, the file's digest, the body's
 _MARSHAL_VERSION: Final = 4  # (shared objects written once: the parser's interned values)
+
+
+@functools.cache
+def fingerprint() -> bytes:
+    """SHA-256 of what decides a parse's values: the Python version (marshal's format) and the
+    source of the parser and the schema (an upgrade may type or refuse a value differently)."""
+    from . import schema, section
+
+    h = hashlib.sha256(f"{sys.version_info[0]}.{sys.version_info[1]} marshal {_MARSHAL_VERSION}\0".encode())
+    for module in (section, schema):
+        with open(module.__file__ or "", "rb") as f:
+            h.update(f.read())
+    return h.digest()
 
 
 def path_beside(config_file: str | os.PathLike[str]) -> str:
@@ -47,9 +70,11 @@ def path_beside(config_file: str | os.PathLike[str]) -> str:
 
 def save(config_file: str | os.PathLike[str], file_digest: str, config: SectionConfig) -> None:
     """Leave ``config`` (the parse of the file whose SHA-256 is ``file_digest``) beside
-    ``config_file``.  No fsync: a parse lost in a crash is only parsed again."""
+    ``config_file``.  No fsync: a parse lost in a crash is only parsed again, and a torn one is
+    refused by its body's hash."""
     body = marshal.dumps((dict(config), config.duplicates), _MARSHAL_VERSION)
-    replace_file(path_beside(config_file), [MAGIC, bytes.fromhex(file_digest), body], sync=False)
+    head = [MAGIC, fingerprint(), bytes.fromhex(file_digest), hashlib.sha256(body).digest()]
+    replace_file(path_beside(config_file), [*head, body], sync=False)
 
 
 def remove(config_file: str | os.PathLike[str]) -> None:
@@ -59,7 +84,8 @@ def remove(config_file: str | os.PathLike[str]) -> None:
 
 def load(config_file: str | os.PathLike[str], file_digest: str, file_size: int) -> SectionConfig | None:
     """The parse left beside ``config_file`` for the file whose bytes hash to ``file_digest``
-    (``file_size`` bytes), or None (see the module: missing, stale, not the owner's, malformed)."""
+    (``file_size`` bytes), or None (see the module: missing, stale, another build's, not the
+    owner's, torn, malformed)."""
     try:
         owner = os.stat(config_file).st_uid
         fd = os.open(path_beside(config_file), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -67,20 +93,23 @@ def load(config_file: str | os.PathLike[str], file_digest: str, file_size: int) 
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_mode & stat.S_IWOTH:
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return None
         if st.st_size > _bound(file_size):
             return None
-        head = len(MAGIC) + _DIGEST_BYTES
         raw = os.pread(fd, st.st_size + 1, 0)
     except OSError:
         return None
     finally:
         os.close(fd)
-    if len(raw) != st.st_size or raw[: len(MAGIC)] != MAGIC or raw[len(MAGIC) : head] != bytes.fromhex(file_digest):
+    view = memoryview(raw)
+    expected = MAGIC + fingerprint() + bytes.fromhex(file_digest)
+    if len(raw) != st.st_size or view[: len(expected)] != expected:
+        return None
+    if hashlib.sha256(view[_HEAD:]).digest() != view[_HEAD - _HASH : _HEAD]:
         return None
     try:
-        sections, duplicates = marshal.loads(memoryview(raw)[head:])
+        sections, duplicates = marshal.loads(view[_HEAD:])
     except (ValueError, EOFError, TypeError):
         return None
     if type(sections) is not dict or type(duplicates) is not int:

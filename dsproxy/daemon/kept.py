@@ -337,6 +337,7 @@ class KeptConfig:
         computed when asked; the file's token and stamp if it is known to hold exactly these bytes,
         :attr:`identity`): O(changed) and the blocks' list."""
         config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
+        config.duplicates = 0  # (the file written from the blocks has each section once)
         paths = self._paths  # (None: built from the config when first needed)
         for name, section in pending.sections.items():
             old = config.get(name)

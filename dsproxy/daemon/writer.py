@@ -622,10 +622,12 @@ class ConfigWriter:
         """(Writer thread, once the start has read the file or written its first mirror.)  The
         parse of the file as it is now, beside it for the proxy master's preload
         (:mod:`dsproxy.config.parsed`); a file of fewer than :attr:`PARSED_MIN_STORES` stores
-        gets none (its parse is quick), and a parse left by an earlier start goes.  ~45 ms at
+        gets none (its parse is quick), nor one while the overlay holds changes (a restart that
+        continued it), and a parse left by an earlier start goes.  ~45 ms at
         100,000 stores (the dump, the digest if not known yet, 11 MB written)."""
         kept = self.kept
-        if kept is None or len(kept.config) < self.PARSED_MIN_STORES:
+        # (with an overlay's stores the kept config is not the file's: its parse would never be taken)
+        if kept is None or len(kept.config) < self.PARSED_MIN_STORES or (self.overlay and self.overlay.stores):
             with contextlib.suppress(OSError):
                 parsed.remove(self.config_file)
             return
@@ -634,6 +636,8 @@ class ConfigWriter:
             parsed.save(self.config_file, kept.digest, kept.config)
         except (OSError, WriteError) as err:  # the master parses the file itself, as without one
             log.warning("cannot leave the parse of %s for the proxy: %s", self.config_file, err)
+            with contextlib.suppress(OSError):
+                parsed.remove(self.config_file)
             return
         log.debug("the parse of %d stores left for the proxy in %.3f s", len(kept.config), time.monotonic() - started)
 

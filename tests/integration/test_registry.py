@@ -393,6 +393,23 @@ def test_a_preload_takes_the_managers_parse_of_the_same_bytes(inst: Instance, mo
         reg.close()
 
 
+def test_a_preload_parses_the_file_when_the_managers_parse_is_not_usable(inst: Instance) -> None:
+    """The owner's file, checked whole, but its entries cannot be made (a maintenance mode the
+    parser would have refused): the master parses the file and serves it -- it never stops."""
+    inst.add_stores("store1", comment="demo")
+    data = inst.config_file.read_bytes()
+    bad = parse(data)
+    bad["store1"] = {**bad["store1"], "maintenance-mode": "type=offlinf"}
+    parsed.save(inst.config_file, digest(data), bad)
+    assert registry_mod.preload(str(inst.config_file)) == (None if registry_mod.DISCARD_CACHES else 1)
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store1") as store:
+            assert store.instance.props["comment"] == "demo" and "maintenance-mode" not in store.instance.props
+    finally:
+        reg.close()
+
+
 def test_a_preload_parses_a_file_changed_since_the_managers_parse(inst: Instance) -> None:
     inst.add_stores("store1", comment="before")
     data = inst.config_file.read_bytes()

@@ -16,6 +16,7 @@ from dsproxy import Operation, Registry
 from dsproxy import registry as registry_mod
 from dsproxy.config import Value, dump, parse, read_config, replace_file
 from dsproxy.config import overlay as overlays
+from dsproxy.config.overlay import Overlay
 from dsproxy.daemon.writer import ConfigWriter, WriteRefused
 from dsproxy.errors import MaintenanceRefused, NoSuchDatastore
 from dsproxy.ipc import shm
@@ -390,14 +391,30 @@ def test_config_check_reports_the_config_with_its_overlay_and_the_digest_clients
 
     writer.mirror_apply({"beta": None, "gamma": _props(paths, "gamma")}, {"beta": None, "gamma": 4}, 4)
     assert sorted(read_config(paths.config_file)[0]) == ["alpha", "beta"]  # (the file alone: not yet)
-    assert cli.main(["config", "check", str(paths.config_file)]) == 0
+    check = ["--base-dir", str(paths.config_dir.parent), "config", "check"]
+    assert cli.main(check) == 0
     out = capsys.readouterr().out
     cfg, digest = reg.config()
     assert sorted(cfg) == ["alpha", "gamma"]
     assert f"OK, 2 datastores (with the changes in {overlays.NAME} not yet in the file), digest {digest}" in out
+    # a copy of the file beside it is checked as it is: the overlay is the instance file's
+    copy = paths.config_dir / "copy.cfg"
+    copy.write_bytes(paths.config_file.read_bytes())
+    assert cli.main([*check, str(copy)]) == 0
+    assert "OK, 2 datastores, digest" in capsys.readouterr().out and sorted(read_config(copy)[0]) == ["alpha", "beta"]
     writer.flush_overlay(idle=0)  # the file whole: no overlay to name, the same digest
-    assert cli.main(["config", "check", str(paths.config_file)]) == 0
+    assert cli.main(check) == 0
     assert f"OK, 2 datastores, digest {digest}" in capsys.readouterr().out
+
+
+def test_served_leaves_out_an_overlay_text_a_worker_refuses(writer: ConfigWriter, reg: Registry, paths: Paths) -> None:
+    writer.mirror_apply({"gamma": _props(paths, "gamma")}, {"gamma": 4}, 4)
+    overlay = overlays.read_beside(paths.config_file)
+    assert overlay is not None
+    foreign = dump({"delta": _props(paths, "delta")})  # the text under gamma's name holds delta
+    tampered = Overlay(overlay.token, overlay.stamp, overlay.carried, {"gamma": foreign, "beta": "not a section"})
+    replace_file(overlays.path_in(paths.config_dir), tampered.dump())
+    assert sorted(overlays.served(paths.config_file)) == ["alpha", "beta"] == sorted(reg.config()[0])
 
 
 def test_served_reads_the_overlay_before_the_file(

@@ -4,6 +4,7 @@ than a parse; the writer leaves one at a large file's start and none for a small
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import os
 from pathlib import Path
@@ -64,6 +65,9 @@ def test_a_parse_of_other_bytes_is_not_taken(paths: Paths) -> None:
     [
         pytest.param(lambda p: os.chown(p, NOBODY, NOBODY), id="another-owner"),
         pytest.param(lambda p: os.chmod(p, 0o646), id="writable-by-others"),
+        pytest.param(lambda p: os.chmod(p, 0o660), id="writable-by-the-group"),
+        pytest.param(lambda p: _flip(p, len(parsed.MAGIC)), id="another-build"),
+        pytest.param(lambda p: _flip(p, os.path.getsize(p) - 1), id="torn-body"),
         pytest.param(lambda p: _truncate(p, -10), id="truncated"),
         pytest.param(lambda p: _rewrite(p, lambda raw: b"X" + raw[1:]), id="bad-magic"),
         pytest.param(lambda p: _body(p, b"\xff\x00garbage"), id="not-marshal"),
@@ -101,8 +105,13 @@ def _truncate(path: str, by: int) -> None:
 
 
 def _body(path: str, body: bytes) -> None:
-    head = len(parsed.MAGIC) + 32
-    _rewrite(path, lambda raw: raw[:head] + body)
+    """Another body, with its own hash in the header (the shape checks, not the hash, refuse it)."""
+    head = parsed._HEAD
+    _rewrite(path, lambda raw: raw[: head - 32] + hashlib.sha256(body).digest() + body)
+
+
+def _flip(path: str, offset: int) -> None:
+    _rewrite(path, lambda raw: raw[:offset] + bytes([raw[offset] ^ 1]) + raw[offset + 1 :])
 
 
 def _link(path: str) -> None:
@@ -156,3 +165,48 @@ def test_a_small_file_gets_no_parse_and_an_old_one_goes(
     w.check_file()
     w.leave_parse()  # (6 stores: below PARSED_MIN_STORES)
     assert not os.path.lexists(parsed.path_beside(paths.config_file))
+
+
+def test_the_fingerprint_is_of_the_parsers_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade's parser may type or refuse a value differently: its parse is not the old one's."""
+    from dsproxy.config import schema
+
+    before = parsed.fingerprint()
+    parsed.fingerprint.cache_clear()
+    monkeypatch.setattr(schema, "__file__", parsed.__file__)  # (another source for the schema)
+    try:
+        assert parsed.fingerprint() != before
+    finally:
+        parsed.fingerprint.cache_clear()
+
+
+def test_a_restart_that_continues_an_overlay_leaves_no_parse(
+    paths: Paths, seg: shm.Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its kept config holds the overlay's stores, which are not in the file: a parse of it would
+    be keyed by bytes that are nowhere (and an earlier start's goes too)."""
+    monkeypatch.setattr(ConfigWriter, "PARSED_MIN_STORES", 5)
+    w = ConfigWriter(paths, lambda: seg)
+    w.check_file()
+    w.enable_fleet()
+    sections = parse(dump({f"mirror{i}": {"path": str(paths.data_dir / f"mirror{i}")} for i in range(8)}))
+    w.mirror_replace(dict(sections), dict.fromkeys(sections, 2), 2)
+    w.mirror_apply({"mirror0": {**sections["mirror0"], "comment": "in the overlay"}}, {"mirror0": 3}, 3)
+    assert w.overlay is not None and w.overlay.stores
+    _save(paths, read_raw(paths.config_file))
+    w.leave_parse()
+    assert not os.path.lexists(parsed.path_beside(paths.config_file))
+
+
+def test_a_file_with_duplicates_once_written_leaves_a_parse_without_them(
+    paths: Paths, seg: shm.Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ConfigWriter, "PARSED_MIN_STORES", 1)
+    replace_file(paths.config_file, b"datastore: aaa\n\tpath /a\n\ndatastore: aaa\n\tpath /b\n")
+    w = ConfigWriter(paths, lambda: seg)
+    w.check_file()  # (read: 1 duplicate)
+    w.update("aaa", {"comment": "written"})  # the file written canonically: each section once
+    w.leave_parse()
+    data = read_raw(paths.config_file)
+    got = _load(paths, data)
+    assert got is not None and got == parse(data) and got.duplicates == parse(data).duplicates == 0

@@ -393,6 +393,26 @@ def test_a_preload_takes_the_managers_parse_of_the_same_bytes(inst: Instance, mo
         reg.close()
 
 
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_an_offline_store_of_a_preload_is_evicted_after_its_lookup(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The master found the stores to evict (a worker looking at every entry copied its pages):
+    the worker still drops an offline store's instance once its lookup ends."""
+    inst.add_stores("store1", "store2")
+    inst.set_maintenance("store1", "offline")
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    monkeypatch.setattr(registry_mod, "parse", _parse_refused)
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        for name in ("store1", "store2"):
+            with reg.lookup(name, Operation.LOOKUP):
+                assert name in reg.instances
+        assert "store1" not in reg.instances and "store2" in reg.instances
+    finally:
+        reg.close()
+
+
 def test_a_preload_parses_the_file_when_the_managers_parse_is_not_usable(inst: Instance) -> None:
     """The owner's file, checked whole, but its entries cannot be made (a maintenance mode the
     parser would have refused): the master parses the file and serves it -- it never stops."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dsproxy.fleet import etcd as etcd_module
-from dsproxy.fleet.etcd import Etcd, EtcdOutcomeUnknown, EtcdUnavailable, Event, Lease, WatchBatch
+from dsproxy.fleet.etcd import Etcd, EtcdOutcomeUnknown, EtcdRequestError, EtcdUnavailable, Event, Lease, WatchBatch
 from dsproxy.testing.etcd import EtcdCluster
 
 
@@ -518,6 +518,52 @@ def test_a_compacted_watch_relists_then_goes_on(etcd_cluster: EtcdCluster, etcd_
                 assert [(e.kind, e.key) for e in second.events] == [("put", etcd_prefix + b"k5")]
             finally:
                 await batches.aclose()
+
+    run(main())
+
+
+def test_a_paged_read_is_one_revision_and_starts_over_after_a_compaction(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_prefix reads in pages pinned at the first one's revision: writes between pages are
+    not in it; a compaction of that revision before the last page starts the read over (a
+    caller's own revision, compacted, is an error)."""
+    monkeypatch.setattr(etcd_module, "PAGE_KEYS", 2)
+
+    async def main() -> None:
+        async with Etcd(etcd_cluster.endpoints) as etcd:
+            for i in range(5):
+                await etcd.put(etcd_prefix + b"k%d" % i, b"v")
+            real, pages = etcd._call, []
+
+            async def between_pages(what: str, fn: Any, **kw: Any) -> Any:
+                reply = await real(what, fn, **kw)
+                if not what.startswith("get_prefix"):
+                    return reply
+                pages.append(what)
+                if len(pages) == 1:  # after the first page: a new key, a change -- and, once, a compaction
+                    await etcd.put(etcd_prefix + b"k0a", b"new")
+                    await etcd.put(etcd_prefix + b"k4", b"changed")
+                    if compact:
+                        await etcd.compact(await etcd.revision())
+                return reply
+
+            before = await etcd.revision()
+            monkeypatch.setattr(etcd, "_call", between_pages)
+            compact = False
+            revision, kvs = await etcd.get_prefix(etcd_prefix)
+            assert revision == before and [kv.key[len(etcd_prefix) :] for kv in kvs] == [b"k%d" % i for i in range(5)]
+            assert kvs[-1].value == b"v" and len(pages) == 3  # (pages of 2, 2, 1 keys)
+
+            pages.clear()
+            compact = True
+            revision, kvs = await etcd.get_prefix(etcd_prefix)  # started over after the first page
+            now = {kv.key[len(etcd_prefix) :]: kv.value for kv in kvs}
+            assert revision == await etcd.revision() and now[b"k0a"] == b"new" and now[b"k4"] == b"changed"
+            assert len(pages) == 1 + 3  # (the first page, then 2, 2, 2 keys)
+            pages.clear()
+            with pytest.raises(EtcdRequestError, match="compacted"):
+                await etcd.get_prefix(etcd_prefix, revision=before)
 
     run(main())
 

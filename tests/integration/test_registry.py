@@ -369,12 +369,17 @@ def test_a_registry_after_a_preload_serves_that_parse_without_parsing_again(
         reg.close()
     monkeypatch.undo()
     # taken once: a second registry of the process parses the file itself (its entries are its own)
-    second = dsproxy.Registry(base_dir=inst.base)
+    assert _served_comment(inst, "store1") == "demo"
+
+
+def _served_comment(inst: Instance, name: str) -> object:
+    """What a new registry of this process serves as ``name``'s comment."""
+    reg = dsproxy.Registry(base_dir=inst.base)
     try:
-        with second.lookup("store1") as store:
-            assert store.instance.props["comment"] == "demo"
+        with reg.lookup(name) as store:
+            return store.instance.props.get("comment")
     finally:
-        second.close()
+        reg.close()
 
 
 @pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
@@ -436,12 +441,7 @@ def test_a_preload_parses_a_file_changed_since_the_managers_parse(inst: Instance
     parsed.save(inst.config_file, digest(data), parse(data))
     inst.update(lambda cfg: cfg["store1"].update(comment="after"))
     assert registry_mod.preload(str(inst.config_file)) == (None if registry_mod.DISCARD_CACHES else 1)
-    reg = dsproxy.Registry(base_dir=inst.base)
-    try:
-        with reg.lookup("store1") as store:
-            assert store.instance.props["comment"] == "after"
-    finally:
-        reg.close()
+    assert _served_comment(inst, "store1") == "after"
 
 
 def test_a_file_changed_after_the_preload_is_served_as_it_is_now(inst: Instance) -> None:

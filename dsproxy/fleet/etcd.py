@@ -154,6 +154,12 @@ class EtcdRequestError(EtcdError):
         self.details = details
 
 
+def _too_large(err: EtcdRequestError) -> bool:
+    """Whether ``err`` is gRPC's refusal of an answer larger than ``max_message`` (not any other
+    RESOURCE_EXHAUSTED: a rate limit is not a reason for smaller pages)."""
+    return err.code == grpc.StatusCode.RESOURCE_EXHAUSTED.name and "larger than max" in err.details
+
+
 class _Compacted(Exception):
     """(Within :meth:`Etcd.get_prefix`.)  A later page's pinned revision was compacted."""
 
@@ -479,7 +485,8 @@ class Etcd:
         for 100,000 keys of 140 B, but 15,000 page faults of the reader against 27,500 (gRPC's
         and protobuf's copies of a 14 MB answer at once; 2026-12-04, a fresh process each).  If
         that revision is compacted before the last page (the caller pinned none), the read
-        starts over at the current one.
+        starts over at the current one -- three times, then as one Range (which a compaction
+        cannot overtake: the errors of a read at the current revision stay what they were).
         """
         for _ in range(3):
             try:
@@ -487,7 +494,18 @@ class Etcd:
             except _Compacted as err:
                 if revision:
                     raise err.error from None
-        return await self._get_prefix_paged(prefix, revision, keys_only, restart=False)
+        request = rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix), keys_only=keys_only)
+        try:
+            reply = await self._call(
+                f"get_prefix {prefix!r}",
+                lambda c, t: c.kv.Range(request, timeout=t, metadata=_METADATA),
+                attempt_timeout=self.timeout * 5,
+            )
+        except EtcdRequestError as err:
+            if not _too_large(err):
+                raise
+            return await self._get_prefix_paged(prefix, 0, keys_only, restart=False)
+        return int(reply.header.revision), [_kv(kv) for kv in reply.kvs]
 
     async def _get_prefix_paged(
         self, prefix: bytes, revision: int, keys_only: bool, restart: bool = True
@@ -506,7 +524,7 @@ class Etcd:
             except EtcdRequestError as err:
                 if restart and found and err.code == grpc.StatusCode.OUT_OF_RANGE.name:
                     raise _Compacted(err) from None  # (the revision the pages are pinned at)
-                if err.code != grpc.StatusCode.RESOURCE_EXHAUSTED.name or limit == 1:
+                if not _too_large(err) or limit == 1:
                     raise
                 limit = max(limit // 4, 1)
                 continue

@@ -522,6 +522,23 @@ def test_a_compacted_watch_relists_then_goes_on(etcd_cluster: EtcdCluster, etcd_
     run(main())
 
 
+async def _five_keys(etcd: Etcd, prefix: bytes) -> None:
+    for i in range(5):
+        await etcd.put(prefix + b"k%d" % i, b"v")
+
+
+def _after_each_call(monkeypatch: pytest.MonkeyPatch, etcd: Etcd, after: Callable[[str, Any], Awaitable[None]]) -> None:
+    """``await after(what, fn)`` once each call of the client (a page, a put...) has its answer."""
+    real = etcd._call
+
+    async def wrapped(what: str, fn: Any, **kw: Any) -> Any:
+        reply = await real(what, fn, **kw)
+        await after(what, fn)
+        return reply
+
+    monkeypatch.setattr(etcd, "_call", wrapped)
+
+
 def test_a_paged_read_is_one_revision_and_starts_over_after_a_compaction(
     etcd_cluster: EtcdCluster, etcd_prefix: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -532,24 +549,21 @@ def test_a_paged_read_is_one_revision_and_starts_over_after_a_compaction(
 
     async def main() -> None:
         async with Etcd(etcd_cluster.endpoints) as etcd:
-            for i in range(5):
-                await etcd.put(etcd_prefix + b"k%d" % i, b"v")
-            real, pages = etcd._call, []
+            await _five_keys(etcd, etcd_prefix)
+            pages = []
 
-            async def between_pages(what: str, fn: Any, **kw: Any) -> Any:
-                reply = await real(what, fn, **kw)
+            async def between_pages(what: str, fn: Any) -> None:
                 if not what.startswith("get_prefix"):
-                    return reply
+                    return
                 pages.append(what)
                 if len(pages) == 1:  # after the first page: a new key, a change -- and, once, a compaction
                     await etcd.put(etcd_prefix + b"k0a", b"new")
                     await etcd.put(etcd_prefix + b"k4", b"changed")
                     if compact:
                         await etcd.compact(await etcd.revision())
-                return reply
 
             before = await etcd.revision()
-            monkeypatch.setattr(etcd, "_call", between_pages)
+            _after_each_call(monkeypatch, etcd, between_pages)
             compact = False
             revision, kvs = await etcd.get_prefix(etcd_prefix)
             assert revision == before and [kv.key[len(etcd_prefix) :] for kv in kvs] == [b"k%d" % i for i in range(5)]
@@ -564,6 +578,59 @@ def test_a_paged_read_is_one_revision_and_starts_over_after_a_compaction(
             pages.clear()
             with pytest.raises(EtcdRequestError, match="compacted"):
                 await etcd.get_prefix(etcd_prefix, revision=before)
+
+    run(main())
+
+
+def test_a_read_compacted_after_every_first_page_ends_as_one_range(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three restarts, then one Range at the current revision (which no compaction overtakes):
+    a caller that pinned no revision never gets the compacted error a single Range never gave."""
+    monkeypatch.setattr(etcd_module, "PAGE_KEYS", 2)
+
+    async def main() -> None:
+        async with Etcd(etcd_cluster.endpoints) as etcd:
+            await _five_keys(etcd, etcd_prefix)
+            firsts = []
+
+            async def compact_after_first_page(what: str, fn: Any) -> None:
+                if what.endswith("(page)") and fn.__defaults__[0].revision == 0:  # a first page
+                    firsts.append(what)
+                    await etcd.put(etcd_prefix + b"noise", b"%d" % len(firsts))
+                    await etcd.compact(await etcd.revision())
+
+            _after_each_call(monkeypatch, etcd, compact_after_first_page)
+            revision, kvs = await etcd.get_prefix(etcd_prefix)
+            assert len(firsts) == 3 and revision == await etcd.revision()
+            assert [kv.key[len(etcd_prefix) :] for kv in kvs] == [b"k0", b"k1", b"k2", b"k3", b"k4", b"noise"]
+
+    run(main())
+
+
+def test_only_an_answer_too_large_makes_the_pages_smaller(
+    etcd_cluster: EtcdCluster, etcd_prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another RESOURCE_EXHAUSTED (a proxy's rate limit) is raised as it is, as a single Range
+    raised it: no walk down to pages of one key."""
+    monkeypatch.setattr(etcd_module, "PAGE_KEYS", 8)
+
+    async def main() -> None:
+        async with Etcd(etcd_cluster.endpoints) as etcd:
+            for i in range(20):
+                await etcd.put(etcd_prefix + b"k%02d" % i, b"v")
+            real, calls = etcd._call, []
+
+            async def refuse_the_second(what: str, fn: Any, **kw: Any) -> Any:
+                calls.append(what)
+                if len(calls) == 2:
+                    raise EtcdRequestError(what, "RESOURCE_EXHAUSTED", "etcdserver: too many requests")
+                return await real(what, fn, **kw)
+
+            monkeypatch.setattr(etcd, "_call", refuse_the_second)
+            with pytest.raises(EtcdRequestError, match="too many requests"):
+                await etcd.get_prefix(etcd_prefix)
+            assert len(calls) == 2
 
     run(main())
 

@@ -17,6 +17,8 @@ import dsproxy
 import dsproxy.registry as registry_mod
 from dsproxy import Operation
 from dsproxy.config import digest, parse, parsed
+from dsproxy.config.overlay import Overlay
+from dsproxy.config.section import render_section
 from dsproxy.ipc import shm
 from tests.helpers import Instance
 
@@ -416,6 +418,53 @@ def test_an_offline_store_of_a_preload_is_evicted_after_its_lookup(
         assert "store1" not in reg.instances and "store2" in reg.instances
     finally:
         reg.close()
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+@pytest.mark.parametrize("with_overlay", [False, True])
+def test_a_preloads_stores_to_evict_are_those_a_parse_finds(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch, with_overlay: bool
+) -> None:
+    """The master's list of the stores to evict, with an overlay on top that turns evicting stores
+    into others and back, removes one, adds one and holds a text that does not parse: the
+    worker evicts exactly what a registry that parsed the file itself does."""
+    inst.add_stores("sta", "stb", "stc", "std", "ste", "stg")
+    for name, mode in (("sta", "offline"), ("stc", "offline"), ("ste", "offline"), ("stg", "unmount")):
+        inst.set_maintenance(name, mode)
+
+    def text(name: str, **props: str) -> str:
+        return render_section(name, {"path": str(inst.store_dir(name)), **props}, "overlay")[0]
+
+    offline = {"maintenance-mode": "offline"}
+    stores = {
+        "sta": text("sta"),  # evicting -> not
+        "stb": text("stb", **offline),  # not -> evicting
+        "stc": None,  # evicting, removed
+        "ste": text("ste", **offline),  # as in the file
+        "stf": text("stf", **offline),  # new, evicting
+        "stg": "datastore: stg\n\tbogus-key 1\n",  # does not parse: the file's entry stays
+        "sth": None,  # removed, never there
+    }
+    if with_overlay:  # (its base: whatever file the registry read)
+        overlay = Overlay(b"t" * 16, (0, 0, 0), None, stores)
+        monkeypatch.setattr(registry_mod.Registry, "_read_overlay", lambda self: overlay)
+        monkeypatch.setattr(Overlay, "applies_to", lambda self, identity: True)
+    assert registry_mod.preload(str(inst.config_file)) == 6
+    monkeypatch.setattr(registry_mod, "parse", _parse_refused)  # (the first registry takes the preload)
+    first = dsproxy.Registry(base_dir=inst.base)
+    try:
+        first.lookup("std", Operation.LOOKUP).release()
+        monkeypatch.setattr(registry_mod, "parse", parse)
+        second = dsproxy.Registry(base_dir=inst.base)  # parses: no preload left
+        try:
+            second.lookup("std", Operation.LOOKUP).release()
+            assert first._evict_names == second._evict_names
+            expected = {"stb", "ste", "stf", "stg"} if with_overlay else {"sta", "stc", "ste", "stg"}
+            assert first._evict_names == expected
+        finally:
+            second.close()
+    finally:
+        first.close()
 
 
 def test_a_preload_parses_the_file_when_the_managers_parse_is_not_usable(inst: Instance) -> None:

@@ -107,7 +107,8 @@ def path_in(config_dir: str | os.PathLike[str]) -> str:
 
 def read(path: str, owner: int | None = None) -> Overlay | None:
     """The overlay at ``path``, or None: missing, not a regular file, a link, larger than a
-    manager writes, not owned by ``owner`` (the config file's owner) or writable by others, or
+    manager writes, not owned by ``owner`` (the config file's owner) or writable by anyone else
+    (group or others: the manager writes it 0640), or
     anything in it that is not what :meth:`Overlay.dump` writes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -115,7 +116,7 @@ def read(path: str, owner: int | None = None) -> Overlay | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES or st.st_mode & stat.S_IWOTH:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return None
         if owner is not None and st.st_uid != owner:
             return None

@@ -136,6 +136,8 @@ def test_an_overlay_of_another_file_or_garbage_is_not_served(writer: ConfigWrite
     os.chmod(path, 0o666)
     replace_file(path, good, mode=0o646)
     assert overlays.read(path) is None  # writable by others
+    replace_file(path, good, mode=0o660)
+    assert overlays.read(path) is None  # writable by the group (the proxy's, under systemd)
     replace_file(path, good)
     if seg is not None:
         seg.bump_generation()

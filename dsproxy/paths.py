@@ -87,7 +87,8 @@ class Paths(NamedTuple):
 
         Raises :class:`~dsproxy.fsutil.UnsafePath` (an ``OSError``) for one that is not a directory
         or is reached through a final symbolic link owned by anyone but root and this process's user,
-        and for a config dir owned by another user (who could swap ``datastore.cfg``).  The run dir
+        and for a config dir owned by another user or writable by every user (who could swap
+        ``datastore.cfg``, or add the overlay or the parse beside it).  The run dir
         is shared on purpose (group ``dsproxy`` writes it; under systemd the proxy's unit may own
         it), so its owner is not checked: everything in it is opened without following links.
         """
@@ -118,3 +119,9 @@ def _ensure_dir(path: str, check_owner: bool) -> None:
         raise UnsafePath(path, "is not a directory")
     if check_owner and st.st_uid not in trusted:
         raise UnsafePath(path, f"is owned by uid {st.st_uid}, who could replace the files in it (refused)")
+    if check_owner and st.st_mode & stat.S_IWOTH:  # (a sticky bit still lets anyone add a file)
+        raise UnsafePath(
+            path,
+            f"is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}), "
+            "who could replace or add the files in it (refused)",
+        )

@@ -129,6 +129,20 @@ def test_ensure_refuses_a_config_dir_another_user_owns(tmp_path: Path) -> None:
     paths.ensure()
 
 
+def test_ensure_refuses_a_config_dir_every_user_can_write(tmp_path: Path) -> None:
+    """Anyone could swap datastore.cfg or add the overlay beside it (a sticky bit still lets them
+    add a file); a group-writable one is the admin's choice of who edits the config."""
+    paths = Paths.resolve(tmp_path / "base")
+    paths.ensure()
+    for mode in (0o777, 0o1777):
+        os.chmod(paths.config_dir, mode)
+        with pytest.raises(fsutil.UnsafePath, match=f"writable by every user \\(mode {mode:04o}\\)"):
+            paths.ensure()
+    os.chmod(paths.config_dir, 0o770)
+    os.chmod(paths.run_dir, 0o777)  # the run dir is shared on purpose: not refused for that
+    paths.ensure()
+
+
 def test_the_journal_keeps_only_open_creates_and_ignores_a_torn_line(tmp_path: Path) -> None:
     journal = CreateJournal(tmp_path)
     first = journal.begin("a", "/srv/a", "/srv/a")

@@ -93,6 +93,25 @@ class Member:
             return "(no log)"
 
 
+def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
+    """Until every thread of ``pid`` is stopped (``T`` in ``/proc/PID/task/*/stat``): ``kill``
+    returns before a busy thread has taken the SIGSTOP, and a request sent in between was
+    answered (a "frozen" member that answered once, in CI 2026-12-04)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            states = []
+            for task in tasks:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return  # (gone: nothing answers either)
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+
+
 class EtcdCluster:
     """``size`` etcd members on loopback under ``base_dir`` (see the module); a context manager."""
 
@@ -287,6 +306,7 @@ class EtcdCluster:
             os.kill(member.proc.pid, sig)
         if sig == signal.SIGSTOP:
             self._stopped_signals.add(i)
+            _wait_stopped(member.proc.pid)
         elif sig == signal.SIGCONT:
             self._stopped_signals.discard(i)
         elif sig in (signal.SIGKILL, signal.SIGTERM):

@@ -586,13 +586,23 @@ def _size(value: Any) -> str:
     return str(value)
 
 
-def _is_config_file(path: str, args: argparse.Namespace) -> bool:
-    """Whether ``path`` is this instance's ``datastore.cfg`` (the one a fleet host's overlay is
-    beside), not a copy or another file."""
+def _as_served(path: str, args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], str, bool]:
+    """``path`` parsed, its digest and whether a fleet overlay added changes: this instance's
+    ``datastore.cfg`` with the overlay beside it, as its workers serve it (not a copy or another
+    file: those as they are).  A missing file raises ``FileNotFoundError`` here, where the
+    workers serve no stores; ``ParseError`` as :func:`dsproxy.config.parse`."""
+    from .config import overlay
+
+    os.stat(path)
     try:
-        return os.path.samefile(path, _paths(args).config_file)
+        ours = os.path.samefile(path, _paths(args).config_file)
     except OSError:
-        return False
+        ours = False
+    if ours:
+        return overlay.served_with_digest(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return config.parse(data, filename=path), config.digest(data), False
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -600,13 +610,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     path = args.file or str(_paths(args).config_file)
     try:
-        os.stat(path)  # (missing: an error here, where the workers serve no stores)
-        if _is_config_file(path, args):  # with the fleet overlay beside it: what the workers serve
-            cfg, digest, overlaid = overlay.served_with_digest(path)
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-            cfg, digest, overlaid = config.parse(data, filename=path), config.digest(data), False
+        cfg, digest, overlaid = _as_served(path, args)
     except FileNotFoundError:
         print(f"dsproxy: {path}: no such file", file=sys.stderr)
         return 1
@@ -659,18 +663,12 @@ def _fleet(args: argparse.Namespace, work: Any) -> Any:
 
 
 def cmd_fleet_import(args: argparse.Namespace) -> int:
-    from .config import overlay
     from .fleet import datastores_prefix
     from .fleet.admin import import_config
 
     path = args.config or str(_paths(args).config_file)
     try:
-        os.stat(path)  # (missing: an error here, where the workers serve no stores)
-        if _is_config_file(path, args):  # what the host serves: its recent changes may be in the overlay
-            sections = overlay.served(path)
-        else:
-            with open(path, "rb") as f:
-                sections = config.parse(f.read(), filename=path)
+        sections = _as_served(path, args)[0]  # a fleet host's recent changes may be in the overlay
     except OSError as err:
         raise CommandError(f"{path}: {err.strerror}") from None
     except config.ConfigError as err:

@@ -180,23 +180,19 @@ def served_with_digest(config_file: str | os.PathLike[str]) -> tuple[dict[str, d
     """:func:`served`, the digest a client sees of it (the overlay's when one applies, else the
     file's SHA-256) and whether an overlay with stores applied."""
     from .file import digest as file_digest
-    from .record import read as read_record
-    from .record import stamp_of
+    from .record import identity_of_fd
     from .section import parse
 
     path = os.fspath(config_file)
     overlay = read_beside(path)
     try:
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            record = read_record(f.fileno())
+            identity = identity_of_fd(f.fileno())
             data = f.read()
     except FileNotFoundError:
-        data, st, record = b"", None, None
+        data, identity = b"", None
     config: dict[str, dict[str, Any]] = dict(parse(data, filename=path))
     whole = file_digest(data)
-    stamp = None if st is None else stamp_of(st)
-    identity = None if record is None or record.new != stamp else (record.token, stamp)
     if overlay is None or not overlay.applies_to(identity):
         return config, whole, False
     where = path_in(os.path.dirname(path))

@@ -143,10 +143,15 @@ def identity_of(path: str) -> tuple[bytes, Stamp] | None:
     except OSError:
         return None
     try:
-        stamp = stamp_of(os.fstat(fd))
-        record = read(fd)
+        return identity_of_fd(fd)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def identity_of_fd(fd: int) -> tuple[bytes, Stamp] | None:
+    """:func:`identity_of` the open file ``fd`` (raises ``OSError`` if it cannot be stat'ed)."""
+    stamp = stamp_of(os.fstat(fd))
+    record = read(fd)
     return None if record is None or record.new != stamp else (record.token, stamp)

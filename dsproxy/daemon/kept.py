@@ -46,7 +46,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from itertools import chain, repeat
+from operator import itemgetter
+from typing import Any, Final, cast
 
 from ..config import PropertyError, SectionConfig, Value, digest, parse
 from ..config.file import reparse
@@ -250,7 +252,7 @@ class KeptConfig:
         values from etcd, parsed there), used as they are.
         """
         known = verified or {}
-        if not self.texts and len(changes) > BLOCK_SECTIONS and all(n in known and p is not None for n, p in changes):
+        if not self.texts and len(changes) > BLOCK_SECTIONS:
             filled = self._fill(changes, known)
             if filled is not None:
                 return filled
@@ -272,21 +274,24 @@ class KeptConfig:
         """:meth:`prepare` of an empty file filled with verified texts (a new host's first read
         of etcd): the blocks cut at once, not one :class:`_Edit` put per store -- those were
         0.5 s of a 100,000-store host's cold start (py-spy); the same pending write.  None when
-        a store comes twice (then the general way)."""
-        sections: dict[str, tuple[bytes, dict[str, Value]] | None] = {}
-        appended: dict[str, _Block] = {}
-        new_blocks: list[_Block] = []
-        for i in range(0, len(changes), BLOCK_SECTIONS):
-            chunk = changes[i : i + BLOCK_SECTIONS]
-            names = [name for name, _ in chunk]
-            if len(set(names)) != len(names) or any(n in sections for n in names):
-                return None
-            block = _Block(names, _SEPARATOR.join([known[n] for n in names]))
-            new_blocks.append(block)
-            for name, props in chunk:
-                assert props is not None
-                sections[name] = (known[name], props)
-                appended[name] = block
+        a store comes twice, is removed or has no verified text (then the general way).  Its
+        loops over the stores are ``map``/``zip`` (C), not Python: 0.15 s against 0.06 s at
+        100,000 (cProfile)."""
+        names = list(map(_first, changes))
+        props = list(map(_second, changes))
+        if None in props or not known.keys() >= set(names):
+            return None
+        texts = list(map(known.__getitem__, names))
+        sections: dict[str, tuple[bytes, dict[str, Value]] | None] = dict(
+            zip(names, zip(texts, props, strict=True), strict=True)
+        )
+        if len(sections) != len(names):  # a store twice
+            return None
+        new_blocks = [
+            _Block(names[i : i + BLOCK_SECTIONS], _SEPARATOR.join(texts[i : i + BLOCK_SECTIONS]))
+            for i in range(0, len(names), BLOCK_SECTIONS)
+        ]
+        appended = dict(zip(names, chain.from_iterable(repeat(b, len(b.names)) for b in new_blocks), strict=True))
         if len(sections) > RING_SIZE // 4:  # what the ring records of that many (one look at it)
             records = [(ChangeKind.EVERYTHING, "*")]
         else:
@@ -339,6 +344,32 @@ class KeptConfig:
         config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
         config.duplicates = 0  # (the file written from the blocks has each section once)
         paths = self._paths  # (None: built from the config when first needed)
+        if not config and paths is None and appended.keys() == pending.sections.keys():
+            # an empty config filled (_fill: a new host's first read): every store appended, in
+            # order -- the loops below in C (0.15 s of Python loops at 100,000, cProfile)
+            sections = cast(dict[str, tuple[bytes, dict[str, Value]]], pending.sections)
+            texts.update(zip(sections, map(_first, sections.values()), strict=True))
+            config.update(zip(sections, map(_second, sections.values()), strict=True))
+            block_of.update(appended)
+        else:
+            self._commit_edit(pending)
+        for block, (names, data) in pending.blocks.items():
+            block.names, block.data = names, data
+        self.blocks.extend(pending.new_blocks)
+        if any(not block.names for block in pending.blocks):
+            self.blocks = [block for block in self.blocks if block.names]
+        if hashed is None:
+            self.states = self.states[: pending.first + 1]  # the bytes before the first change are the same
+            self._digest = None
+        else:
+            self.states = [*self.states[: hashed.first], *hashed.states]
+            self._digest = hashed.digest
+        self.identity = identity
+
+    def _commit_edit(self, pending: PendingWrite) -> None:
+        """:meth:`commit`'s stores, one at a time: removed, updated in place, or appended."""
+        config, texts, block_of, appended = self.config, self.texts, self.block_of, pending.appended
+        paths = self._paths
         for name, section in pending.sections.items():
             old = config.get(name)
             if paths is not None:
@@ -356,18 +387,9 @@ class KeptConfig:
             assert section is not None
             texts[name], config[name] = section
             block_of[name] = block
-        for block, (names, data) in pending.blocks.items():
-            block.names, block.data = names, data
-        self.blocks.extend(pending.new_blocks)
-        if any(not block.names for block in pending.blocks):
-            self.blocks = [block for block in self.blocks if block.names]
-        if hashed is None:
-            self.states = self.states[: pending.first + 1]  # the bytes before the first change are the same
-            self._digest = None
-        else:
-            self.states = [*self.states[: hashed.first], *hashed.states]
-            self._digest = hashed.digest
-        self.identity = identity
+
+
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 class _Edit:

@@ -1068,7 +1068,10 @@ class ConfigWriter:
                 # none laid out yet -- the loop below's outcome without its ~3 us per store (0.27 s
                 # at 100,000, py-spy of a cold start)
                 deferred.extend(m.sections)
-                verified.update((n, t) for n, t in m.texts.items() if n in m.sections)
+                if m.texts.keys() <= m.sections.keys():  # (a first read's: one C loop, no generator)
+                    verified.update(m.texts)
+                else:
+                    verified.update((n, t) for n, t in m.texts.items() if n in m.sections)
                 return list(m.sections.items())
             candidates = [*cfg, *(n for n in m.sections if n not in cfg)] if names is None else names
             changes: list[Change] = []

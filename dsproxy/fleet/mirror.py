@@ -69,7 +69,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from ..config import MaintenanceMode, ParseError, Value, parse
 from ..config.section import parse_values
@@ -82,6 +82,7 @@ from .tls import EtcdTLS
 log = logging.getLogger("dsproxy.fleet")
 
 T = TypeVar("T")
+V = TypeVar("V")
 #: the processes whose loaded generation a host's revision stands for
 SERVING_ROLES: Final = frozenset({shm.Role.WORKER, shm.Role.LIBRARY})
 #: maintenance modes a fleet-wide transition waits for (each refuses new reads and writes)
@@ -148,6 +149,14 @@ def well_formed(name: str, value: bytes) -> bool:
     )
 
 
+def _present(table: dict[str, V | None]) -> dict[str, V]:
+    """``table`` without its None values: itself when it has none -- a full read, which names no
+    deleted key (no copy of 100,000s of entries)."""
+    if None not in table.values():
+        return cast(dict[str, V], table)
+    return {k: v for k, v in table.items() if v is not None}
+
+
 def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
     """Every datastore key of a full read: one parse of all values joined when that gives exactly
     one section per key in key order (every value ending in a newline: a value's lines cannot
@@ -161,7 +170,7 @@ def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
             if cfg is None:
                 cfg = parse(b"\n".join(values), filename=f"etcd {prefix.decode(errors='replace')}")
             if list(cfg) == names:
-                out.sections = dict(cfg.items())
+                out.sections = cast(dict[str, dict[str, Value] | None], cfg)  # (as it is: 100,000s of entries)
                 out.mod_revisions = {n: kv.mod_revision for n, kv in zip(names, kvs, strict=True)}
                 out.texts = {n: kv.value for n, kv in zip(names, kvs, strict=True) if well_formed(n, kv.value)}
                 return out
@@ -415,8 +424,7 @@ class Mirror:
         """(Writer thread.)  A full read: decode every value, mirror exactly those (the first:
         the lay-out of missing directories deferred)."""
         decoded = decode_all(self.datastores, kvs)
-        sections = {n: s for n, s in decoded.sections.items() if s is not None}
-        mods = {n: m for n, m in decoded.mod_revisions.items() if m is not None}
+        sections, mods = _present(decoded.sections), _present(decoded.mod_revisions)
         return self.writer.mirror_replace(sections, mods, revision, decoded.texts, defer_layout=first)
 
     # -- the watch ----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import dsproxy
 import dsproxy.registry as registry_mod
 from dsproxy import Operation
 from dsproxy.config import digest, parse, parsed
+from dsproxy.config import record as file_record
+from dsproxy.config.file import replace_file
 from dsproxy.config.overlay import Overlay
 from dsproxy.config.section import render_section
 from dsproxy.ipc import shm
@@ -382,6 +384,48 @@ def _served_comment(inst: Instance, name: str) -> object:
             return store.instance.props.get("comment")
     finally:
         reg.close()
+
+
+def _read_refused(*args: object) -> None:
+    raise AssertionError("the file was read again: the master's read was not adopted")
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_a_first_load_takes_the_masters_bytes_while_the_file_keeps_its_identity(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file the manager wrote (its record names its stamp) and nobody touched since the
+    master's preload: the worker's first load serves the master's read, without reading or
+    hashing the file again."""
+    inst.add_stores("store1", "store2", comment="demo")
+    # written again as the manager's writer writes it: with a record naming the file's stamp
+    replace_file(inst.config_file, inst.config_file.read_bytes(), record=file_record.FileRecord(os.urandom(16)))
+    assert file_record.identity_of(str(inst.config_file)) is not None  # (else this tests nothing)
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    monkeypatch.setattr(registry_mod, "_read_after", _read_refused)
+    monkeypatch.setattr(registry_mod, "parse", _parse_refused)
+    reg = dsproxy.Registry(base_dir=inst.base)
+    try:
+        with reg.lookup("store2") as store:
+            assert store.instance.props["comment"] == "demo"
+        _, served_digest = reg.config()
+        assert served_digest == digest(inst.config_file.read_bytes())
+    finally:
+        reg.close()
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_an_edit_in_place_after_the_preload_is_served_by_the_first_load(inst: Instance) -> None:
+    """An edit between the master's read and a worker's first load (in place: the record no
+    longer names the file's stamp) is read, not the master's bytes served."""
+    inst.add_stores("store1", "store2", comment="demo")
+    replace_file(inst.config_file, inst.config_file.read_bytes(), record=file_record.FileRecord(os.urandom(16)))
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    data = inst.config_file.read_bytes()
+    time.sleep(0.01)  # (a later mtime even where timestamps are coarse)
+    with open(inst.config_file, "r+b") as f:  # same size, same inode: only the mtime tells
+        f.write(data.replace(b"comment demo", b"comment DEMO"))
+    assert _served_comment(inst, "store1") == "DEMO"
 
 
 @pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")

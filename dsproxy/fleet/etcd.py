@@ -94,7 +94,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import grpc
 from aetcd import rpc
@@ -236,6 +236,16 @@ class Status:
 
 def _kv(kv: Any) -> KV:
     return KV(bytes(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.create_revision))
+
+
+_tuple_new: Final = tuple.__new__
+
+
+def _kvs(kvs: Any) -> list[KV]:
+    """:func:`_kv` of every key of a reply, built as tuples directly: the named tuple's own
+    ``__new__`` is a Python function, 10 against 5 ms a page of 10,000 keys (upb gives the
+    fields as ``bytes`` and ``int`` already)."""
+    return [_tuple_new(KV, (kv.key, kv.value, kv.mod_revision, kv.create_revision)) for kv in kvs]
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -505,7 +515,7 @@ class Etcd:
             if not _too_large(err):
                 raise
             return await self._get_prefix_paged(prefix, 0, keys_only, restart=False)
-        return int(reply.header.revision), [_kv(kv) for kv in reply.kvs]
+        return int(reply.header.revision), _kvs(reply.kvs)
 
     async def _get_prefix_paged(
         self, prefix: bytes, revision: int, keys_only: bool, restart: bool = True
@@ -530,7 +540,7 @@ class Etcd:
                 continue
             if not pinned:
                 pinned = int(reply.header.revision)
-            found.extend(_kv(kv) for kv in reply.kvs)
+            found.extend(_kvs(reply.kvs))
             if not reply.more or not reply.kvs:
                 return pinned, found
             start = bytes(reply.kvs[-1].key) + b"\0"

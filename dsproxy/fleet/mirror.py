@@ -171,8 +171,9 @@ def decode_all(prefix: bytes, kvs: list[KV]) -> Decoded:
                 cfg = parse(b"\n".join(values), filename=f"etcd {prefix.decode(errors='replace')}")
             if list(cfg) == names:
                 out.sections = cast(dict[str, dict[str, Value] | None], cfg)  # (as it is: 100,000s of entries)
-                out.mod_revisions = {n: kv.mod_revision for n, kv in zip(names, kvs, strict=True)}
-                out.texts = {n: kv.value for n, kv in zip(names, kvs, strict=True) if well_formed(n, kv.value)}
+                # (keyed by the parse's own name strings: the names from the keys, equal, go)
+                out.mod_revisions = {n: kv.mod_revision for n, kv in zip(cfg, kvs, strict=True)}
+                out.texts = {n: kv.value for n, kv in zip(cfg, kvs, strict=True) if well_formed(n, kv.value)}
                 return out
     for name, kv in zip(names, kvs, strict=True):
         _decode_into(out, name, kv)
@@ -381,6 +382,9 @@ class Mirror:
         revision, every = await self.etcd.get_prefix(f"{self.prefix}/".encode())  # datastores and hosts at once
         read = time.monotonic() - started
         kvs = [kv for kv in every if kv.key.startswith(self.datastores)]
+        hosts = [kv for kv in every if kv.key.startswith(self.hosts_key)]
+        count = len(kvs)
+        del every  # (with kvs emptied by _replace once decoded, the keys' tuples go before the write)
         # the first read looks at the stores' directories after the write (lay_out_deferred)
         gen = await self.in_writer(self._replace, kvs, revision, not self.recovered)
         first = False
@@ -392,12 +396,12 @@ class Mirror:
             self.recovered = True
             first = True
         self.hosts = {}
-        self._hosts_seen([kv for kv in every if kv.key.startswith(self.hosts_key)])
+        self._hosts_seen(hosts)
         self.revision = revision
         self.want = max(self.want, revision)
         log.info(
             "fleet: mirrored %d datastores of etcd revision %d (read %.2f s, written %.2f s), generation %s",
-            len(kvs),
+            count,
             revision,
             read,
             time.monotonic() - started - read,
@@ -407,7 +411,6 @@ class Mirror:
             # the first mirror (100,000s of objects at a large prefix) out of the cyclic GC's way:
             # later collections do not walk it (no full collection first: it would hold the
             # start ~0.1 s; what is garbage now is freed by reference counts, the read included)
-            del every, kvs
             gc.freeze()
             self.tasks.append(asyncio.ensure_future(self._lay_out()))
         await self._applied()
@@ -421,9 +424,12 @@ class Mirror:
         log.debug("fleet: the mirrored stores' directories looked at in %.2f s", time.monotonic() - started)
 
     def _replace(self, kvs: list[KV], revision: int, first: bool = False) -> int | None:
-        """(Writer thread.)  A full read: decode every value, mirror exactly those (the first:
-        the lay-out of missing directories deferred)."""
+        """(Writer thread.)  A full read: decode every value (``kvs`` is emptied then), mirror
+        exactly those (the first: the lay-out of missing directories deferred)."""
         decoded = decode_all(self.datastores, kvs)
+        # consumed: the keys' tuples and bytes freed before the write allocates (13 MB of fresh
+        # memory at 100,000 stores; the values live on as the kept texts)
+        kvs.clear()
         sections, mods = _present(decoded.sections), _present(decoded.mod_revisions)
         return self.writer.mirror_replace(sections, mods, revision, decoded.texts, defer_layout=first)
 

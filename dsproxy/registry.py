@@ -358,21 +358,23 @@ def _digest_after(text: bytes | bytearray) -> str:
 class _Preloaded:
     """A parse of the config file made in the proxy master before it forks workers (:func:`preload`)."""
 
-    __slots__ = ("config", "digest", "entries", "evicting", "identity", "read_at", "regions", "text")
+    __slots__ = ("config", "digest", "entries", "evicting", "identity", "read_at", "regions", "seen", "text")
 
     def __init__(
         self,
         text: bytearray,
         digest: str,
         identity: Identity | None,
+        seen: tuple[Identity, int] | None,
         read_at: float,
         config: SectionConfig,
         entries: dict[str, _Entry],
         regions: Regions | None,
     ) -> None:
-        #: what the master read (after a newline, as :func:`_read_after`), when, and the file's
-        #: identity then: a worker whose file still has it takes these bytes instead of reading
-        self.text, self.identity, self.read_at = text, identity, read_at
+        #: what the master read (after a newline, as :func:`_read_after`), when, the file's
+        #: identity, and its identity and ctime just before: a worker whose file still has those
+        #: takes these bytes instead of reading them (:func:`_take_unchanged_preload`)
+        self.text, self.identity, self.seen, self.read_at = text, identity, seen, read_at
         self.digest = digest
         self.config = config
         self.entries = entries
@@ -422,15 +424,17 @@ def preload(config_file: str) -> int | None:
 def _preload(config_file: str) -> int | None:
     global _preloaded
     try:
-        read_at = _monotonic()
+        read_at, seen = _monotonic(), _identity_and_ctime(config_file)
         text, identity = _read_after(config_file, b"\n")
+        if seen is not None and seen[0] != identity:
+            seen = None  # (changed meanwhile: the workers read it themselves)
         file_digest = _digest_after(text)
         # the manager's own parse of these bytes, when it left one (dsproxy.config.parsed: ~0.09
         # s at 100,000 stores against the parse's ~0.45 s)
         taken = parsed.load(config_file, file_digest, len(text) - 1)
         if taken is not None:
             try:
-                _preloaded = _preloaded_of(text, file_digest, identity, read_at, taken)
+                _preloaded = _preloaded_of(text, file_digest, identity, seen, read_at, taken)
                 log.info("took the manager's parse of %s (%d stores)", config_file, len(taken))
                 return len(taken)
             except Exception as err:  # (the owner's file, checked whole: yet never the reason a proxy stops)
@@ -438,15 +442,41 @@ def _preload(config_file: str) -> int | None:
         config = parse(bytes(memoryview(text)[1:]), filename=config_file)
     except (OSError, ParseError):
         return None
-    _preloaded = _preloaded_of(text, file_digest, identity, read_at, config)
+    _preloaded = _preloaded_of(text, file_digest, identity, seen, read_at, config)
     return len(config)
 
 
 def _preloaded_of(
-    text: bytearray, file_digest: str, identity: Identity | None, read_at: float, config: SectionConfig
+    text: bytearray,
+    file_digest: str,
+    identity: Identity | None,
+    seen: tuple[Identity, int] | None,
+    read_at: float,
+    config: SectionConfig,
 ) -> _Preloaded:
     regions = None if FULL_INVALIDATION else Regions.of(text, config)
-    return _Preloaded(text, file_digest, identity, read_at, config, _make_entries(config), regions)
+    return _Preloaded(text, file_digest, identity, seen, read_at, config, _make_entries(config), regions)
+
+
+def _identity_and_ctime(path: str) -> tuple[Identity, int] | None:
+    """The file's identity (:func:`dsproxy.config.record.identity_of`) and its ctime, from one
+    open, or None (no record naming its stamp, a symlink, unreadable).  The ctime also moves
+    when an edit in place puts the mtime back (``touch -r``, ``cp --preserve=timestamps``,
+    ``rsync -t --inplace``), which keeps the stamp."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        identity = file_record.identity_of_fd(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if identity is None or identity[1] != file_record.stamp_of(st):
+        return None
+    return identity, st.st_ctime_ns
 
 
 def drop_preloaded() -> None:
@@ -456,15 +486,17 @@ def drop_preloaded() -> None:
 
 
 def _take_unchanged_preload(config_file: str) -> _Preloaded | None:
-    """The preload inherited from the master if the file still has the identity it had when the
-    master read it (its record names its stamp: the manager's write, not edited in place since;
-    see :meth:`Registry._patch` for what the record is trusted for), else None (and it stays for
-    :func:`_take_preloaded`).  A worker's first load then reads neither the 14 MB nor hashes
-    them at 100,000 stores: 3,500 page faults of fresh memory and ~25 ms of each worker's
-    start on the way to serving."""
+    """The preload inherited from the master if the file still has the identity and ctime it had
+    just before the master read it (its record names its stamp: the manager's write; the same
+    ctime: not edited in place since, even by a tool that puts the mtime back), else None (and
+    it stays for :func:`_take_preloaded`).  What is trusted is what :meth:`Registry._patch`
+    trusts of the record; an edit within the same clock tick as the manager's write (coarse
+    timestamps) is seen once the cache's TTL, counted from the master's read, is over.  A
+    worker's first load then neither reads nor hashes the 14 MB at 100,000 stores: 3,500 page
+    faults of fresh memory and ~25 ms of each worker's start on the way to serving."""
     global _preloaded
     pre = _preloaded
-    if pre is None or pre.identity is None or file_record.identity_of(config_file) != pre.identity:
+    if pre is None or pre.seen is None or _identity_and_ctime(config_file) != pre.seen:
         return None
     _preloaded = None
     return pre

@@ -347,9 +347,11 @@ class KeptConfig:
         if not config and paths is None and appended.keys() == pending.sections.keys():
             # an empty config filled (_fill: a new host's first read): every store appended, in
             # order -- the loops below in C (0.15 s of Python loops at 100,000, cProfile)
+            # (in the file's order, which is the appended one)
             sections = cast(dict[str, tuple[bytes, dict[str, Value]]], pending.sections)
-            texts.update(zip(sections, map(_first, sections.values()), strict=True))
-            config.update(zip(sections, map(_second, sections.values()), strict=True))
+            ordered = list(map(sections.__getitem__, appended))
+            texts.update(zip(appended, map(_first, ordered), strict=True))
+            config.update(zip(appended, map(_second, ordered), strict=True))
             block_of.update(appended)
         else:
             self._commit_edit(pending)

@@ -332,7 +332,7 @@ class Mirror:
         """Fleet mode on; read etcd once if it answers (else keep serving the file and retry)."""
         await self.in_writer(self.writer.enable_fleet)
         try:
-            await self.load()  # its write publishes what changed since the workers last loaded
+            await self.load(start=True)  # its write publishes what changed since the workers last loaded
         except EtcdError as err:
             log.error(
                 "fleet: cannot read etcd at start (serving %s as it is; retrying): %s", self.writer.config_file, err
@@ -360,14 +360,16 @@ class Mirror:
                     await lease.revoke()
         await self.etcd.close()
 
-    async def load(self) -> None:
+    async def load(self, start: bool = False) -> None:
         """One consistent read of the datastores; the file becomes exactly the mirror.
 
-        The first one runs with the cyclic GC off and freezes what it built: its collections
-        walked the millions of objects being made (a 100,000-store read, decode and write), and
-        were ~0.3 s of such a host's cold start (``gc.callbacks``); reference counts still free
-        what the read leaves behind."""
-        if self.recovered:
+        The one at ``start`` (before the manager serves) runs with the cyclic GC off, and the
+        first that succeeds freezes what it built: collections walked the millions of objects
+        being made (a 100,000-store read, decode and write), ~0.3 s of such a host's cold start
+        (``gc.callbacks``); reference counts still free what the read leaves behind.  A retry
+        later (etcd was down at start) keeps the GC on: it waits for etcd while the manager
+        serves."""
+        if not start:
             return await self._load()
         enabled = gc.isenabled()
         gc.disable()

@@ -421,10 +421,26 @@ def test_an_edit_in_place_after_the_preload_is_served_by_the_first_load(inst: In
     inst.add_stores("store1", "store2", comment="demo")
     replace_file(inst.config_file, inst.config_file.read_bytes(), record=file_record.FileRecord(os.urandom(16)))
     assert registry_mod.preload(str(inst.config_file)) == 2
-    data = inst.config_file.read_bytes()
-    time.sleep(0.01)  # (a later mtime even where timestamps are coarse)
+    data, before = inst.config_file.read_bytes(), inst.config_file.stat()
     with open(inst.config_file, "r+b") as f:  # same size, same inode: only the mtime tells
         f.write(data.replace(b"comment demo", b"comment DEMO"))
+    os.utime(inst.config_file, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # (any clock tick)
+    assert _served_comment(inst, "store1") == "DEMO"
+
+
+@pytest.mark.skipif(registry_mod.DISCARD_CACHES, reason="no preload under DSPROXY_DEBUG_DISCARD_CACHES")
+def test_an_edit_in_place_that_puts_the_mtime_back_is_served_by_the_first_load(inst: Instance) -> None:
+    """``touch -r``, ``cp --preserve=timestamps``, ``rsync -t --inplace``: the stamp the record
+    names is the file's again, but its ctime moved -- the bytes are read, not the master's served."""
+    inst.add_stores("store1", "store2", comment="demo")
+    replace_file(inst.config_file, inst.config_file.read_bytes(), record=file_record.FileRecord(os.urandom(16)))
+    assert registry_mod.preload(str(inst.config_file)) == 2
+    data, before = inst.config_file.read_bytes(), inst.config_file.stat()
+    time.sleep(0.05)  # (past a coarse clock tick of the ctime)
+    with open(inst.config_file, "r+b") as f:
+        f.write(data.replace(b"comment demo", b"comment DEMO"))
+    os.utime(inst.config_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file_record.identity_of(str(inst.config_file)) is not None  # the record names the stamp again
     assert _served_comment(inst, "store1") == "DEMO"
 
 

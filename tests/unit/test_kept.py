@@ -116,6 +116,7 @@ def test_an_empty_file_filled_with_verified_texts_is_the_same_write_cut_at_once(
     filled.commit(pending, filled.hash(pending))
     put.commit(reference, put.hash(reference))
     assert filled.joined() == put.joined() and filled.config == put.config and filled.digest == put.digest
+    assert list(filled.config) == list(filled.texts) == list(parse(filled.joined())) == list(put.config)
     more: list[Change] = [("s0001", {"path": "/srv/x", "comment": "moved"}), ("s0002", None), ("new", {"path": "/n"})]
     assert filled.prepare(more, "datastore.cfg").data == put.prepare(more, "datastore.cfg").data
     # a store twice in one fill: the general way, the same file as a dump
@@ -123,3 +124,20 @@ def test_an_empty_file_filled_with_verified_texts_is_the_same_write_cut_at_once(
     assert filled.prepare([], "x").data == put.prepare([], "x").data
     empty = KeptConfig(parse(b""), {}, digest(b""))
     assert empty.prepare(twice, "datastore.cfg", texts).data == dump(wanted).encode()
+
+
+def test_a_store_removed_and_created_again_in_the_first_write_keeps_the_files_order() -> None:
+    """An empty kept config's first write that removes a store and creates it again: the kept
+    config's order is the file's (it goes last), as a later splice and the regions expect."""
+    empty = KeptConfig(parse(b""), {}, digest(b""))
+    changes: list[Change] = [
+        ("aaa", {"path": "/a"}),
+        ("bbb", {"path": "/b"}),
+        ("aaa", None),
+        ("aaa", {"path": "/a2"}),
+    ]
+    pending = empty.prepare(changes, "datastore.cfg")
+    empty.commit(pending, empty.hash(pending))
+    on_disk = parse(empty.joined())
+    assert list(on_disk) == ["bbb", "aaa"]
+    assert list(empty.config) == list(empty.texts) == list(on_disk) and empty.config == on_disk

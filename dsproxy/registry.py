@@ -424,7 +424,7 @@ def preload(config_file: str) -> int | None:
 def _preload(config_file: str) -> int | None:
     global _preloaded
     try:
-        read_at, seen = _monotonic(), _identity_and_ctime(config_file)
+        read_at, seen = _monotonic(), file_record.identity_and_ctime_of(config_file)
         text, identity = _read_after(config_file, b"\n")
         if seen is not None and seen[0] != identity:
             seen = None  # (changed meanwhile: the workers read it themselves)
@@ -458,27 +458,6 @@ def _preloaded_of(
     return _Preloaded(text, file_digest, identity, seen, read_at, config, _make_entries(config), regions)
 
 
-def _identity_and_ctime(path: str) -> tuple[Identity, int] | None:
-    """The file's identity (:func:`dsproxy.config.record.identity_of`) and its ctime, from one
-    open, or None (no record naming its stamp, a symlink, unreadable).  The ctime also moves
-    when an edit in place puts the mtime back (``touch -r``, ``cp --preserve=timestamps``,
-    ``rsync -t --inplace``), which keeps the stamp."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        identity = file_record.identity_of_fd(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if identity is None or identity[1] != file_record.stamp_of(st):
-        return None
-    return identity, st.st_ctime_ns
-
-
 def drop_preloaded() -> None:
     """Forget this process's :func:`preload` (the master, once its first workers are up)."""
     global _preloaded
@@ -496,7 +475,7 @@ def _take_unchanged_preload(config_file: str) -> _Preloaded | None:
     faults of fresh memory and ~25 ms of each worker's start on the way to serving."""
     global _preloaded
     pre = _preloaded
-    if pre is None or pre.seen is None or _identity_and_ctime(config_file) != pre.seen:
+    if pre is None or pre.seen is None or file_record.identity_and_ctime_of(config_file) != pre.seen:
         return None
     _preloaded = None
     return pre

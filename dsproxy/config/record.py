@@ -138,16 +138,28 @@ def write(fd: int, record: FileRecord, path: str) -> bool:
 def identity_of(path: str) -> tuple[bytes, Stamp] | None:
     """The token of the file's record and the file's stamp, if it has a record naming its stamp
     (no edit in place since the manager wrote it), else None."""
+    found = identity_and_ctime_of(path)
+    return None if found is None else found[0]
+
+
+def identity_and_ctime_of(path: str) -> tuple[tuple[bytes, Stamp], int] | None:
+    """:func:`identity_of` the file and its ctime (ns), from one open and one ``fstat``, or None
+    (no record naming its stamp, a symlink, unreadable).  The ctime also moves when an edit in
+    place puts the mtime back (``touch -r``, ``cp --preserve=timestamps``, ``rsync -t
+    --inplace``), which keeps the stamp."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        return identity_of_fd(fd)
+        st = os.fstat(fd)
+        record = read(fd)
     except OSError:
         return None
     finally:
         os.close(fd)
+    stamp = stamp_of(st)
+    return None if record is None or record.new != stamp else ((record.token, stamp), st.st_ctime_ns)
 
 
 def identity_of_fd(fd: int) -> tuple[bytes, Stamp] | None:

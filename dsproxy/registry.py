@@ -41,7 +41,6 @@ undoes the increment and starts over, and the process acknowledges a generation 
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import itertools
 import os
@@ -50,6 +49,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Final
 
+from . import _gc
 from . import instance as instance_mod
 from ._lazylog import LazyLogger
 from .config import (
@@ -358,23 +358,23 @@ def _digest_after(text: bytes | bytearray) -> str:
 class _Preloaded:
     """A parse of the config file made in the proxy master before it forks workers (:func:`preload`)."""
 
-    __slots__ = ("config", "digest", "entries", "evicting", "identity", "read_at", "regions", "seen", "text")
+    __slots__ = ("config", "digest", "entries", "evicting", "read_at", "regions", "seen", "text")
 
     def __init__(
         self,
         text: bytearray,
         digest: str,
-        identity: Identity | None,
         seen: tuple[Identity, int] | None,
         read_at: float,
         config: SectionConfig,
         entries: dict[str, _Entry],
         regions: Regions | None,
     ) -> None:
-        #: what the master read (after a newline, as :func:`_read_after`), when, the file's
-        #: identity, and its identity and ctime just before: a worker whose file still has those
-        #: takes these bytes instead of reading them (:func:`_take_unchanged_preload`)
-        self.text, self.identity, self.seen, self.read_at = text, identity, seen, read_at
+        #: what the master read (after a newline, as :func:`_read_after`), when, and the file's
+        #: identity and ctime just before, if the read found that identity too (else None): a
+        #: worker whose file still has those takes these bytes instead of reading them
+        #: (:func:`_take_unchanged_preload`)
+        self.text, self.seen, self.read_at = text, seen, read_at
         self.digest = digest
         self.config = config
         self.entries = entries
@@ -405,20 +405,15 @@ def preload(config_file: str) -> int | None:
     manager left its own parse of these bytes beside the file (:mod:`dsproxy.config.parsed`),
     that is taken instead of parsing here.
 
-    The cyclic GC is off meanwhile: its collections walked the millions of objects being made
-    (~0.09 s of a 100,000-store preload, ``gc.callbacks``).  The master then freezes them.
+    The cyclic GC is off meanwhile (:func:`dsproxy._gc.paused`); the master then freezes what
+    was built.
     """
     global _preloaded
     _preloaded = None
     if DISCARD_CACHES:
         return None
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc.paused():
         return _preload(config_file)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _preload(config_file: str) -> int | None:
@@ -434,7 +429,7 @@ def _preload(config_file: str) -> int | None:
         taken = parsed.load(config_file, file_digest, len(text) - 1)
         if taken is not None:
             try:
-                _preloaded = _preloaded_of(text, file_digest, identity, seen, read_at, taken)
+                _preloaded = _preloaded_of(text, file_digest, seen, read_at, taken)
                 log.info("took the manager's parse of %s (%d stores)", config_file, len(taken))
                 return len(taken)
             except Exception as err:  # (the owner's file, checked whole: yet never the reason a proxy stops)
@@ -442,20 +437,15 @@ def _preload(config_file: str) -> int | None:
         config = parse(bytes(memoryview(text)[1:]), filename=config_file)
     except (OSError, ParseError):
         return None
-    _preloaded = _preloaded_of(text, file_digest, identity, seen, read_at, config)
+    _preloaded = _preloaded_of(text, file_digest, seen, read_at, config)
     return len(config)
 
 
 def _preloaded_of(
-    text: bytearray,
-    file_digest: str,
-    identity: Identity | None,
-    seen: tuple[Identity, int] | None,
-    read_at: float,
-    config: SectionConfig,
+    text: bytearray, file_digest: str, seen: tuple[Identity, int] | None, read_at: float, config: SectionConfig
 ) -> _Preloaded:
     regions = None if FULL_INVALIDATION else Regions.of(text, config)
-    return _Preloaded(text, file_digest, identity, seen, read_at, config, _make_entries(config), regions)
+    return _Preloaded(text, file_digest, seen, read_at, config, _make_entries(config), regions)
 
 
 def drop_preloaded() -> None:
@@ -464,11 +454,11 @@ def drop_preloaded() -> None:
     _preloaded = None
 
 
-def _take_unchanged_preload(config_file: str) -> _Preloaded | None:
+def _take_unchanged_preload(config_file: str) -> tuple[_Preloaded, Identity] | None:
     """The preload inherited from the master if the file still has the identity and ctime it had
     just before the master read it (its record names its stamp: the manager's write; the same
     ctime: not edited in place since, even by a tool that puts the mtime back), else None (and
-    it stays for :func:`_take_preloaded`).  What is trusted is what :meth:`Registry._patch`
+    it stays for :func:`_take_preloaded`), with that identity.  What is trusted is what :meth:`Registry._patch`
     trusts of the record; an edit within the same clock tick as the manager's write (coarse
     timestamps) is seen once the cache's TTL, counted from the master's read, is over.  A
     worker's first load then neither reads nor hashes the 14 MB at 100,000 stores: 3,500 page
@@ -478,7 +468,7 @@ def _take_unchanged_preload(config_file: str) -> _Preloaded | None:
     if pre is None or pre.seen is None or file_record.identity_and_ctime_of(config_file) != pre.seen:
         return None
     _preloaded = None
-    return pre
+    return pre, pre.seen[0]
 
 
 def _take_preloaded(file_digest: str) -> _Preloaded | None:
@@ -887,9 +877,12 @@ class Registry:
             if applied is not None:
                 return applied
         checked = now  # (when the bytes served were last read whole)
-        pre = _take_unchanged_preload(self._config_file) if old is None and self._fast else None
-        if pre is not None:  # the file as the master read it, still (after the overlay: as if read now)
-            text, identity, file_digest, checked = pre.text, pre.identity, pre.digest, pre.read_at
+        pre: _Preloaded | None
+        identity: Identity | None
+        unchanged = _take_unchanged_preload(self._config_file) if old is None and self._fast else None
+        if unchanged is not None:  # the file as the master read it, still (after the overlay: as if read now)
+            pre, identity = unchanged
+            text, file_digest, checked = pre.text, pre.digest, pre.read_at
         else:
             text, identity = self._read_text()
             file_digest = _digest_after(text)

@@ -346,8 +346,7 @@ class KeptConfig:
         paths = self._paths  # (None: built from the config when first needed)
         if not config and paths is None and appended.keys() == pending.sections.keys():
             # an empty config filled (_fill: a new host's first read): every store appended, in
-            # order -- the loops below in C (0.15 s of Python loops at 100,000, cProfile)
-            # (in the file's order, which is the appended one)
+            # the file's order (appended's) -- the loops in C (0.15 s of Python loops at 100,000)
             sections = cast(dict[str, tuple[bytes, dict[str, Value]]], pending.sections)
             ordered = list(map(sections.__getitem__, appended))
             texts.update(zip(appended, map(_first, ordered), strict=True))

@@ -234,18 +234,18 @@ class Status:
     revision: int
 
 
-def _kv(kv: Any) -> KV:
-    return KV(bytes(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.create_revision))
-
-
 _tuple_new: Final = tuple.__new__
 
 
+def _kv(kv: Any) -> KV:
+    """One key of a reply, built as a tuple directly: the named tuple's own ``__new__`` is a
+    Python function, 10 against 6 ms a page of 10,000 keys (upb gives the fields as ``bytes``
+    and ``int`` already)."""
+    return _tuple_new(KV, (kv.key, kv.value, kv.mod_revision, kv.create_revision))
+
+
 def _kvs(kvs: Any) -> list[KV]:
-    """:func:`_kv` of every key of a reply, built as tuples directly: the named tuple's own
-    ``__new__`` is a Python function, 10 against 5 ms a page of 10,000 keys (upb gives the
-    fields as ``bytes`` and ``int`` already)."""
-    return [_tuple_new(KV, (kv.key, kv.value, kv.mod_revision, kv.create_revision)) for kv in kvs]
+    return list(map(_kv, kvs))
 
 
 def prefix_end(prefix: bytes) -> bytes:

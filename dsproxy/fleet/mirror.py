@@ -71,6 +71,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
+from .. import _gc
 from ..config import MaintenanceMode, ParseError, Value, parse
 from ..config.section import parse_values
 from ..daemon.writer import ConfigWriter, FleetWrite, MirrorState, WriteRefused
@@ -371,13 +372,8 @@ class Mirror:
         serves."""
         if not start:
             return await self._load()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with _gc.paused():
             await self._load()
-        finally:
-            if enabled:
-                gc.enable()
 
     async def _load(self) -> None:
         started = time.monotonic()
